@@ -1,0 +1,190 @@
+"""Run settings as pydantic models; files in TOML or JSON; `--set key.path=value` overrides.
+
+A problem extends `TrainConfig` with a section of its own (e.g. `model`), and the CLI
+validates defaults <- file <- overrides before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "Strict",
+    "EstimatorConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "DataConfig",
+    "RunConfig",
+    "TrainConfig",
+    "ConfigError",
+    "load_config_file",
+    "parse_overrides",
+    "deep_merge",
+    "resolve_config",
+    "format_validation_error",
+]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EstimatorConfig(Strict):
+    kind: Literal["cge", "rge", "autograd"] = Field(
+        "cge", description="cge/rge are zeroth-order; autograd is the first-order reference (not ZO)"
+    )
+    mu: float = Field(5e-3, gt=0, description="finite-difference step")
+    scheme: Literal["forward", "central"] = "forward"
+    q: int = Field(192, ge=1, description="RGE directions")
+    distribution: Literal["gaussian", "sphere"] = "gaussian"
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/10")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    step_every_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class DataConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0, description="seed of the train/test split")
+
+
+class RunConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps in total")
+    eval_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="default: once per epoch")
+    out_dir: str = "runs"
+    query_budget: Optional[int] = Field(None, ge=1)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    progress: bool = True
+    device: str = "cpu"
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
+
+
+class TrainConfig(Strict):
+    problem: str = ""
+    estimator: EstimatorConfig = EstimatorConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig = DataConfig()
+    run: RunConfig = RunConfig()
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    raise ConfigError(f"config file must end in .toml or .json: {path}")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        low = raw.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return raw
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['optimizer.lr=0.01', 'estimator=rge'] -> nested dict.
+
+    A bare section value (`estimator=rge`) is shorthand for the section's `kind`/`name`.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set has an empty key: {item!r}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return out
+
+
+_SHORTHAND = {"estimator": "kind", "optimizer": "name", "schedule": "name"}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if k in _SHORTHAND and not isinstance(v, dict) and isinstance(out.get(k), (dict, type(None))):
+            v = {_SHORTHAND[k]: v}
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def format_validation_error(exc: ValidationError, data: dict[str, Any] | None = None) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{shown}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def resolve_config(
+    model: type[Strict],
+    defaults: dict[str, Any] | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Strict:
+    """defaults <- file <- --set overrides, validated; raises ConfigError with one line."""
+    data = dict(defaults or {})
+    if file is not None:
+        data = deep_merge(data, load_config_file(file))
+    data = deep_merge(data, parse_overrides(overrides))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data)) from None

@@ -1,0 +1,158 @@
+"""Runnable tasks and experiments, registered by name and through entry points.
+
+The engine never imports `problems/`: the CLI finds problems through the registry,
+which is filled by `register_problem` and by the entry-point groups
+`blackbox_zo.problems` / `blackbox_zo.experiments` (this repository's own problems are
+declared there too, exactly as a third-party package would declare its own).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .oracle import Oracle, UnknownNameError, load_entry_points
+
+__all__ = [
+    "BatchSource",
+    "TensorBatches",
+    "TrainingSetup",
+    "Problem",
+    "register_problem",
+    "available_problems",
+    "get_problem",
+    "register_experiment",
+    "available_experiments",
+    "get_experiment",
+]
+
+
+class BatchSource(Protocol):
+    """Index-addressable batches, so a resumed run sees exactly the batches it would have."""
+
+    def num_batches(self, epoch: int) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> Any: ...
+
+
+class TensorBatches:
+    """Shuffled mini-batches of in-memory tensors; the order of epoch e is a pure function of (seed, e)."""
+
+    def __init__(self, *tensors: Tensor, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if not tensors:
+            raise ValueError("TensorBatches needs at least one tensor")
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise ValueError("all tensors must have the same first dimension")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tensors, self.n, self.batch_size = tensors, n, min(batch_size, n)
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self._perm_epoch: int | None = None
+        self._perm: Tensor | None = None
+
+    def num_batches(self, epoch: int) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def _order(self, epoch: int) -> Tensor:
+        if self._perm_epoch != epoch:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(self.n, generator=gen)
+            else:
+                self._perm = torch.arange(self.n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, epoch: int, index: int):
+        idx = self._order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        out = tuple(t[idx] for t in self.tensors)
+        return out if len(out) > 1 else out[0]
+
+
+@dataclass
+class TrainingSetup:
+    """What a problem hands the trainer."""
+
+    oracle: Oracle
+    train_batches: BatchSource
+    module: Optional[nn.Module] = None  # whose parameters are theta; None: theta lives in a FlatParams holder
+    evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None  # e.g. {"test_acc": 0.97}
+    fo_loss: Optional[Callable[[nn.Module, Any], Tensor]] = None  # differentiable loss: FO reference only
+    coord_sampler: Any = None  # set by sparsity (issue 3): .coords(epoch) -> Tensor | None, state_dict()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Problem(ABC):
+    """A ready-to-run task: data, trainable module, oracle, default config, evaluation, report."""
+
+    name: str = "problem"
+    description: str = ""
+    config_model: type[TrainConfig] = TrainConfig
+    headline_metric: str = "test_acc"
+
+    @abstractmethod
+    def default_config(self) -> dict[str, Any]:
+        """Defaults as a nested dict (validated by `config_model`)."""
+
+    @abstractmethod
+    def setup(self, config: TrainConfig) -> TrainingSetup: ...
+
+    def report(self, run_dir: Path, summary: dict[str, Any]) -> None:
+        """Optional extra artifacts (plots, tables) after training."""
+
+
+_PROBLEMS: dict[str, Any] = {}
+_EXPERIMENTS: dict[str, Callable[..., Any]] = {}
+PROBLEM_GROUP = "blackbox_zo.problems"
+EXPERIMENT_GROUP = "blackbox_zo.experiments"
+
+
+def register_problem(name: str):
+    def decorate(obj):
+        _PROBLEMS[name] = obj
+        return obj
+
+    return decorate
+
+
+def register_experiment(name: str):
+    def decorate(fn):
+        _EXPERIMENTS[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_problems() -> dict[str, Any]:
+    load_entry_points(PROBLEM_GROUP, _PROBLEMS)
+    return dict(sorted(_PROBLEMS.items()))
+
+
+def available_experiments() -> dict[str, Callable[..., Any]]:
+    load_entry_points(EXPERIMENT_GROUP, _EXPERIMENTS)
+    return dict(sorted(_EXPERIMENTS.items()))
+
+
+def get_problem(name: str) -> Problem:
+    known = available_problems()
+    if name not in known:
+        raise UnknownNameError(f"unknown problem {name!r}; known: {', '.join(known) or '(none)'}")
+    obj = known[name]
+    problem = obj() if isinstance(obj, type) else obj
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem {name!r} is {type(problem).__name__}, not a Problem")
+    return problem
+
+
+def get_experiment(name: str) -> Callable[..., Any]:
+    known = available_experiments()
+    if name not in known:
+        raise UnknownNameError(f"unknown experiment {name!r}; known: {', '.join(known) or '(none)'}")
+    return known[name]
