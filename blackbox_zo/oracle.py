@@ -271,6 +271,13 @@ class Oracle(ABC):
         """Starting point for oracles that own no torch module (zeros by default)."""
         return torch.zeros(self.space.dim)
 
+    def example_batch(self) -> Any:
+        """A small representative batch, used by `blackbox-zo check-oracle NAME`."""
+        raise NotImplementedError(
+            f"oracle {self.name!r} defines no example_batch(); implement it (or give the registered "
+            "factory an example() returning (oracle, batch)) so check-oracle can run it"
+        )
+
     # -- accounting wrappers (what the engine calls) --------------------------------
 
     @property

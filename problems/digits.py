@@ -1,0 +1,99 @@
+"""The main job: scikit-learn's bundled 8x8 digits, a ~3.8K-parameter CNN, trained by queries only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from oracles.model_loss import ModelLossOracle
+
+__all__ = ["load_digits_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig"]
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_test, y_test): images [N, 1, 8, 8] in [0, 1], a fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=test_fraction, stratify=y.numpy(), random_state=seed
+    )
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def make_digits_cnn(width: int = 8) -> nn.Sequential:
+    """conv 1->w 3x3, ReLU, conv w->2w 3x3, ReLU, max-pool 2, linear 2w*16 -> 10 (w=8: 3,834 parameters).
+
+    An nn.Sequential, so feature reuse can treat each layer as a stage.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * 16, 10),
+    )
+
+
+class DigitsModelConfig(Strict):
+    width: int = 8
+
+
+class DigitsConfig(TrainConfig):
+    model: DigitsModelConfig = DigitsModelConfig()
+
+
+def accuracy(module: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((module(x).argmax(1) == y).float().mean())
+
+
+class DigitsProblem(Problem):
+    name = "digits"
+    description = "8x8 digits (scikit-learn, bundled), small CNN, trained by loss queries only"
+    config_model = DigitsConfig
+
+    def default_config(self) -> dict[str, Any]:
+        return {
+            "problem": "digits",
+            "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+            "schedule": {"name": "cosine", "warmup_epochs": 0.0},
+            "data": {"batch_size": 64, "seed": 0},
+            "run": {"epochs": 15, "seed": 0},
+        }
+
+    def setup(self, config: DigitsConfig) -> TrainingSetup:
+        x_tr, y_tr, x_te, y_te = load_digits_split(config.data.seed)
+        torch.manual_seed(config.run.seed)
+        module = make_digits_cnn(config.model.width)
+        oracle = ModelLossOracle(module, nn.functional.cross_entropy)
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            with torch.no_grad():
+                logits = m(x_te)
+                return {
+                    "test_acc": float((logits.argmax(1) == y_te).float().mean()),
+                    "test_loss": float(nn.functional.cross_entropy(logits, y_te)),
+                }
+
+        def fo_loss(m: nn.Module, batch) -> Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(m(x), y)
+
+        return TrainingSetup(
+            oracle=oracle,
+            train_batches=TensorBatches(x_tr, y_tr, batch_size=config.data.batch_size, seed=config.run.seed),
+            module=module,
+            evaluate=evaluate,
+            fo_loss=fo_loss,
+        )
