@@ -126,6 +126,9 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+_SHORTHAND = {"estimator": "kind", "optimizer": "name", "schedule": "name"}
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """['optimizer.lr=0.01', 'estimator=rge'] -> nested dict.
 
@@ -139,16 +142,16 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"--set has an empty key: {item!r}")
+        value = _parse_value(raw.strip())
+        if len(parts) == 1 and parts[0] in _SHORTHAND and not isinstance(value, dict):
+            parts, value = [parts[0], _SHORTHAND[parts[0]]], value  # estimator=rge -> estimator.kind=rge
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = _parse_value(raw.strip())
+        node[parts[-1]] = value
     return out
-
-
-_SHORTHAND = {"estimator": "kind", "optimizer": "name", "schedule": "name"}
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class CGE:
 
     def estimate(self, oracle, theta, batch, coords=None, seed=None) -> Estimate:
         coords = _all_coords(theta) if coords is None else coords.to(device=theta.device, dtype=torch.long)
+        oracle.ledger.ensure_available(coords.numel() + 1 if self.scheme == "forward" else 2 * coords.numel())
         grad = torch.zeros_like(theta)
         if self.scheme == "forward":
             base = oracle.query(theta.unsqueeze(0), batch)[0]
@@ -121,6 +122,7 @@ class RGE:
         coords = None if coords is None else coords.to(device=theta.device, dtype=torch.long)
         k = theta.numel() if coords is None else coords.numel()
         chunk = self.chunk or max(1, oracle.chunk_size(theta))
+        oracle.ledger.ensure_available(self.q + 1 if self.scheme == "forward" else 2 * self.q)
         acc = torch.zeros(k, dtype=theta.dtype, device=theta.device)
         queries = 0
         base = None

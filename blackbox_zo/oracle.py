@@ -210,6 +210,13 @@ class QueryLedger:
             )
         self.counts[self.phase_name] = self.counts.get(self.phase_name, 0) + n
 
+    def ensure_available(self, n: int) -> None:
+        """Raise before starting work that needs n more queries than the budget has left."""
+        if self.budget is not None and self.total + n > self.budget:
+            raise QueryBudgetExceeded(
+                f"query budget {self.budget} would be exceeded: {self.total} used, {n} more needed"
+            )
+
     def rate(self) -> float:
         """Queries per second of time spent inside the oracle."""
         return self.total / self.busy_seconds if self.busy_seconds > 0 else 0.0
@@ -349,6 +356,10 @@ def _entry_points(group: str):
     return list(entry_points(group=group))
 
 
+# "group:name" -> error of every plug-in that failed to load (shown by `blackbox-zo list`).
+PLUGIN_ERRORS: dict[str, str] = {}
+
+
 def load_entry_points(group: str, registry: dict[str, Any]) -> dict[str, str]:
     """Load every entry point of `group` not yet in `registry`; returns {name: error} for failures."""
     errors: dict[str, str] = {}
@@ -358,7 +369,7 @@ def load_entry_points(group: str, registry: dict[str, Any]) -> dict[str, str]:
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plug-in must not break the others
-            errors[ep.name] = f"{type(exc).__name__}: {exc}"
+            errors[ep.name] = PLUGIN_ERRORS[f"{group}:{ep.name}"] = f"{type(exc).__name__}: {exc}"
             continue
         registry.setdefault(ep.name, obj)
     return errors

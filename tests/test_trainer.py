@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from blackbox_zo.config import resolve_config
+from blackbox_zo.oracle import Oracle, ParamSpace
+from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from blackbox_zo.trainer import CHECKPOINT_NAME, TrainingError, train
+from problems.digits import DigitsProblem
+
+FAST = ["model.width=2", "data.batch_size=32", "estimator=rge", "estimator.q=16", "run.progress=false",
+        "run.epochs=2"]
+
+
+def digits_config(*extra):
+    p = DigitsProblem()
+    return p, resolve_config(p.config_model, p.default_config(), overrides=FAST + list(extra))
+
+
+def final_params(run_dir):
+    state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    return state["module"], state
+
+
+@pytest.mark.parametrize("split,every", [(5, 1), (44, None)])  # mid-epoch, and at the epoch boundary
+def test_resume_equals_uninterrupted_run(tmp_path, split, every):
+    # 2 epochs of 44 steps each; interrupt after `split` steps, resume, finish: bitwise equal.
+    extra = [f"run.checkpoint_every_steps={every}"] if every else []
+    p, cfg_full = digits_config(*extra)
+    full = train(p, cfg_full, run_dir=tmp_path / "full")
+    p, cfg_half = digits_config(f"run.max_steps={split}", *extra)
+    train(p, cfg_half, run_dir=tmp_path / "half")
+    p, cfg_rest = digits_config(*extra)  # same settings, no step cap
+    resumed = train(p, cfg_rest, resume=tmp_path / "half")
+    a, state_a = final_params(tmp_path / "full")
+    b, state_b = final_params(tmp_path / "half")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert state_a["optimizer"]["state"][0]["momentum_buffer"].equal(state_b["optimizer"]["state"][0]["momentum_buffer"])
+    assert full["queries"] == resumed["queries"] and full["test_acc"] == resumed["test_acc"]
+    lines = (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)] == list(range(1, 89))
+
+
+def test_run_directory_contents_and_fo_reference(tmp_path):
+    p, cfg = digits_config("estimator=autograd", "run.epochs=3", "model.width=8")
+    summary = train(p, cfg, run_dir=tmp_path)
+    for name in ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT_NAME, "training.png"):
+        assert (tmp_path / name).is_file(), name
+    assert summary["zeroth_order"] is False and "not ZO" in summary["estimator"]
+    assert summary["queries"]["total"] == 0
+    assert summary["test_acc"] > 0.85  # 3 FO epochs on digits; chance is 0.1
+
+
+class NaNAfter(Oracle):
+    """Quadratic that returns NaN once `calls` reaches `bad_from`."""
+
+    name = "nan-after"
+
+    def __init__(self, bad_from):
+        self.space = ParamSpace([("w", (3,))])
+        self.calls, self.bad_from = 0, bad_from
+
+    def losses(self, thetas, batch):
+        self.calls += 1
+        out = thetas.pow(2).sum(1)
+        return out * float("nan") if self.calls >= self.bad_from else out
+
+    def initial_theta(self):
+        return torch.ones(3)
+
+
+class NaNProblem(Problem):
+    name = "nan-problem"
+
+    def __init__(self, bad_from):
+        self.bad_from = bad_from
+
+    def default_config(self):
+        return {"estimator": {"kind": "cge"}, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
+                "schedule": {"name": "constant"}, "data": {"batch_size": 1}, "run": {"epochs": 1, "progress": False}}
+
+    def setup(self, config):
+        self.oracle = NaNAfter(self.bad_from)
+        return TrainingSetup(oracle=self.oracle, train_batches=TensorBatches(torch.zeros(5, 1), batch_size=1))
+
+
+def test_non_finite_loss_never_reaches_parameters(tmp_path):
+    # CGE forward makes 2 oracle calls per step (base + coordinates); NaN from call 5 = step index 2.
+    prob = NaNProblem(bad_from=5)
+    cfg = resolve_config(prob.config_model, prob.default_config(), overrides=["run.checkpoint_every_steps=1"])
+    with pytest.raises(TrainingError, match=r"step 2 .*nan-after.*non-finite.*unchanged"):
+        train(prob, cfg, run_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["position"][2] == 2 and not (tmp_path / "summary.json").exists()
+    # two good SGD steps on |w|^2 from w = 1 with lr 0.1: w = 0.8^2 = 0.64 up to the O(mu) forward bias
+    w = state["module"]["blocks.w"]
+    assert torch.all(torch.isfinite(w)) and torch.allclose(w, torch.full((3,), 0.64), atol=0.01)
+    cfg_skip = resolve_config(prob.config_model, prob.default_config(), overrides=["run.nan_policy=skip"])
+    with pytest.warns(RuntimeWarning, match="skipping step"):
+        summary = train(NaNProblem(bad_from=5), cfg_skip)
+    assert summary["skipped_steps"] == 3 and summary["steps"] == 5
+
+
+def test_query_budget_stops_the_run_before_it_is_exceeded():
+    p, cfg = digits_config("run.query_budget=100", "estimator.q=16")
+    summary = train(p, cfg)
+    assert summary["queries"]["total"] <= 100
+    # a step that cannot be paid in full is not started: only whole RGE steps of q + 1 = 17 queries
+    assert summary["queries"]["total"] == 17 * (100 // 17)
+    assert summary["stopped"].startswith("query budget")
+    assert "test_acc" in summary
