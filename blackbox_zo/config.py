@@ -86,6 +86,22 @@ class RunConfig(Strict):
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
 
 
+class SparsityConfig(Strict):
+    """DeepZero gradient sparsity (blackbox_zo.sparsity): ZO-GraSP -> layer-wise ratios -> dynamic Sparse-CGE."""
+
+    enabled: bool = False
+    method: Literal["zo-grasp", "random", "magnitude"] = Field(
+        "zo-grasp", description="where the layer-wise ratios come from")
+    sparsity: float = Field(0.9, ge=0, lt=1, description="fraction of prunable coordinates left out of each step")
+    ranking: Literal["largest", "abs"] = Field(
+        "largest", description="GraSP prunes the largest scores; 'abs' ranks by |score| (reference-code variant)")
+    q: int = Field(192, ge=1, description="RGE directions of ZO-GraSP")
+    mu: float = Field(5e-3, gt=0, description="ZO-GraSP step for both RGE and the Hessian-gradient difference")
+    samples_per_class: int = Field(25, ge=1, description="balanced pruning batch")
+    resample_every_epochs: int = Field(5, ge=1, description="K: a fresh coordinate set every K epochs")
+    weights_only: bool = Field(True, description="sparsify only conv/linear weights (>= 2-D blocks)")
+
+
 class TrainConfig(Strict):
     problem: str = ""
     estimator: EstimatorConfig = EstimatorConfig()
@@ -93,6 +109,7 @@ class TrainConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
+    sparsity: SparsityConfig = SparsityConfig()
 
 
 class ConfigError(ValueError):
