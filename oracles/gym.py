@@ -1,0 +1,317 @@
+"""A gymnasium environment as a loss oracle: loss(theta) = - mean episode return of policy(theta).
+
+A batch is a list of episode seeds. Every perturbed policy of one step is run on the
+same seeds (common random numbers): the finite difference l(theta + mu e_j) - l(theta)
+then measures the policy change, not the luck of different initial states.
+
+All P perturbed policies x E episodes of one call run side by side as P*E
+sub-environments of one gymnasium vector environment (`SyncVectorEnv` by default,
+`AsyncVectorEnv` as an option), and the P policies are evaluated as ONE batched forward
+per time step (`torch.func.functional_call` + `vmap` over the P parameter vectors).
+Sub-episodes that have finished are masked: their rewards no longer count, and the
+rollout stops as soon as every sub-episode has finished.
+
+gymnasium is an optional dependency (`pip install blackbox-zo[gym]`), imported lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
+
+__all__ = ["GymPolicyOracle", "ObsNormalizer", "mlp_policy", "episode_seeds"]
+
+
+def _gym():
+    try:
+        import gymnasium
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
+        raise ModuleNotFoundError("GymPolicyOracle needs gymnasium: pip install 'blackbox-zo[gym]'") from exc
+    return gymnasium
+
+
+# ------------------------------------------------------------------------- policies
+
+
+class ObsNormalizer(nn.Module):
+    """(obs - mean) / std, clipped to +-clip, with running statistics kept in buffers.
+
+    The statistics are buffers (not parameters): they are not part of theta, they are
+    saved with the module's state_dict (so checkpoints and resume carry them), and the
+    oracle updates them only in `on_step`, once per step from the unperturbed policy,
+    so every perturbation of one step sees the same normalisation.
+    """
+
+    def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = float(clip), float(eps)
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return ((obs - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, obs: Tensor) -> None:
+        """Merge a batch of observations [N, size] (Chan et al.'s parallel mean/variance)."""
+        obs = obs.reshape(-1, self.mean.numel()).to(self.mean.dtype)
+        n = obs.shape[0]
+        if n == 0:
+            return
+        b_mean, b_var = obs.mean(0), obs.var(0, unbiased=False)
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+
+def mlp_policy(obs_dim: int, out_dim: int, hidden: Sequence[int] = (8,), *, obs_norm: bool = False,
+               zero_last: bool = True) -> nn.Sequential:
+    """obs -> [ObsNormalizer] -> (Linear, Tanh) x len(hidden) -> Linear -> out_dim.
+
+    zero_last: the output layer starts at zero (as ARS starts from the zero policy). A
+    random output layer usually makes an argmax policy pick one action everywhere, and
+    then no coordinate step of size mu changes a single action: the finite differences
+    are all exactly zero and ZO training never leaves the plateau.
+    """
+    layers: list[nn.Module] = [ObsNormalizer(obs_dim)] if obs_norm else []
+    width = obs_dim
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.Tanh()]
+        width = int(h)
+    last = nn.Linear(width, out_dim)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    layers.append(last)
+    return nn.Sequential(*layers)
+
+
+def episode_seeds(seed: int, step: int, episodes: int, *, test: bool = False) -> list[int]:
+    """Episode seeds of one training step (or the fixed test set): a pure function of its arguments.
+
+    Training seeds live in [0, 2**30), test seeds in [2**30, 2**31): a policy is never
+    tested on an initial state it was trained on.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + (1 if test else 0)) % 2**62)
+    seeds = torch.randint(0, 2**30, (episodes,), generator=gen)
+    return [int(s) + (2**30 if test else 0) for s in seeds]
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def _make_env(env: str | Callable[[], Any], max_episode_steps: int | None, env_kwargs: dict[str, Any]):
+    gym = _gym()
+    if callable(env):
+        return env()
+    # The passive env checker runs once per sub-environment; the env is a registered one.
+    return gym.make(env, max_episode_steps=max_episode_steps, disable_env_checker=True, **env_kwargs)
+
+
+@register_oracle("gym-policy-v1")
+class GymPolicyOracle(Oracle):
+    """Loss = - mean return of the policy over the batch's episodes (a batch = list of episode seeds).
+
+    env: a registered gymnasium id ("CartPole-v1") or a zero-argument factory returning an Env.
+    policy: a torch module mapping observations [.., obs_dim] to action outputs; its
+        parameters are theta. Default: `mlp_policy(obs_dim, n_out, hidden)`.
+        Discrete(n): n logits, the action is their argmax (a deterministic policy).
+        Box: one output per action dimension, squashed into [low, high] by tanh
+        (unbounded Box: used as is).
+    max_episode_steps: episode length cap (also passed to gym.make for a registered id).
+    vectorization: "sync" (SyncVectorEnv, one process) or "async" (AsyncVectorEnv, one
+        worker process per sub-environment: worth it only for slow simulators).
+    max_envs: sub-environments per vector env; P*E larger than this runs in chunks.
+    update_obs_norm: if the policy contains an ObsNormalizer, `on_step` rolls out the
+        unperturbed policy on the step's seeds and merges its observations (one query).
+    """
+
+    name = "gym-policy-v1"
+
+    def __init__(
+        self,
+        env: str | Callable[[], Any] = "CartPole-v1",
+        policy: nn.Module | None = None,
+        *,
+        max_episode_steps: int | None = None,
+        hidden: Sequence[int] = (8,),
+        vectorization: str = "sync",
+        max_envs: int = 512,
+        update_obs_norm: bool = True,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        if vectorization not in ("sync", "async"):
+            raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
+        if max_envs < 1:
+            raise ValueError(f"max_envs must be >= 1, got {max_envs}")
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        gym = _gym()
+        self.env_spec = env
+        self.env_kwargs = dict(env_kwargs or {})
+        self.vectorization, self.max_envs, self.update_obs_norm = vectorization, int(max_envs), update_obs_norm
+        probe = _make_env(env, max_episode_steps, self.env_kwargs)
+        try:
+            obs_space, act_space = probe.observation_space, probe.action_space
+            spec_limit = getattr(getattr(probe, "spec", None), "max_episode_steps", None)
+        finally:
+            probe.close()
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise TypeError(f"GymPolicyOracle needs a Box observation space, got {obs_space}")
+        self.obs_dim = int(np.prod(obs_space.shape))
+        if isinstance(act_space, gym.spaces.Discrete):
+            self.discrete, n_out = True, int(act_space.n)
+            self._action_start = int(act_space.start)
+        elif isinstance(act_space, gym.spaces.Box):
+            self.discrete, n_out = False, int(np.prod(act_space.shape))
+            self._low = torch.as_tensor(act_space.low.reshape(-1), dtype=torch.float64)
+            self._high = torch.as_tensor(act_space.high.reshape(-1), dtype=torch.float64)
+            self._bounded = bool(np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high)))
+            self._action_shape = act_space.shape
+        else:
+            raise TypeError(f"GymPolicyOracle supports Discrete and Box action spaces, got {act_space}")
+        self.max_episode_steps = int(max_episode_steps or spec_limit or 1000)
+        if policy is None:
+            torch.manual_seed(seed)
+            policy = mlp_policy(self.obs_dim, n_out, hidden)
+        self.policy = policy
+        self.space = ParamSpace.from_module(policy)
+        self._param_names = set(self.space.names)
+        self._vec_envs: OrderedDict[int, Any] = OrderedDict()  # size -> vector env, least recent first
+
+    # -- example for `blackbox-zo check-oracle gym-policy-v1` ---------------------------
+
+    @classmethod
+    def example(cls) -> tuple["GymPolicyOracle", list[int]]:
+        oracle = cls("CartPole-v1", max_episode_steps=50, hidden=(4,))
+        return oracle, episode_seeds(0, 0, 2)
+
+    def example_batch(self) -> list[int]:
+        return episode_seeds(0, 0, 2)
+
+    # -- vector environments -------------------------------------------------------------
+
+    def _vector_env(self, n: int):
+        """A vector env with n sub-environments, cached (the two most recent sizes are kept)."""
+        if n in self._vec_envs:
+            self._vec_envs.move_to_end(n)
+            return self._vec_envs[n]
+        gym = _gym()
+        make = functools.partial(_make_env, self.env_spec, self.max_episode_steps, self.env_kwargs)
+        cls = gym.vector.SyncVectorEnv if self.vectorization == "sync" else gym.vector.AsyncVectorEnv
+        vec = cls([make] * n, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+        self._vec_envs[n] = vec
+        while len(self._vec_envs) > 2:
+            _, old = self._vec_envs.popitem(last=False)
+            old.close()
+        return vec
+
+    def close(self) -> None:
+        while self._vec_envs:
+            _, vec = self._vec_envs.popitem()
+            vec.close()
+
+    def __del__(self):  # AsyncVectorEnv workers must not outlive the oracle
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- rollouts ------------------------------------------------------------------------
+
+    def _fixed_tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Buffers and frozen parameters of the policy, passed unbatched to functional_call."""
+        out = {n: b.to(dtype) if b.is_floating_point() else b for n, b in self.policy.named_buffers()}
+        out.update({n: p.detach().to(dtype) for n, p in self.policy.named_parameters() if n not in self._param_names})
+        return out
+
+    def _to_actions(self, out: Tensor) -> np.ndarray:
+        """Policy outputs [N, n_out] -> actions the vector env accepts."""
+        if self.discrete:
+            return (out.argmax(-1) + self._action_start).numpy()
+        out = out.to(torch.float64)
+        if self._bounded:
+            act = self._low + (torch.tanh(out) + 1) * 0.5 * (self._high - self._low)
+        else:
+            act = out
+        return act.numpy().astype(np.float32).reshape(out.shape[0], *self._action_shape)
+
+    def episode_returns(self, thetas: Tensor, seeds: Sequence[int], record_obs: list | None = None) -> Tensor:
+        """Undiscounted return of each policy on each episode: [P, d] x E seeds -> [P, E] (float64)."""
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("a batch must hold at least one episode seed")
+        p_total, n_ep = thetas.shape[0], len(seeds)
+        per_chunk = max(1, self.max_envs // n_ep)
+        return torch.cat([self._rollout(thetas[i : i + per_chunk], seeds, record_obs)
+                          for i in range(0, p_total, per_chunk)])
+
+    def _rollout(self, thetas: Tensor, seeds: list[int], record_obs: list | None) -> Tensor:
+        n_pol, n_ep = thetas.shape[0], len(seeds)
+        n = n_pol * n_ep
+        vec = self._vector_env(n)
+        dtype = thetas.dtype
+        fixed = self._fixed_tensors(dtype)
+        params = self.space.views(thetas)  # {name: [P, *shape]}, no copy
+
+        def act(p: dict[str, Tensor], obs: Tensor) -> Tensor:  # one policy, its E observations
+            return functional_call(self.policy, {**fixed, **p}, (obs,), strict=False)
+
+        batched_policy = vmap(act)
+        # Sub-env k = (policy k // E, episode k % E): every policy sees the same E seeds.
+        obs, _ = vec.reset(seed=seeds * n_pol)
+        returns = np.zeros(n, dtype=np.float64)
+        active = np.ones(n, dtype=bool)
+        for _ in range(self.max_episode_steps):
+            obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float64).reshape(n, -1), dtype=dtype)
+            if record_obs is not None:
+                record_obs.append(obs_t[torch.as_tensor(active)])
+            out = batched_policy(params, obs_t.view(n_pol, n_ep, -1)).reshape(n, -1)
+            obs, reward, terminated, truncated, _ = vec.step(self._to_actions(out))
+            returns += np.where(active, reward, 0.0)
+            active &= ~(np.asarray(terminated) | np.asarray(truncated))
+            if not active.any():
+                break
+        return torch.from_numpy(returns).view(n_pol, n_ep)
+
+    # -- the Oracle contract -------------------------------------------------------------
+
+    def losses(self, thetas: Tensor, batch: Any) -> Tensor:
+        return -self.episode_returns(thetas, list(batch)).mean(1).to(thetas.dtype)
+
+    def on_step(self, theta: Tensor, batch: Any) -> None:
+        norms = [m for m in self.policy.modules() if isinstance(m, ObsNormalizer)]
+        if not (norms and self.update_obs_norm):
+            return
+        observed: list[Tensor] = []
+        self.ledger.charge(1)  # one more rollout of the black box: counted like any loss value
+        with torch.no_grad():
+            self.episode_returns(theta.unsqueeze(0), list(batch), record_obs=observed)
+        obs = torch.cat(observed)
+        for norm in norms[:1]:  # the first normaliser sees raw observations
+            norm.update(obs)
+
+    def initial_theta(self) -> Tensor:
+        return self.space.flatten_module(self.policy)
+
+    def evaluate(self, module: nn.Module, seeds: Sequence[int]) -> dict[str, float]:
+        """Returns of `module` (this oracle's policy, or one with the same parameter names) on `seeds`."""
+        theta = self.space.flatten_module(module)
+        self.ledger.charge(1)
+        with torch.no_grad():
+            returns = self.episode_returns(theta.unsqueeze(0), seeds)[0]
+        return {"test_return": float(returns.mean()), "test_return_std": float(returns.std(unbiased=False)),
+                "test_return_min": float(returns.min())}
