@@ -90,10 +90,21 @@ class DigitsProblem(Problem):
             x, y = batch
             return nn.functional.cross_entropy(m(x), y)
 
+        coord_sampler, extras = None, {}
+        if config.sparsity.enabled and config.estimator.kind == "cge":
+            # DeepZero: ZO-GraSP on a balanced batch at init (queries charged to `prune`) -> LPRs -> Sparse-CGE.
+            from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
+
+            idx = balanced_indices(y_tr, config.sparsity.samples_per_class, seed=config.run.seed)
+            coord_sampler, extras["sparsity"] = build_sparse_sampler(
+                oracle, oracle.initial_theta(), (x_tr[idx], y_tr[idx]), config.sparsity, seed=config.run.seed)
+
         return TrainingSetup(
             oracle=oracle,
             train_batches=TensorBatches(x_tr, y_tr, batch_size=config.data.batch_size, seed=config.run.seed),
             module=module,
             evaluate=evaluate,
             fo_loss=fo_loss,
+            coord_sampler=coord_sampler,
+            extras=extras,
         )

@@ -1,0 +1,258 @@
+"""Black-box certified defense on digits (DeepZero Sec. 6.2, Appx. G, eq. (A2); Salman et al. 2020).
+
+The owner of a classifier shares only a prediction API (here: an ONNX Runtime session).
+We prepend a DnCNN denoiser D and make the smoothed classifier
+g(x) = argmax_c P[f(D(x + delta)) = c], delta ~ N(0, sigma^2 I), certifiably robust.
+
+Stages (cached on disk, keyed by their settings; `prepare_stages`):
+  1. the base classifier f, trained first-order on clean digits, exported to ONNX; from then
+     on it is used only through `OnnxClassifier` (images in, logits out, counted);
+  2. the denoiser D, pretrained first-order with MSE on (x + delta -> x) (it is ours: white box).
+`blackbox-zo train certified-defense` is stage 3: fine-tuning the last layer of D through
+the black box with zeroth-order estimates of eq. (A2) (`DenoisedSmoothingOracle`).
+`estimator.kind=autograd` is the first-order reference: the same loss through a white-box
+torch copy of f (not ZO). Certification and the four-row table live in `experiment.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from oracles.classifier import OnnxClassifier, export_onnx, predict_labels
+from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
+from pydantic import Field
+
+__all__ = [
+    "CertifiedDefenseProblem",
+    "CertifiedDefenseConfig",
+    "DefenseSettings",
+    "Stages",
+    "prepare_stages",
+    "load_stage_models",
+    "make_denoiser",
+]
+
+
+class DefenseSettings(Strict):
+    sigma: float = Field(0.25, gt=0, description="smoothing noise std (images in [0, 1])")
+    classifier_width: int = Field(8, ge=1, description="width of the digits CNN behind the black box")
+    classifier_epochs: int = Field(30, ge=1)
+    classifier_lr: float = Field(1e-2, gt=0, description="Adam, stage 1")
+    denoiser_depth: int = Field(5, ge=2, description="DnCNN depth (reference: 17)")
+    denoiser_width: int = Field(16, ge=1, description="DnCNN width (reference: 64)")
+    denoiser_batch_norm: bool = True
+    pretrain_epochs: int = Field(60, ge=1, description="MSE pretraining epochs, stage 2 (Appx. G: 90)")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2")
+    artifacts_dir: Optional[str] = Field(None, description="stage cache; default <run.out_dir>/certified-defense/_stages")
+    eval_noise_draws: int = Field(4, ge=1, description="noise draws per test image in the training-time evaluation")
+    onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
+
+
+class CertifiedDefenseConfig(TrainConfig):
+    defense: DefenseSettings = DefenseSettings()
+
+
+@dataclass
+class Stages:
+    directory: Path
+    classifier_onnx: Path  # the black box
+    classifier_torch: Path  # state_dict of the same network: white-box reference only
+    denoiser_mse: Path  # state_dict of the MSE-pretrained DnCNN
+    info: dict[str, Any]
+
+
+def _digits():
+    from problems.digits import load_digits_split
+
+    return load_digits_split
+
+
+def make_denoiser(d: DefenseSettings) -> DnCNN:
+    return DnCNN(channels=1, depth=d.denoiser_depth, width=d.denoiser_width, batch_norm=d.denoiser_batch_norm)
+
+
+def _stage_key(d: DefenseSettings, data_seed: int, seed: int) -> str:
+    fields = {k: v for k, v in d.model_dump().items() if k not in ("artifacts_dir", "eval_noise_draws", "onnx_threads")}
+    blob = json.dumps({"defense": fields, "data_seed": data_seed, "seed": seed, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    from blackbox_zo.trainer import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
+
+
+def prepare_stages(config: CertifiedDefenseConfig, log=print) -> Stages:
+    """Stages 1 and 2 (first-order, cached): base classifier -> ONNX, MSE-pretrained denoiser."""
+    from problems.digits import make_digits_cnn
+
+    d = config.defense
+    root = Path(d.artifacts_dir) if d.artifacts_dir else Path(config.run.out_dir) / "certified-defense" / "_stages"
+    directory = root / _stage_key(d, config.data.seed, config.run.seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    stages = Stages(directory, directory / "classifier.onnx", directory / "classifier.pt",
+                    directory / "denoiser_mse.pt", {})
+    info_path = directory / "stages.json"
+    if stages.classifier_onnx.exists() and stages.classifier_torch.exists() and stages.denoiser_mse.exists() \
+            and info_path.exists():
+        stages.info = json.loads(info_path.read_text())
+        log(f"[stages] reusing {directory}")
+        return stages
+
+    import time
+
+    x_tr, y_tr, x_te, y_te = _digits()(config.data.seed)
+    # Stage 1: the classifier owner's model (first-order, clean data only).
+    t0 = time.perf_counter()
+    torch.manual_seed(config.run.seed)
+    clf = make_digits_cnn(d.classifier_width)
+    opt = torch.optim.Adam(clf.parameters(), lr=d.classifier_lr)
+    batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=config.run.seed)
+    for epoch in range(d.classifier_epochs):
+        for i in range(batches.num_batches(epoch)):
+            x, y = batches.batch(epoch, i)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(clf(x), y).backward()
+            opt.step()
+    clf.eval()
+    with torch.no_grad():
+        clean_acc = float((clf(x_te).argmax(1) == y_te).float().mean())
+    _atomic_torch_save(clf.state_dict(), stages.classifier_torch)
+    export_onnx(clf, stages.classifier_onnx, (1, 8, 8))
+    onnx_clf = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
+    onnx_acc = float((predict_labels(onnx_clf, x_te) == y_te).float().mean())
+    t1 = time.perf_counter()
+    log(f"[stage 1] base classifier: clean test acc {clean_acc:.4f} (torch) / {onnx_acc:.4f} (onnx), {t1 - t0:.1f} s")
+
+    # Stage 2: MSE pretraining of the denoiser on (x + delta -> x), fresh noise every batch.
+    torch.manual_seed(config.run.seed + 1)
+    den = make_denoiser(d)
+    opt = torch.optim.Adam(den.parameters(), lr=d.pretrain_lr)
+    steps = d.pretrain_epochs * batches.num_batches(0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(config.run.seed + 2)
+    den.train()
+    for epoch in range(d.pretrain_epochs):
+        for i in range(batches.num_batches(epoch)):
+            x, _ = batches.batch(epoch, i)
+            noisy = x + d.sigma * torch.randn(x.shape, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(den(noisy), x).backward()
+            opt.step()
+            sched.step()
+    den.eval()
+    with torch.no_grad():
+        noisy = x_te + d.sigma * torch.randn(x_te.shape, generator=torch.Generator().manual_seed(7))
+        mse_in = float(nn.functional.mse_loss(noisy, x_te))
+        mse_out = float(nn.functional.mse_loss(den(noisy), x_te))
+    _atomic_torch_save(den.state_dict(), stages.denoiser_mse)
+    t2 = time.perf_counter()
+    log(f"[stage 2] MSE denoiser: test MSE {mse_in:.4f} (noisy) -> {mse_out:.4f} (denoised), {t2 - t1:.1f} s")
+    stages.info = {"classifier_clean_acc_torch": clean_acc, "classifier_clean_acc_onnx": onnx_acc,
+                   "denoiser_test_mse_noisy": mse_in, "denoiser_test_mse_denoised": mse_out,
+                   "stage1_s": round(t1 - t0, 2), "stage2_s": round(t2 - t1, 2),
+                   "classifier_params": sum(p.numel() for p in clf.parameters()),
+                   "denoiser_params": sum(p.numel() for p in den.parameters())}
+    from blackbox_zo.trainer import atomic_write_text
+
+    atomic_write_text(info_path, json.dumps(stages.info, indent=2) + "\n")
+    return stages
+
+
+def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifier, nn.Module, DnCNN]:
+    """(black-box ONNX classifier, white-box torch copy of it, MSE-pretrained denoiser)."""
+    from problems.digits import make_digits_cnn
+
+    black_box = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
+    white_box = make_digits_cnn(d.classifier_width)
+    white_box.load_state_dict(torch.load(stages.classifier_torch, map_location="cpu", weights_only=True))
+    white_box.eval().requires_grad_(False)
+    den = make_denoiser(d)
+    den.load_state_dict(torch.load(stages.denoiser_mse, map_location="cpu", weights_only=True))
+    den.eval()
+    return black_box, white_box, den
+
+
+class CertifiedDefenseProblem(Problem):
+    name = "certified-defense"
+    description = "black-box defense: ZO fine-tuning of a DnCNN denoiser in front of an ONNX classifier (eq. A2)"
+    config_model = CertifiedDefenseConfig
+    headline_metric = "test_noisy_acc"
+
+    def default_config(self) -> dict[str, Any]:
+        # Appx. G: 20 epochs, lr 1e-5 divided by 10 every 4 epochs (ImageNet, DnCNN-17). Scaled to
+        # this task: Adam at 1e-3 (the last layer of a small DnCNN on 8x8 images takes larger steps),
+        # divided by 10 every 8 of 16 epochs.
+        return {
+            "problem": "certified-defense",
+            "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "schedule": {"name": "step", "step_every_epochs": 8, "gamma": 0.1},
+            "data": {"batch_size": 64, "seed": 0},
+            "run": {"epochs": 16, "seed": 0, "eval_every_epochs": 4},
+        }
+
+    def setup(self, config: CertifiedDefenseConfig) -> TrainingSetup:
+        d = config.defense
+        stages = prepare_stages(config)
+        black_box, white_box, denoiser = load_stage_models(stages, d)
+        x_tr, _, x_te, y_te = _digits()(config.data.seed)
+        # Labels of eq. (A2) are the black box's own predictions on clean images (counted queries).
+        pseudo = predict_labels(black_box, x_tr)
+        label_queries = black_box.reset_queries()
+        oracle = DenoisedSmoothingOracle(denoiser, black_box)
+        batches = NoisyBatches(TensorBatches(x_tr, pseudo, batch_size=config.data.batch_size, seed=config.run.seed),
+                               sigma=d.sigma, seed=config.run.seed)
+        eval_gen = torch.Generator().manual_seed(10_000 + config.run.seed)
+        eval_noise = d.sigma * torch.randn((d.eval_noise_draws, *x_te.shape), generator=eval_gen)
+
+        def evaluate(module: nn.Module) -> dict[str, float]:
+            with torch.no_grad():
+                noisy = (x_te.unsqueeze(0) + eval_noise).reshape(-1, *x_te.shape[1:])
+                pred_noisy = predict_labels(black_box, module(noisy)).view(d.eval_noise_draws, -1)
+                pred_clean = predict_labels(black_box, module(x_te))
+            return {
+                "test_noisy_acc": float((pred_noisy == y_te).float().mean()),
+                "test_clean_acc": float((pred_clean == y_te).float().mean()),
+            }
+
+        def fo_loss(module: nn.Module, batch: DefenseBatch) -> Tensor:
+            """Eq. (A2) through the white-box torch copy of f: the first-order reference, not ZO."""
+            x, labels, delta = batch
+            return nn.functional.cross_entropy(white_box(module(x + delta)), labels)
+
+        coord_sampler = _maybe_sparsity(config, oracle, batches)
+        return TrainingSetup(
+            oracle=oracle,
+            train_batches=batches,
+            module=denoiser,
+            evaluate=evaluate,
+            fo_loss=fo_loss,
+            coord_sampler=coord_sampler,
+            extras={"stages": stages, "black_box": black_box, "white_box": white_box,
+                    "label_queries": label_queries, "x_test": x_te, "y_test": y_te},
+        )
+
+
+def _maybe_sparsity(config: CertifiedDefenseConfig, oracle, batches) -> Any:
+    """ZO-GraSP gradient sparsity (issue 3) when enabled in the config and available."""
+    if not config.sparsity.enabled:
+        return None
+    try:
+        from blackbox_zo import sparsity  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("sparsity.enabled=true needs blackbox_zo.sparsity, which is not available") from exc
+    builder = getattr(sparsity, "build_coord_sampler", None)
+    if builder is None:
+        raise RuntimeError("blackbox_zo.sparsity has no build_coord_sampler(config, oracle, batches, ...)")
+    return builder(config, oracle, batches)

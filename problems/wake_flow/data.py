@@ -1,0 +1,190 @@
+"""Wake-flow data: high-fidelity runs per Reynolds number, downsampled to the low-fidelity grid.
+
+All Reynolds numbers (train and test) run as ONE batched high-fidelity simulation from
+rest (uy = 1) plus a sideways poke behind the rod; the first `skip_steps` steps (the
+transient before vortices shed) are dropped, then `record_steps + 1` frames are
+restricted onto the low-fidelity grid (flux-conserving, `restrict_staggered`). The
+result is cached under `data_cache/` keyed by a hash of every parameter that affects it,
+and written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from oracles.simulator import SolBatch
+from oracles.wake_flow import WakeFlowGeometry, WakeFlowSimulator, restrict_staggered
+
+__all__ = ["PAPER_TRAIN_RE", "PAPER_TEST_RE", "WakeDataSpec", "WakeData", "load_or_generate", "WindowBatches",
+           "DATA_FORMAT_VERSION"]
+
+PAPER_TRAIN_RE = (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
+PAPER_TEST_RE = (146.5, 293.0, 585.9, 1171.9, 2343.8)
+DATA_FORMAT_VERSION = 1  # bump when the generator changes in a way the key does not see
+
+
+@dataclass(frozen=True)
+class WakeDataSpec:
+    lo_nx: int = 32
+    lo_ny: int = 64
+    hifi_factor: int = 2  # 2: 64x128 (the paper's text); 4: 128x256 (the reference code)
+    skip_steps: int = 2000
+    record_steps: int = 500
+    train_re: tuple[float, ...] = PAPER_TRAIN_RE
+    test_re: tuple[float, ...] = PAPER_TEST_RE
+    poke: float = 1.0
+    cg_tolerance: float = 1e-5
+
+    def __post_init__(self):
+        if self.hifi_factor < 1:
+            raise ValueError(f"hifi_factor must be >= 1, got {self.hifi_factor}")
+        if self.skip_steps < 0 or self.record_steps < 1:
+            raise ValueError(f"need skip_steps >= 0 and record_steps >= 1, got {self.skip_steps}, {self.record_steps}")
+        if not self.train_re or not self.test_re:
+            raise ValueError("train_re and test_re must not be empty")
+
+    @property
+    def lo_geometry(self) -> WakeFlowGeometry:
+        return WakeFlowGeometry(nx=self.lo_nx, ny=self.lo_ny)
+
+    @property
+    def hi_geometry(self) -> WakeFlowGeometry:
+        return WakeFlowGeometry(nx=self.lo_nx * self.hifi_factor, ny=self.lo_ny * self.hifi_factor)
+
+    @property
+    def min_reynolds(self) -> float:
+        return min(min(self.train_re), min(self.test_re))
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "format": DATA_FORMAT_VERSION, "phiflow": _phiflow_version()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _phiflow_version() -> str:
+    try:
+        import phi
+
+        return str(phi.__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+@dataclass
+class WakeData:
+    spec: WakeDataSpec
+    train: Tensor  # [R_train, T+1, 2, nx+1, ny+1]  downsampled high-fidelity frames
+    test: Tensor  # [R_test, T+1, 2, nx+1, ny+1]
+    train_re: Tensor  # [R_train]
+    test_re: Tensor  # [R_test]
+    stats: dict[str, float] = field(default_factory=dict)  # std_ux, std_uy, std_re (train data)
+    generation_s: float = 0.0
+
+
+def _normalisation_stats(train: Tensor, train_re: Tensor, mask: Tensor) -> dict[str, float]:
+    ux = train[:, :, 0][..., mask[0].bool()]
+    uy = train[:, :, 1][..., mask[1].bool()]
+    return {"std_ux": float(ux.std()), "std_uy": float(uy.std()),
+            "std_re": float(train_re.std()) if train_re.numel() > 1 else float(train_re.abs().mean())}
+
+
+def generate(spec: WakeDataSpec, progress: bool = True) -> WakeData:
+    import time
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    sim = WakeFlowSimulator(spec.hi_geometry, min_reynolds=spec.min_reynolds * 0.99, cg_tolerance=spec.cg_tolerance)
+    re = torch.tensor(spec.train_re + spec.test_re, dtype=torch.float32)
+    state = sim.initial_state(re.numel(), poke=spec.poke)
+    frames = []
+    total = spec.skip_steps + spec.record_steps
+    with torch.no_grad(), tqdm(total=total, desc=f"wake-flow high-fidelity {spec.hi_geometry.nx}x{spec.hi_geometry.ny}",
+                               disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(total + 1):
+            if i > 0:
+                state = sim.step(state, re)
+                bar.update(1)
+            if i >= spec.skip_steps:
+                frames.append(restrict_staggered(state, spec.hifi_factor))
+    traj = torch.stack(frames, 1)  # [R, T+1, 2, nx+1, ny+1]
+    n_train = len(spec.train_re)
+    lo_mask = WakeFlowSimulator(spec.lo_geometry).mask
+    data = WakeData(spec, traj[:n_train].contiguous(), traj[n_train:].contiguous(), re[:n_train], re[n_train:])
+    data.stats = _normalisation_stats(data.train, data.train_re, lo_mask)
+    data.generation_s = time.perf_counter() - start
+    return data
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cache_path(spec: WakeDataSpec, cache_dir: str | Path = "data_cache") -> Path:
+    return Path(cache_dir) / "wake_flow" / f"wake_{spec.key()}.pt"
+
+
+def load_or_generate(spec: WakeDataSpec, cache_dir: str | Path = "data_cache", progress: bool = True) -> WakeData:
+    """The cached data for `spec`, generating (and caching) it first if needed."""
+    path = cache_path(spec, cache_dir)
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        data = WakeData(spec, blob["train"], blob["test"], blob["train_re"], blob["test_re"],
+                        {k: float(v) for k, v in blob["stats"].items()}, float(blob["generation_s"]))
+        return data
+    data = generate(spec, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save({"train": data.train, "test": data.test, "train_re": data.train_re, "test_re": data.test_re,
+                        "stats": data.stats, "generation_s": data.generation_s,
+                        "spec": json.dumps(asdict(spec))}, path)
+    return data
+
+
+class WindowBatches:
+    """Batches of W (simulation, start frame) windows of n unrolled steps; implements BatchSource.
+
+    Window (r, t): start = frame t of run r, targets = frames t+1 .. t+n. The order of
+    epoch e is a pure function of (seed, e), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, frames: Tensor, reynolds: Tensor, unroll: int, windows: int, seed: int = 0, stride: int = 1):
+        runs, t1 = frames.shape[:2]
+        if unroll < 1 or unroll >= t1:
+            raise ValueError(f"unroll must be in [1, {t1 - 1}] for {t1} recorded frames, got {unroll}")
+        if windows < 1:
+            raise ValueError(f"windows must be >= 1, got {windows}")
+        self.frames, self.reynolds, self.unroll, self.seed = frames, reynolds, int(unroll), int(seed)
+        starts = torch.arange(0, t1 - unroll, max(1, stride))
+        self.index = torch.cartesian_prod(torch.arange(runs), starts)  # [N, 2] (run, t)
+        self.windows = min(int(windows), self.index.shape[0])
+
+    def num_batches(self, epoch: int) -> int:
+        return self.index.shape[0] // self.windows
+
+    def batch(self, epoch: int, index: int) -> SolBatch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.index.shape[0], generator=gen)
+        picked = self.index[order[index * self.windows : (index + 1) * self.windows]]
+        return self.windows_at(picked)
+
+    def windows_at(self, picked: Tensor) -> SolBatch:
+        r, t = picked[:, 0], picked[:, 1]
+        offsets = torch.arange(1, self.unroll + 1)
+        targets = self.frames[r[:, None], t[:, None] + offsets[None, :]]  # [W, n, ...]
+        return SolBatch(self.frames[r, t].clone(), targets.clone(), self.reynolds[r].clone())
