@@ -20,10 +20,12 @@ except ModuleNotFoundError:  # pragma: no cover - 3.10
 __all__ = [
     "Strict",
     "EstimatorConfig",
+    "InterpolationConfig",
     "OptimizerConfig",
     "ScheduleConfig",
     "DataConfig",
     "RunConfig",
+    "ParallelConfig",
     "TrainConfig",
     "ConfigError",
     "load_config_file",
@@ -40,14 +42,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class InterpolationConfig(Strict):
+    """Linear interpolation with sparse recovery (blackbox_zo.estimators.LinearInterpolation); step = estimator.mu."""
+
+    m: Optional[int] = Field(None, ge=1, description="directions per step; None: m = d (exact solve)")
+    directions: Literal["orthonormal", "dct", "rademacher", "gaussian", "coordinate"] = Field(
+        "orthonormal", description="rows of Q: Haar orthonormal (QR, O(d m^2)), randomised DCT (orthonormal, O(d m)), ...")
+    lam: float = Field(0.02, ge=0, lt=1, description="LASSO lambda as a fraction of ||Q^T b||_inf")
+    max_iters: int = Field(1000, ge=1, le=100_000, description="FISTA iterations at most")
+    tol: float = Field(1e-6, gt=0, lt=1, description="FISTA relative-change stopping tolerance")
+    warm_start: bool = True
+    debias: bool = True
+
+
 class EstimatorConfig(Strict):
-    kind: Literal["cge", "rge", "autograd"] = Field(
-        "cge", description="cge/rge are zeroth-order; autograd is the first-order reference (not ZO)"
+    kind: Literal["cge", "rge", "linear-interpolation", "autograd"] = Field(
+        "cge", description="cge/rge/linear-interpolation are zeroth-order; autograd is the first-order reference (not ZO)"
     )
     mu: float = Field(5e-3, gt=0, description="finite-difference step")
     scheme: Literal["forward", "central"] = "forward"
     q: int = Field(192, ge=1, description="RGE directions")
     distribution: Literal["gaussian", "sphere"] = "gaussian"
+    interp: InterpolationConfig = InterpolationConfig()
 
 
 class OptimizerConfig(Strict):
@@ -102,6 +118,15 @@ class SparsityConfig(Strict):
     weights_only: bool = Field(True, description="sparsify only conv/linear weights (>= 2-D blocks)")
 
 
+class ParallelConfig(Strict):
+    """Forward parallelism under torchrun (blackbox_zo.parallel); ignored in a single process."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl if run.device is cuda, else gloo")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="a rank that waits this long for another fails the job")
+    check_every_steps: int = Field(50, ge=0, description="checksum of parameters, batch and coordinates across ranks every N steps (0: never)")
+    balance_steps: int = Field(3, ge=1, le=1000, description="first steps, timed per parameter block, before shards are balanced by cost")
+
+
 class TrainConfig(Strict):
     problem: str = ""
     estimator: EstimatorConfig = EstimatorConfig()
@@ -110,6 +135,7 @@ class TrainConfig(Strict):
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     sparsity: SparsityConfig = SparsityConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 class ConfigError(ValueError):

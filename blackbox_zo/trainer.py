@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import EstimatorConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from . import parallel
 from .estimators import CGE, RGE, Estimate
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded
 from .problem import Problem, TrainingSetup
@@ -72,6 +73,12 @@ def build_estimator(cfg: EstimatorConfig):
         return RGE(q=cfg.q, mu=cfg.mu, distribution=cfg.distribution, scheme=cfg.scheme)
     if cfg.kind == "autograd":
         return None  # the first-order reference path of the trainer
+    if cfg.kind == "linear-interpolation":
+        from .estimators import LinearInterpolation
+
+        i = cfg.interp
+        return LinearInterpolation(m=i.m, tau=cfg.mu, directions=i.directions, scheme=cfg.scheme, lam=i.lam,
+                                   max_iters=i.max_iters, tol=i.tol, warm_start=i.warm_start, debias=i.debias)
     from .estimators import make_estimator  # estimators added later register there
 
     return make_estimator(cfg.kind, mu=cfg.mu)
@@ -200,7 +207,17 @@ class Trainer:
         self.estimator = build_estimator(config.estimator)
         if self.estimator is None and setup.fo_loss is None:
             raise TrainingError(f"estimator 'autograd' needs a differentiable fo_loss; problem {problem_name!r} has none")
-        # Forward parallelism (blackbox_zo.parallel) wraps self.estimator here when launched under torchrun.
+        # Forward parallelism (DeepZero eq. 5): under torchrun every rank evaluates its shard of the
+        # estimate and one all-reduce sums them, so every rank takes the same optimizer step.
+        self.parallel: parallel.ParallelEstimator | None = None
+        if parallel.is_active():
+            pcfg = config.parallel
+            from tqdm.auto import tqdm
+
+            self.estimator = self.parallel = parallel.ParallelEstimator(
+                self.estimator, balance_steps=pcfg.balance_steps, check_every_steps=pcfg.check_every_steps,
+                log=tqdm.write if config.run.progress else None)
+            parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.optimizer = build_optimizer(config.optimizer, self.params)
         self.steps_per_epoch = setup.train_batches.num_batches(0)
         total = config.run.epochs * self.steps_per_epoch
@@ -233,6 +250,8 @@ class Trainer:
         }
         if self.setup.coord_sampler is not None and hasattr(self.setup.coord_sampler, "state_dict"):
             state["coord_sampler"] = self.setup.coord_sampler.state_dict()
+        if hasattr(self.estimator, "state_dict"):  # e.g. the warm start of linear interpolation
+            state["estimator"] = self.estimator.state_dict()
         return state
 
     def save_checkpoint(self) -> None:
@@ -255,6 +274,8 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         if "coord_sampler" in state and self.setup.coord_sampler is not None:
             self.setup.coord_sampler.load_state_dict(state["coord_sampler"])
+        if "estimator" in state and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(state["estimator"])
         if self.run_dir is not None and self.is_main:  # drop metrics written after the checkpoint
             mfile = self.run_dir / "metrics.jsonl"
             if mfile.exists():
@@ -275,13 +296,17 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.setup.evaluate is None:
             return {}
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.no_grad(), self.oracle.ledger.phase("eval"):
-                out = {k: float(v) for k, v in self.setup.evaluate(self.module).items()}
-        finally:
-            self.module.train(was_training)
+        out: dict[str, float] = {}
+        if self.is_main:  # under torchrun only the main rank evaluates; the others receive its results
+            was_training = self.module.training
+            self.module.eval()
+            try:
+                with torch.no_grad(), self.oracle.ledger.phase("eval"):
+                    out = {k: float(v) for k, v in self.setup.evaluate(self.module).items()}
+            finally:
+                self.module.train(was_training)
+        if self.parallel is not None:
+            out = parallel.share_from_main(out, self.oracle.ledger)
         self.last_eval = out
         return out
 
@@ -292,6 +317,9 @@ class Trainer:
         epoch, step = self.pos.epoch, self.pos.step
         sampler = self.setup.coord_sampler
         coords = sampler.coords(epoch) if sampler is not None else None
+        if self.parallel is not None and self.parallel.due_for_check(step):
+            self.parallel.check_agreement(step, parameters_and_buffers=self.module.state_dict(), coordinates=coords,
+                                          batch=batch)
         try:
             self.oracle.on_step(theta, batch)
             est = self.estimator.estimate(self.oracle, theta, batch, coords=coords,
