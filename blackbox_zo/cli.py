@@ -76,7 +76,12 @@ def cmd_train(args) -> int:
             config = resolve_config(problem.config_model, problem.default_config(), args.config, args.set)
     except ConfigError as exc:
         return _err(str(exc))
-    _maybe_init_distributed(config)
+    from .parallel import ParallelError
+
+    try:
+        _maybe_init_distributed(config)
+    except ParallelError as exc:
+        return _err(str(exc))
     from .trainer import _is_main_process
 
     run_dir = Path(args.resume) if args.resume else (make_run_dir(config.run.out_dir, problem.name) if _is_main_process() else None)
@@ -84,6 +89,9 @@ def cmd_train(args) -> int:
         summary = train(problem, config, run_dir=None if args.resume else run_dir, resume=args.resume)
     except TrainingError as exc:
         print(f"blackbox-zo: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except ParallelError as exc:  # a rank died, hung past parallel.timeout_s, or diverged
+        print(f"blackbox-zo: parallel run failed: {exc}", file=sys.stderr)
         return 1
     if _is_main_process():
         print(_format_final(summary))

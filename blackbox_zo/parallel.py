@@ -1,0 +1,542 @@
+"""Forward parallelism over torch.distributed (DeepZero Sec. 5, eq. (5); Algorithm 2, lines 6-10).
+
+CGE decomposes over coordinates (DeepZero eq. (5))::
+
+    grad = sum_{i=1..M} g_i,   g_i = sum_{j in S_i} [(l(theta + mu e_j) - l(theta)) / mu] e_j
+
+so M processes can each evaluate the finite differences of their own coordinate set S_i
+and one all-reduce sums the partial estimates. How it runs here:
+
+* Launch with ``torchrun --nproc-per-node M -m blackbox_zo train PROBLEM ...``. The CLI
+  calls :func:`init_from_env` when ``WORLD_SIZE > 1`` (gloo on CPU, NCCL on CUDA);
+  without a launcher nothing here is active and training is single-process.
+* Every rank builds the same problem with the same seeds, so it draws the same batch and
+  the same coordinate set (the trainer's batches and sparse sampler are pure functions of
+  seed/epoch/index). Every rank evaluates the base loss l(theta) itself (it needs it for
+  its own differences, and a feature-reuse oracle needs the unperturbed features anyway),
+  then its shard of coordinates. The partial gradients are summed by **one all-reduce**
+  per step; every rank then takes the identical optimizer step, so parameters are never
+  broadcast. :meth:`ParallelEstimator.check_agreement` compares a checksum of the
+  parameters, buffers, batch and coordinate set across ranks every
+  ``parallel.check_every_steps`` steps and raises :class:`DivergenceError` on a mismatch.
+* Shards are balanced by measured cost: during the first ``parallel.balance_steps`` steps
+  each rank times its coordinates block by block (a block = one named tensor of the
+  ParamSpace, e.g. one layer's weight, so it belongs to one stage of a staged model). The
+  per-coordinate cost of every block is then agreed across ranks (one all-reduce) and the
+  sorted coordinate set is cut into M contiguous pieces of equal predicted cost. With a
+  feature-reuse oracle late stages are cheaper than early ones and the cut follows that;
+  with the plain oracle all coordinates cost alike and the cut is even. No cost table is
+  hard-coded.
+* RGE is sharded by directions instead: every rank draws the same direction stream (the
+  one a single process would draw, chunk for chunk) and evaluates a contiguous range of
+  the q directions. All directions perturb every block, so they cost alike and the range
+  is an even split.
+* A rank that dies or hangs: every collective runs under the process group's timeout
+  (``parallel.timeout_s``); a dead peer is seen at once (connection reset), a hung one
+  after the timeout, and either becomes a :class:`ParallelError` naming the rank, the
+  operation and the timeout. Under torchrun the agent then stops the remaining ranks.
+
+Query accounting (the job's ledger). Every loss value some rank evaluated is counted
+once, in the phase it was made in. Each rank's ledger holds the **job** total: after the
+all-reduce a rank charges the queries of the other ranks to its own ledger, so all ledgers
+agree, the budget check stops every rank before the same step, and the main rank's
+checkpoint and summary report the job's count. Work that really runs on every rank is
+counted on every rank: the base loss of a forward-difference step (a CGE-forward step
+with |S| coordinates costs |S| + M queries on M ranks, RGE-forward q + M) and anything a
+problem does in `setup` (e.g. ZO-GraSP pruning, summed over ranks once when training
+starts). Evaluation runs on the main rank only and is counted once. ``ledger.rate()``
+becomes job queries per second of this rank's time inside the oracle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .estimators import CGE, RGE, Estimate
+from .oracle import NonFiniteLossError, Oracle, OracleError, ParamSpace, QueryLedger
+
+__all__ = [
+    "ParallelError",
+    "DivergenceError",
+    "init_from_env",
+    "is_active",
+    "rank",
+    "world_size",
+    "balanced_bounds",
+    "BlockCosts",
+    "fingerprint",
+    "ParallelEstimator",
+    "sum_ledger_over_ranks",
+    "share_from_main",
+]
+
+
+class ParallelError(RuntimeError):
+    """A distributed run cannot go on: a rank died, hung past the timeout, or disagrees."""
+
+
+class DivergenceError(ParallelError):
+    """Ranks that must hold identical state (parameters, batch, coordinates) do not."""
+
+
+# ------------------------------------------------------------------------ process group
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_active() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        raise ParallelError(f"WORLD_SIZE > 1 but {name} is not set: launch with torchrun (it sets RANK, "
+                            "LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE for one process")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ParallelError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def init_from_env(config: Any = None) -> None:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...).
+
+    gloo for CPU runs, NCCL when ``run.device`` is CUDA (``parallel.backend`` overrides);
+    every collective then fails after ``parallel.timeout_s`` instead of waiting forever.
+    """
+    dist = _dist()
+    if dist.is_initialized():
+        return
+    if not dist.is_available():
+        raise ParallelError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    world, rank_, local = _env_int("WORLD_SIZE"), _env_int("RANK"), int(os.environ.get("LOCAL_RANK", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        raise ParallelError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun")
+    _env_int("MASTER_PORT")
+    pcfg = getattr(config, "parallel", None)
+    device = str(getattr(getattr(config, "run", None), "device", "cpu"))
+    backend = getattr(pcfg, "backend", "auto")
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ParallelError("parallel.backend: nccl needs CUDA, and none is available (use gloo on CPU)")
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    timeout = float(getattr(pcfg, "timeout_s", 300.0))
+    try:
+        dist.init_process_group(backend, rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as exc:  # rendezvous failed: another rank never arrived, or the port is taken
+        raise ParallelError(f"rank {rank_} of {world}: cannot join the {backend} process group within "
+                            f"{timeout:g}s: {type(exc).__name__}: {exc}") from exc
+    import atexit
+
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    dist = _dist()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # best effort at exit; a broken group has nothing left to free
+            pass
+
+
+def _comm_device() -> torch.device:
+    dist = _dist()
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _timeout_s() -> float:
+    try:  # private in torch: the timeout the group was created with
+        return _dist().distributed_c10d._get_default_timeout(_dist().get_backend()).total_seconds()
+    except Exception:
+        return float("nan")
+
+
+def _collective(what: str, fn: Callable[[], Any]) -> Any:
+    """Run one collective; a dead or hung peer becomes a ParallelError naming the operation."""
+    start = time.perf_counter()
+    try:
+        return fn()
+    except Exception as exc:
+        waited = time.perf_counter() - start
+        raise ParallelError(
+            f"rank {rank()} of {world_size()}: {what} failed after {waited:.1f}s: another rank died or "
+            f"hung (it did not join within the process-group timeout). Cause: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+
+
+# ---------------------------------------------------------------------------- sharding
+
+
+def balanced_bounds(costs: Tensor, parts: int) -> list[int]:
+    """Cut items with these costs, in order, into `parts` contiguous pieces of equal total cost.
+
+    Item i goes to the piece whose cost interval [p T/parts, (p+1) T/parts) holds the
+    centre of its own cumulative-cost interval, so every piece costs at most
+    T/parts + max(cost). Returns bounds b with piece p = items[b[p]:b[p+1]].
+    """
+    n = int(costs.numel())
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if n == 0:
+        return [0] * (parts + 1)
+    c = costs.detach().to(torch.float64).cpu().clamp_min(0)
+    if float(c.sum()) <= 0:
+        c = torch.ones_like(c)
+    cum = torch.cumsum(c, 0)
+    centres = cum - 0.5 * c
+    targets = cum[-1] * torch.arange(1, parts, dtype=torch.float64) / parts
+    inner = torch.searchsorted(centres, targets).tolist()
+    return [0, *inner, n]
+
+
+class BlockCosts:
+    """Measured seconds per coordinate of each ParamSpace block, agreed across ranks."""
+
+    def __init__(self, space: ParamSpace):
+        self.space = space
+        self.seconds = torch.zeros(len(space), dtype=torch.float64)
+        self.counts = torch.zeros(len(space), dtype=torch.float64)
+        self.per_coord: Tensor | None = None  # set by finalize()
+
+    def add(self, block: int, seconds: float, count: int) -> None:
+        self.seconds[block] += seconds
+        self.counts[block] += count
+
+    def finalize(self) -> Tensor:
+        """Sum the timings of all ranks (one all-reduce) -> identical costs on every rank.
+
+        A block no rank timed (e.g. outside this epoch's sparse coordinate set) gets the
+        count-weighted mean cost of the blocks that were timed.
+        """
+        both = torch.cat([self.seconds, self.counts]).to(_comm_device())
+        _collective("all-reduce of the measured block costs", lambda: _dist().all_reduce(both))
+        both = both.cpu()
+        seconds, counts = both[: len(self.space)], both[len(self.space):]
+        mean = float(seconds.sum() / counts.sum()) if counts.sum() > 0 else 1.0
+        self.per_coord = torch.where(counts > 0, seconds / counts.clamp_min(1), torch.full_like(seconds, mean))
+        return self.per_coord
+
+    def describe(self) -> str:
+        if self.per_coord is None:
+            return "block costs not measured yet"
+        rows = [f"{b.name}={1e6 * float(c):.1f}us" for b, c in zip(self.space, self.per_coord)]
+        return "measured cost per coordinate: " + ", ".join(rows)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def _tensors_of(obj: Any) -> list[Any]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj, key=str) for x in (str(k), *_tensors_of(obj[k]))]
+    if isinstance(obj, (list, tuple)):
+        return [x for item in obj for x in _tensors_of(item)]
+    return [repr(obj)]  # ints, seeds, strings: their text is their identity
+
+
+def fingerprint(obj: Any) -> int:
+    """A 63-bit hash of the exact bytes of every tensor in obj (nested tuples/lists/dicts).
+
+    Bitwise: one flipped bit anywhere changes it, which is what "identical on every
+    rank" means. Costs one pass over the bytes (plus a host copy for CUDA tensors).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for item in _tensors_of(obj):
+        if isinstance(item, Tensor):
+            t = item.detach().contiguous().cpu()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(str(item).encode())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- estimator
+
+# slots after the gradient in the one all-reduced tensor of a step
+_BASE_SUM, _QUERIES, _FAILED_NONFINITE, _FAILED_ORACLE = range(4)
+_SLOTS = 4
+
+
+class ParallelEstimator:
+    """Wraps a CGE or RGE: each rank evaluates its shard, one all-reduce sums them (eq. (5)).
+
+    `estimate` has the estimators' shape and returns, on every rank, the estimate a single
+    process would compute (up to float rounding in the order of the sum) with
+    `Estimate.queries` = the queries of the whole job for this step.
+    """
+
+    def __init__(self, inner: Any, *, balance_steps: int = 3, check_every_steps: int = 50, log: Callable[[str], None] | None = None):
+        if not isinstance(inner, (CGE, RGE)):
+            kind = "autograd (the first-order reference)" if inner is None else type(inner).__name__
+            raise ParallelError(f"estimator {kind} has no sharded form; forward parallelism supports cge and rge "
+                                "(launch without torchrun to use it on one process)")
+        if not is_active():
+            raise ParallelError("ParallelEstimator needs an initialised process group of more than one rank")
+        if balance_steps < 1:
+            raise ValueError(f"parallel.balance_steps must be >= 1, got {balance_steps}")
+        self.inner = inner
+        self.balance_steps = int(balance_steps)
+        self.check_every_steps = int(check_every_steps)
+        self.rank, self.world = rank(), world_size()
+        self.calls = 0
+        self.costs: BlockCosts | None = None
+        self.log = log
+        self.last_local_seconds = 0.0  # time this rank spent on its shard in the last estimate
+        self.last_local_queries = 0
+
+    def __repr__(self) -> str:
+        return f"ParallelEstimator({self.inner!r}, rank={self.rank}, world={self.world})"
+
+    # -- agreement ----------------------------------------------------------------------
+
+    def check_agreement(self, step: int, **parts: Any) -> None:
+        """All-gather a checksum of each named part; raise DivergenceError if ranks differ."""
+        names = list(parts)
+        mine = torch.tensor([fingerprint(parts[n]) for n in names], dtype=torch.int64, device=_comm_device())
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        _collective(f"all-gather of the step-{step} checksums", lambda: _dist().all_gather(gathered, mine))
+        table = torch.stack(gathered).cpu()
+        differ = [n for i, n in enumerate(names) if bool((table[:, i] != table[0, i]).any())]
+        if differ:
+            odd = sorted({r for r in range(self.world) if not torch.equal(table[r], table[0])})
+            raise DivergenceError(
+                f"ranks diverged at step {step}: {', '.join(differ)} differ between rank 0 and rank(s) {odd} "
+                "(every rank must draw the same batch and coordinates and take the same step; a rank with "
+                "other seeds, data or code breaks that)")
+
+    def due_for_check(self, step: int) -> bool:
+        return self.check_every_steps > 0 and step % self.check_every_steps == 0
+
+    # -- the estimate --------------------------------------------------------------------
+
+    def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None, seed: int | None = None) -> Estimate:
+        try:
+            if isinstance(self.inner, CGE):
+                return self._cge(oracle, theta, batch, coords)
+            return self._rge(oracle, theta, batch, coords, seed)
+        finally:
+            self.calls += 1
+
+    def _calibrating(self) -> bool:
+        return self.costs is None or self.costs.per_coord is None
+
+    def _timed_now(self) -> bool:
+        # the first call warms up (allocations, first-touch); time the ones after it
+        return self.calls >= 1 or self.balance_steps == 1
+
+    def _coordinate_shard(self, space: ParamSpace, sorted_coords: Tensor) -> Tensor:
+        if self._calibrating():
+            costs = torch.ones(sorted_coords.numel(), dtype=torch.float64)
+        else:
+            costs = self.costs.per_coord[space.block_index(sorted_coords.cpu())]
+        bounds = balanced_bounds(costs, self.world)
+        return sorted_coords[bounds[self.rank] : bounds[self.rank + 1]]
+
+    def _coordinate_values(self, oracle: Oracle, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
+        """Losses at theta + mu e_j for this rank's coords; block by block, timed, while calibrating."""
+        if not (self._calibrating() and self._timed_now()):
+            return oracle.query_coordinates(theta, coords, mu, batch)
+        if self.costs is None:
+            self.costs = BlockCosts(oracle.space)
+        blocks, counts = torch.unique_consecutive(oracle.space.block_index(coords.cpu()), return_counts=True)
+        out, start = [], 0
+        for b, n in zip(blocks.tolist(), counts.tolist()):
+            t0 = time.perf_counter()
+            out.append(oracle.query_coordinates(theta, coords[start : start + n], mu, batch))
+            if theta.is_cuda:
+                torch.cuda.synchronize(theta.device)
+            self.costs.add(b, time.perf_counter() - t0, n)
+            start += n
+        return torch.cat(out) if out else theta.new_empty(0)
+
+    def _reduce(self, packed: Tensor, failure: BaseException | None, what: str) -> Tensor:
+        _collective(what, lambda: _dist().all_reduce(packed))
+        tail = packed[-_SLOTS:]
+        failed = int(round(float(tail[_FAILED_NONFINITE]))) + int(round(float(tail[_FAILED_ORACLE])))
+        if failed:
+            if failure is not None:
+                raise failure
+            cls = OracleError if float(tail[_FAILED_ORACLE]) > 0 else NonFiniteLossError
+            raise cls(f"{failed} of {self.world} ranks failed to evaluate their shard (see that rank's log)")
+        return packed
+
+    def _after_reduce(self, oracle: Oracle, local: int, total: int) -> None:
+        """Charge the other ranks' queries, so that every ledger holds the job's count."""
+        oracle.ledger.charge(total - local)
+
+    def _maybe_finalize_costs(self, space: ParamSpace) -> None:
+        if self._calibrating() and self.calls + 1 >= self.balance_steps:
+            if self.costs is None:
+                self.costs = BlockCosts(space)
+            self.costs.finalize()
+            if self.log is not None and self.rank == 0:
+                self.log(f"forward parallelism over {self.world} ranks: shards balanced by {self.costs.describe()}")
+
+    def _cge(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None) -> Estimate:
+        """DeepZero eq. (5): this rank's g_i for j in S_i, summed over ranks by one all-reduce."""
+        mu, central = self.inner.mu, self.inner.scheme == "central"
+        d = theta.numel()
+        all_coords = torch.arange(d, device=theta.device) if coords is None else coords.to(theta.device, torch.long)
+        sorted_coords = torch.sort(all_coords).values
+        n = sorted_coords.numel()
+        total = 2 * n if central else n + self.world  # every rank evaluates the base loss itself
+        oracle.ledger.ensure_available(total)
+        mine = self._coordinate_shard(oracle.space, sorted_coords)
+        packed = theta.new_zeros(d + _SLOTS)
+        failure, base, before = None, None, oracle.ledger.total
+        t0 = time.perf_counter()
+        try:
+            if central:
+                plus = self._coordinate_values(oracle, theta, mine, mu, batch)
+                minus = self._coordinate_values(oracle, theta, mine, -mu, batch)
+                packed[mine] = (plus - minus) / (2 * mu)
+                packed[d + _BASE_SUM] = (0.5 * (plus + minus)).sum()
+            else:
+                base = oracle.query(theta.unsqueeze(0), batch)[0]
+                plus = self._coordinate_values(oracle, theta, mine, mu, batch)
+                packed[mine] = (plus - base) / mu
+        except (OracleError, NonFiniteLossError) as exc:
+            failure = exc
+            packed.zero_()
+            packed[d + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
+        local = oracle.ledger.total - before  # what this rank charged, a failed call included
+        self.last_local_seconds, self.last_local_queries = time.perf_counter() - t0, local
+        packed[d + _QUERIES] = local
+        try:
+            packed = self._reduce(packed, failure, f"all-reduce of the CGE estimate ({n} coordinates)")
+        except (OracleError, NonFiniteLossError):
+            self._after_reduce(oracle, local, int(round(float(packed[d + _QUERIES]))))
+            raise
+        self._after_reduce(oracle, local, total)
+        self._maybe_finalize_costs(oracle.space)
+        grad = packed[:d].clone()
+        if central:
+            base_loss = float(packed[d + _BASE_SUM]) / n if n else float("nan")
+        else:
+            base_loss = float(base)
+        return Estimate(grad, total, base_loss)
+
+    def _rge(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None, seed: int | None) -> Estimate:
+        """DeepZero eq. (1) RGE with the q directions split into contiguous ranges over ranks.
+
+        Every rank draws the whole direction stream chunk by chunk, exactly as RGE.estimate
+        does on one process, so rank r's directions are the ones a single process uses.
+        """
+        inner: RGE = self.inner
+        if seed is None:  # every rank must use the same directions: take them from rank 0
+            seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(_comm_device())
+            _collective("broadcast of the RGE seed", lambda: _dist().broadcast(seed_t, 0))
+            seed = int(seed_t.item())
+        gen = torch.Generator().manual_seed(int(seed))
+        coords = None if coords is None else coords.to(device=theta.device, dtype=torch.long)
+        d = theta.numel()
+        k = d if coords is None else coords.numel()
+        chunk = inner.chunk or max(1, oracle.chunk_size(theta))
+        central = inner.scheme == "central"
+        total = 2 * inner.q if central else inner.q + self.world
+        oracle.ledger.ensure_available(total)
+        bounds = balanced_bounds(torch.ones(inner.q), self.world)
+        lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        packed = theta.new_zeros(k + _SLOTS)
+        failure, base, before = None, None, oracle.ledger.total
+        t0 = time.perf_counter()
+        try:
+            if not central:
+                base = oracle.query(theta.unsqueeze(0), batch)[0]
+            for start in range(0, inner.q, chunk):
+                n = min(chunk, inner.q - start)
+                u = inner.directions(n, k, gen, theta)  # drawn on every rank: keeps the stream identical
+                a, b = max(lo, start), min(hi, start + n)
+                if a >= b:
+                    continue
+                u = u[a - start : b - start]
+                if central:
+                    plus = oracle.query(inner._perturbed(theta, u, coords, inner.mu), batch)
+                    minus = oracle.query(inner._perturbed(theta, u, coords, -inner.mu), batch)
+                    diffs = (plus - minus) / (2 * inner.mu)
+                    packed[k + _BASE_SUM] += (0.5 * (plus + minus)).sum()
+                else:
+                    diffs = (oracle.query(inner._perturbed(theta, u, coords, inner.mu), batch) - base) / inner.mu
+                packed[:k] += diffs @ u
+        except (OracleError, NonFiniteLossError) as exc:
+            failure = exc
+            packed.zero_()
+            packed[k + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
+        local = oracle.ledger.total - before  # what this rank charged, a failed call included
+        self.last_local_seconds, self.last_local_queries = time.perf_counter() - t0, local
+        packed[k + _QUERIES] = local
+        try:
+            packed = self._reduce(packed, failure, f"all-reduce of the RGE estimate ({inner.q} directions)")
+        except (OracleError, NonFiniteLossError):
+            self._after_reduce(oracle, local, int(round(float(packed[k + _QUERIES]))))
+            raise
+        self._after_reduce(oracle, local, total)
+        scale = (k if inner.distribution == "sphere" else 1.0) / inner.q
+        grad = torch.zeros_like(theta)
+        if coords is None:
+            grad += packed[:k] * scale
+        else:
+            grad[coords] = packed[:k] * scale
+        base_loss = float(packed[k + _BASE_SUM]) / inner.q if central else float(base)
+        return Estimate(grad, total, base_loss)
+
+
+# ------------------------------------------------------------------------------ ledger
+
+
+def sum_ledger_over_ranks(ledger: QueryLedger) -> None:
+    """Replace each rank's per-phase counts by the sum over ranks (work every rank did)."""
+    phases = sorted(ledger.counts)
+    counts = torch.tensor([ledger.counts[p] for p in phases], dtype=torch.int64, device=_comm_device())
+    _collective("all-reduce of the setup-time query counts", lambda: _dist().all_reduce(counts))
+    ledger.counts.update({p: int(c) for p, c in zip(phases, counts.cpu().tolist())})
+
+
+def share_from_main(metrics: dict[str, float], ledger: QueryLedger) -> dict[str, float]:
+    """After an evaluation that ran on the main rank only: every rank gets its metrics and
+    its ledger counts (the evaluation's queries, counted once), so all ledgers agree."""
+    box: list[Any] = [metrics, dict(ledger.counts)] if rank() == 0 else [None, None]
+    _collective("broadcast of the evaluation results", lambda: _dist().broadcast_object_list(box, src=0))
+    metrics, counts = box
+    ledger.counts = dict(counts)
+    return dict(metrics)
+
+
+def local_shard_seconds(estimator: ParallelEstimator) -> list[float]:
+    """Seconds each rank spent on its shard in the last estimate (for benchmarks; one all-gather)."""
+    mine = torch.tensor([estimator.last_local_seconds], dtype=torch.float64, device=_comm_device())
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    _collective("all-gather of the shard timings", lambda: _dist().all_gather(out, mine))
+    return [float(t) for t in out]
