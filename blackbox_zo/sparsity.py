@@ -128,11 +128,17 @@ def prunable_mask(space: ParamSpace, weights_only: bool = True, device: torch.de
 
 
 def pruning_order_key(scores: Tensor, ranking: Ranking = "largest") -> Tensor:
-    """Key whose largest entries are pruned first: GraSP's largest score, or |score|."""
+    """Key whose largest entries are pruned first.
+
+    "largest": GraSP (Wang et al. 2020) removes the weights with the largest S = -theta * Hg
+    (removing them reduces the gradient flow least, or even increases it).
+    "abs": the DeepZero reference code passes |S| to `torch.nn.utils.prune.L1Unstructured`,
+    which removes the *smallest* |S| and keeps the largest |S|; the key is therefore -|S|.
+    """
     if ranking == "largest":
         return scores
     if ranking == "abs":
-        return scores.abs()
+        return -scores.abs()
     raise ValueError(f"ranking must be 'largest' or 'abs', got {ranking!r}")
 
 
