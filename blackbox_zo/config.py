@@ -116,6 +116,9 @@ class SparsityConfig(Strict):
     samples_per_class: int = Field(25, ge=1, description="balanced pruning batch")
     resample_every_epochs: int = Field(5, ge=1, description="K: a fresh coordinate set every K epochs")
     weights_only: bool = Field(True, description="sparsify only conv/linear weights (>= 2-D blocks)")
+    freeze_unselected: bool = Field(
+        False, description="coordinates outside a step's set do not move (momentum/decay masked); "
+        "false: plain torch.optim, as the DeepZero reference code")
 
 
 class ParallelConfig(Strict):

@@ -24,13 +24,14 @@ in `problems/experiments/fo_grasp_reference.py` and is never used on the ZO path
 
 Interaction with momentum / weight decay: Sparse-CGE writes zeros into the unselected
 coordinates of ``p.grad``; ``torch.optim.SGD`` still moves them by their momentum
-buffer and their weight decay (as in the DeepZero reference code). See docs/sparsity.md.
+buffer and their weight decay (as in the DeepZero reference code). `freeze_unselected`
+is the masked alternative (``sparsity.freeze_unselected=true``). See docs/sparsity.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ __all__ = [
     "balanced_indices",
     "build_sparse_sampler",
     "grasp_query_cost",
+    "freeze_unselected",
 ]
 
 Ranking = Literal["largest", "abs"]
@@ -295,6 +297,47 @@ class DynamicSparseSampler:
         period = int(state["period"])
         self._period = None if period < 0 else period
         self._coords = None if self._period is None else self.draw(self._period)
+
+
+# ------------------------------------------------------- momentum / weight decay
+
+
+def freeze_unselected(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], space: ParamSpace, coords: Tensor | None
+) -> Callable[[], None]:
+    """The masked alternative to plain `optimizer.step()` under Sparse-CGE.
+
+    With plain SGD + momentum (the DeepZero reference code) a coordinate left out of this
+    step's set still moves: its momentum buffer keeps pushing it and weight decay shrinks
+    it. Call this *before* `optimizer.step()` and the returned `restore()` *after* it:
+    the unselected coordinates of every parameter and of every per-coordinate optimizer
+    state (momentum buffer, Adam moments) are put back, so they do not move at all and
+    resume with their old state when they are drawn again. State tensors the step created
+    get zeros there (their value had the coordinate never been stepped). Cost: one masked
+    copy of theta and of the state per step, no queries.
+    """
+    if coords is None:
+        return lambda: None
+    selected = torch.zeros(space.dim, dtype=torch.bool)
+    selected[coords.to(torch.long).cpu()] = True
+    saved = []
+    for p, block in zip(params, space):
+        off = (~selected[block.slice]).view(block.shape).to(p.device)
+        if not bool(off.any()):
+            continue
+        state = optimizer.state.get(p, {})
+        before = {k: v[off].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+        saved.append((p, off, p.detach()[off].clone(), before))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, off, values, before in saved:
+                p[off] = values
+                for k, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v[off] = before[k] if k in before else 0
+
+    return restore
 
 
 # --------------------------------------------------------------------- the recipe

@@ -338,6 +338,19 @@ class Trainer:
         self.space.write_grad(self.params, est.grad)
         return est
 
+    def _optimizer_step(self) -> None:
+        """optimizer.step(); with `sparsity.freeze_unselected` the coordinates outside this
+        step's Sparse-CGE set (and their optimizer state) are left untouched."""
+        sampler, sparsity = self.setup.coord_sampler, getattr(self.config, "sparsity", None)
+        if self.estimator is None or sampler is None or not getattr(sparsity, "freeze_unselected", False):
+            self.optimizer.step()
+            return
+        from .sparsity import freeze_unselected
+
+        restore = freeze_unselected(self.optimizer, self.params, self.space, sampler.coords(self.pos.epoch))
+        self.optimizer.step()
+        restore()
+
     def _fo_step(self, batch: Any) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -373,7 +386,7 @@ class Trainer:
                         ok = est is not None
                         loss, queries = (est.base_loss, est.queries) if ok else (float("nan"), 0)
                     if ok:
-                        self.optimizer.step()
+                        self._optimizer_step()
                     self.scheduler.step()
                     self.pos.index += 1
                     self.pos.step += 1
