@@ -35,7 +35,8 @@ def cmd_list(args) -> int:
     from .oracle import PLUGIN_ERRORS, available_oracles
     from .problem import available_experiments, available_problems
 
-    sections = (("oracles", available_oracles()), ("problems", available_problems()),
+    sections = (("oracles (each can be trained directly: blackbox-zo train NAME)", available_oracles()),
+                ("problems", available_problems()),
                 ("experiments", available_experiments()))
     for title, items in sections:
         print(f"{title}:")

@@ -143,7 +143,15 @@ def available_experiments() -> dict[str, Callable[..., Any]]:
 def get_problem(name: str) -> Problem:
     known = available_problems()
     if name not in known:
-        raise UnknownNameError(f"unknown problem {name!r}; known: {', '.join(known) or '(none)'}")
+        from .oracle import available_oracles
+
+        oracles = available_oracles()
+        if name in oracles:  # a registered oracle with no problem of its own: train it directly
+            from .oracle_problem import OracleProblem
+
+            return OracleProblem(name)
+        raise UnknownNameError(f"unknown problem or oracle {name!r}; problems: {', '.join(known) or '(none)'}; "
+                               f"oracles: {', '.join(oracles) or '(none)'}")
     obj = known[name]
     problem = obj() if isinstance(obj, type) else obj
     if not isinstance(problem, Problem):

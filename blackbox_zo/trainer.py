@@ -479,7 +479,8 @@ def plot_metrics(run_dir: Path) -> Path | None:
         ax.plot([r[xkey] for r in steps], [r["loss"] for r in steps], lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss")
-        ax.set_yscale("log")
+        if all(r["loss"] > 0 for r in steps):  # e.g. a negative return as loss: keep a linear axis
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if keys:
             ax = axes[1][col]

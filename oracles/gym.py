@@ -1,15 +1,28 @@
 """A gymnasium environment as a loss oracle: loss(theta) = - mean episode return of policy(theta).
 
 A batch is a list of episode seeds. Every perturbed policy of one step is run on the
-same seeds (common random numbers): the finite difference l(theta + mu e_j) - l(theta)
-then measures the policy change, not the luck of different initial states.
+same seeds (common random numbers, CRN): the finite difference l(theta + mu e_j) - l(theta)
+then measures the change of the policy, not the luck of different initial states.
+The policy is deterministic (argmax for Discrete actions, tanh-squashed mean for Box
+actions), so one (theta, seed) pair always gives one return.
 
 All P perturbed policies x E episodes of one call run side by side as P*E
-sub-environments of one gymnasium vector environment (`SyncVectorEnv` by default,
-`AsyncVectorEnv` as an option), and the P policies are evaluated as ONE batched forward
-per time step (`torch.func.functional_call` + `vmap` over the P parameter vectors).
-Sub-episodes that have finished are masked: their rewards no longer count, and the
-rollout stops as soon as every sub-episode has finished.
+sub-environments of one vector environment, and the P policies are evaluated as ONE
+batched forward per time step, never a Python loop over perturbations:
+
+* environments: `vectorization="sync"` (gymnasium `SyncVectorEnv`, the default),
+  `"async"` (`AsyncVectorEnv`, one worker process per sub-environment: only worth it for
+  slow simulators), `"vector"` (gymnasium's own numpy-vectorised implementation,
+  `gym.make_vec(..., vectorization_mode="vector_entry_point")`, used where we know how
+  to seed each sub-environment individually: CartPole), or `"auto"` (vector where
+  supported, else sync). `benchmarks/bench_gym.py` measures the difference.
+* policy: a plain MLP (`nn.Sequential` of Linear and elementwise activations, optionally
+  led by an `ObsNormalizer`) is evaluated with batched matrix products
+  (`torch.baddbmm` over the P parameter sets); any other module goes through
+  `torch.func.functional_call` + `vmap`. Both give the same numbers (tested).
+
+Sub-episodes that have ended are masked: their later rewards do not count, and the
+rollout stops as soon as every sub-episode has ended or the length cap is reached.
 
 gymnasium is an optional dependency (`pip install blackbox-zo[gym]`), imported lazily.
 """
@@ -27,7 +40,9 @@ from torch.func import functional_call, vmap
 
 from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
 
-__all__ = ["GymPolicyOracle", "ObsNormalizer", "mlp_policy", "episode_seeds"]
+__all__ = ["GymPolicyOracle", "ObsNormalizer", "mlp_policy", "episode_seeds", "VECTORIZATIONS"]
+
+VECTORIZATIONS = ("auto", "sync", "async", "vector")
 
 
 def _gym():
@@ -47,7 +62,7 @@ class ObsNormalizer(nn.Module):
     The statistics are buffers (not parameters): they are not part of theta, they are
     saved with the module's state_dict (so checkpoints and resume carry them), and the
     oracle updates them only in `on_step`, once per step from the unperturbed policy,
-    so every perturbation of one step sees the same normalisation.
+    so every perturbation of one step sees the same normalisation (CRN is preserved).
     """
 
     def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
@@ -109,15 +124,106 @@ def episode_seeds(seed: int, step: int, episodes: int, *, test: bool = False) ->
     return [int(s) + (2**30 if test else 0) for s in seeds]
 
 
-# --------------------------------------------------------------------------- oracle
+_ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Identity, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU)
+
+
+def _is_plain_mlp(policy: nn.Module, param_names: set[str]) -> bool:
+    """Sequential of [ObsNormalizer], Linear and elementwise activations, every Linear trainable."""
+    if not isinstance(policy, nn.Sequential):
+        return False
+    for i, (name, m) in enumerate(policy.named_children()):
+        if isinstance(m, nn.Linear):
+            names = {f"{name}.weight"} | ({f"{name}.bias"} if m.bias is not None else set())
+            if not names <= param_names:
+                return False
+        elif not (isinstance(m, _ELEMENTWISE) or (i == 0 and isinstance(m, ObsNormalizer))):
+            return False
+    return True
+
+
+# --------------------------------------------------------------- seeded vector envs
 
 
 def _make_env(env: str | Callable[[], Any], max_episode_steps: int | None, env_kwargs: dict[str, Any]):
-    gym = _gym()
     if callable(env):
         return env()
-    # The passive env checker runs once per sub-environment; the env is a registered one.
-    return gym.make(env, max_episode_steps=max_episode_steps, disable_env_checker=True, **env_kwargs)
+    # The passive env checker would run once per sub-environment; a registered env needs none.
+    return _gym().make(env, max_episode_steps=max_episode_steps, disable_env_checker=True, **env_kwargs)
+
+
+class _GymVector:
+    """SyncVectorEnv / AsyncVectorEnv: sub-environment k is reset with seeds[k]."""
+
+    def __init__(self, make: Callable[[], Any], n: int, asynchronous: bool):
+        gym = _gym()
+        cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+        self.env = cls([make] * n, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        obs, _ = self.env.reset(seed=seeds)
+        return obs
+
+    def step(self, actions: np.ndarray):
+        obs, reward, terminated, truncated, _ = self.env.step(actions)
+        return obs, reward, terminated, truncated
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class _CartPoleVector:
+    """gymnasium's numpy-vectorised CartPole (`CartPoleVectorEnv`), seeded per sub-environment.
+
+    `CartPoleVectorEnv.reset(seed=s)` draws all initial states from ONE generator, so
+    sub-environment k's start would depend on k and the number of sub-environments, and
+    CRN would be lost. We therefore set each column of its state to exactly the state a
+    single `CartPole-v1` reset with seeds[k] produces (gymnasium's own reset computes it).
+    The dynamics are the same equations applied to arrays; a test checks that returns
+    agree with SyncVectorEnv's.
+    """
+
+    def __init__(self, env_id: str, n: int, max_episode_steps: int, env_kwargs: dict[str, Any]):
+        gym = _gym()
+        self.env = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point",
+                                max_episode_steps=max_episode_steps, **env_kwargs)
+        self.single = gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped
+        self._starts: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def supports(env_id: Any) -> bool:
+        if not isinstance(env_id, str):
+            return False
+        gym = _gym()
+        try:
+            entry = gym.spec(env_id).vector_entry_point
+        except gym.error.Error:
+            return False
+        return entry == "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"
+
+    def _start(self, seed: int) -> np.ndarray:
+        if seed not in self._starts:
+            if len(self._starts) > 4096:
+                self._starts.clear()
+            self.single.reset(seed=seed)
+            self._starts[seed] = np.array(self.single.state, dtype=np.float64)
+        return self._starts[seed]
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        self.env.reset(seed=seeds[0])  # clears step counters and done flags
+        inner = self.env.unwrapped
+        inner.state = np.stack([self._start(s) for s in seeds], axis=1)  # [4, n]
+        return inner.state.T.astype(np.float32)
+
+    def step(self, actions: np.ndarray):
+        obs, reward, terminated, truncated, _ = self.env.step(actions)
+        return obs, reward, terminated, truncated
+
+    def close(self) -> None:
+        self.env.close()
+        self.single.close()
+
+
+# --------------------------------------------------------------------------- oracle
 
 
 @register_oracle("gym-policy-v1")
@@ -126,16 +232,15 @@ class GymPolicyOracle(Oracle):
 
     env: a registered gymnasium id ("CartPole-v1") or a zero-argument factory returning an Env.
     policy: a torch module mapping observations [.., obs_dim] to action outputs; its
-        parameters are theta. Default: `mlp_policy(obs_dim, n_out, hidden)`.
-        Discrete(n): n logits, the action is their argmax (a deterministic policy).
+        trainable parameters are theta. Default: `mlp_policy(obs_dim, n_out, hidden)`.
+        Discrete(n): n outputs, the action is their argmax (a deterministic policy).
         Box: one output per action dimension, squashed into [low, high] by tanh
         (unbounded Box: used as is).
     max_episode_steps: episode length cap (also passed to gym.make for a registered id).
-    vectorization: "sync" (SyncVectorEnv, one process) or "async" (AsyncVectorEnv, one
-        worker process per sub-environment: worth it only for slow simulators).
+    vectorization: "sync" | "async" | "vector" | "auto", see the module docstring.
     max_envs: sub-environments per vector env; P*E larger than this runs in chunks.
     update_obs_norm: if the policy contains an ObsNormalizer, `on_step` rolls out the
-        unperturbed policy on the step's seeds and merges its observations (one query).
+        unperturbed policy on the step's seeds (one query) and merges its observations.
     """
 
     name = "gym-policy-v1"
@@ -153,8 +258,8 @@ class GymPolicyOracle(Oracle):
         env_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
     ):
-        if vectorization not in ("sync", "async"):
-            raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
+        if vectorization not in VECTORIZATIONS:
+            raise ValueError(f"vectorization must be one of {', '.join(VECTORIZATIONS)}; got {vectorization!r}")
         if max_envs < 1:
             raise ValueError(f"max_envs must be >= 1, got {max_envs}")
         if max_episode_steps is not None and max_episode_steps < 1:
@@ -162,6 +267,10 @@ class GymPolicyOracle(Oracle):
         gym = _gym()
         self.env_spec = env
         self.env_kwargs = dict(env_kwargs or {})
+        if vectorization == "vector" and not _CartPoleVector.supports(env):
+            raise ValueError(f"vectorization 'vector' is available for CartPole only, not {env!r}; use sync or auto")
+        if vectorization == "auto":
+            vectorization = "vector" if _CartPoleVector.supports(env) else "sync"
         self.vectorization, self.max_envs, self.update_obs_norm = vectorization, int(max_envs), update_obs_norm
         probe = _make_env(env, max_episode_steps, self.env_kwargs)
         try:
@@ -173,23 +282,25 @@ class GymPolicyOracle(Oracle):
             raise TypeError(f"GymPolicyOracle needs a Box observation space, got {obs_space}")
         self.obs_dim = int(np.prod(obs_space.shape))
         if isinstance(act_space, gym.spaces.Discrete):
-            self.discrete, n_out = True, int(act_space.n)
+            self.discrete, self.n_out = True, int(act_space.n)
             self._action_start = int(act_space.start)
         elif isinstance(act_space, gym.spaces.Box):
-            self.discrete, n_out = False, int(np.prod(act_space.shape))
+            self.discrete, self.n_out = False, int(np.prod(act_space.shape))
             self._low = torch.as_tensor(act_space.low.reshape(-1), dtype=torch.float64)
             self._high = torch.as_tensor(act_space.high.reshape(-1), dtype=torch.float64)
             self._bounded = bool(np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high)))
             self._action_shape = act_space.shape
+            self._action_dtype = act_space.dtype
         else:
             raise TypeError(f"GymPolicyOracle supports Discrete and Box action spaces, got {act_space}")
         self.max_episode_steps = int(max_episode_steps or spec_limit or 1000)
         if policy is None:
             torch.manual_seed(seed)
-            policy = mlp_policy(self.obs_dim, n_out, hidden)
+            policy = mlp_policy(self.obs_dim, self.n_out, hidden)
         self.policy = policy
         self.space = ParamSpace.from_module(policy)
         self._param_names = set(self.space.names)
+        self.fast_mlp = _is_plain_mlp(policy, self._param_names)
         self._vec_envs: OrderedDict[int, Any] = OrderedDict()  # size -> vector env, least recent first
 
     # -- example for `blackbox-zo check-oracle gym-policy-v1` ---------------------------
@@ -197,7 +308,7 @@ class GymPolicyOracle(Oracle):
     @classmethod
     def example(cls) -> tuple["GymPolicyOracle", list[int]]:
         oracle = cls("CartPole-v1", max_episode_steps=50, hidden=(4,))
-        return oracle, episode_seeds(0, 0, 2)
+        return oracle, oracle.example_batch()
 
     def example_batch(self) -> list[int]:
         return episode_seeds(0, 0, 2)
@@ -209,10 +320,11 @@ class GymPolicyOracle(Oracle):
         if n in self._vec_envs:
             self._vec_envs.move_to_end(n)
             return self._vec_envs[n]
-        gym = _gym()
-        make = functools.partial(_make_env, self.env_spec, self.max_episode_steps, self.env_kwargs)
-        cls = gym.vector.SyncVectorEnv if self.vectorization == "sync" else gym.vector.AsyncVectorEnv
-        vec = cls([make] * n, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+        if self.vectorization == "vector":
+            vec = _CartPoleVector(self.env_spec, n, self.max_episode_steps, self.env_kwargs)
+        else:
+            make = functools.partial(_make_env, self.env_spec, self.max_episode_steps, self.env_kwargs)
+            vec = _GymVector(make, n, asynchronous=self.vectorization == "async")
         self._vec_envs[n] = vec
         while len(self._vec_envs) > 2:
             _, old = self._vec_envs.popitem(last=False)
@@ -230,7 +342,7 @@ class GymPolicyOracle(Oracle):
         except Exception:
             pass
 
-    # -- rollouts ------------------------------------------------------------------------
+    # -- the batched policy ----------------------------------------------------------------
 
     def _fixed_tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """Buffers and frozen parameters of the policy, passed unbatched to functional_call."""
@@ -238,49 +350,66 @@ class GymPolicyOracle(Oracle):
         out.update({n: p.detach().to(dtype) for n, p in self.policy.named_parameters() if n not in self._param_names})
         return out
 
+    def _batched_forward(self, params: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """obs [P, E, obs_dim] -> outputs [P, E, n_out]: policy p on its own E observations."""
+        if self.fast_mlp:
+            def forward(obs: Tensor) -> Tensor:
+                h = obs
+                for name, m in self.policy.named_children():
+                    if isinstance(m, nn.Linear):
+                        w = params[f"{name}.weight"].transpose(1, 2)  # [P, in, out]
+                        if m.bias is None:
+                            h = torch.bmm(h, w)
+                        else:
+                            h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, w)
+                    else:  # elementwise activation, or the ObsNormalizer (shared buffers)
+                        h = m(h) if not isinstance(m, ObsNormalizer) else _normalise(m, h, dtype)
+                return h
+
+            return forward
+        fixed = self._fixed_tensors(dtype)
+
+        def one(p: dict[str, Tensor], obs: Tensor) -> Tensor:  # one policy, its E observations
+            return functional_call(self.policy, {**fixed, **p}, (obs,), strict=False)
+
+        return functools.partial(vmap(one), params)
+
     def _to_actions(self, out: Tensor) -> np.ndarray:
         """Policy outputs [N, n_out] -> actions the vector env accepts."""
         if self.discrete:
             return (out.argmax(-1) + self._action_start).numpy()
         out = out.to(torch.float64)
-        if self._bounded:
-            act = self._low + (torch.tanh(out) + 1) * 0.5 * (self._high - self._low)
-        else:
-            act = out
-        return act.numpy().astype(np.float32).reshape(out.shape[0], *self._action_shape)
+        act = self._low + (torch.tanh(out) + 1) * 0.5 * (self._high - self._low) if self._bounded else out
+        return act.numpy().astype(self._action_dtype).reshape(out.shape[0], *self._action_shape)
+
+    # -- rollouts ------------------------------------------------------------------------
 
     def episode_returns(self, thetas: Tensor, seeds: Sequence[int], record_obs: list | None = None) -> Tensor:
         """Undiscounted return of each policy on each episode: [P, d] x E seeds -> [P, E] (float64)."""
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("a batch must hold at least one episode seed")
-        p_total, n_ep = thetas.shape[0], len(seeds)
-        per_chunk = max(1, self.max_envs // n_ep)
+        if thetas.dim() != 2 or thetas.shape[1] != self.space.dim:
+            raise ValueError(f"thetas must be [P, {self.space.dim}], got {tuple(thetas.shape)}")
+        per_chunk = max(1, self.max_envs // len(seeds))
         return torch.cat([self._rollout(thetas[i : i + per_chunk], seeds, record_obs)
-                          for i in range(0, p_total, per_chunk)])
+                          for i in range(0, thetas.shape[0], per_chunk)])
 
     def _rollout(self, thetas: Tensor, seeds: list[int], record_obs: list | None) -> Tensor:
         n_pol, n_ep = thetas.shape[0], len(seeds)
         n = n_pol * n_ep
         vec = self._vector_env(n)
-        dtype = thetas.dtype
-        fixed = self._fixed_tensors(dtype)
-        params = self.space.views(thetas)  # {name: [P, *shape]}, no copy
-
-        def act(p: dict[str, Tensor], obs: Tensor) -> Tensor:  # one policy, its E observations
-            return functional_call(self.policy, {**fixed, **p}, (obs,), strict=False)
-
-        batched_policy = vmap(act)
+        policy = self._batched_forward(self.space.views(thetas), thetas.dtype)  # {name: [P, *shape]}, no copy
         # Sub-env k = (policy k // E, episode k % E): every policy sees the same E seeds.
-        obs, _ = vec.reset(seed=seeds * n_pol)
+        obs = vec.reset(seeds * n_pol)
         returns = np.zeros(n, dtype=np.float64)
         active = np.ones(n, dtype=bool)
         for _ in range(self.max_episode_steps):
-            obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float64).reshape(n, -1), dtype=dtype)
+            obs_t = torch.as_tensor(np.asarray(obs).reshape(n, -1)).to(thetas.dtype)
             if record_obs is not None:
                 record_obs.append(obs_t[torch.as_tensor(active)])
-            out = batched_policy(params, obs_t.view(n_pol, n_ep, -1)).reshape(n, -1)
-            obs, reward, terminated, truncated, _ = vec.step(self._to_actions(out))
+            out = policy(obs_t.view(n_pol, n_ep, -1)).reshape(n, -1)
+            obs, reward, terminated, truncated = vec.step(self._to_actions(out))
             returns += np.where(active, reward, 0.0)
             active &= ~(np.asarray(terminated) | np.asarray(truncated))
             if not active.any():
@@ -293,25 +422,36 @@ class GymPolicyOracle(Oracle):
         return -self.episode_returns(thetas, list(batch)).mean(1).to(thetas.dtype)
 
     def on_step(self, theta: Tensor, batch: Any) -> None:
+        """Update the observation normaliser (if any) once, from the unperturbed policy.
+
+        Runs before the estimate of the step, so all its perturbations see the same
+        statistics (CRN). The rollout is one more loss value of the black box: charged.
+        """
         norms = [m for m in self.policy.modules() if isinstance(m, ObsNormalizer)]
         if not (norms and self.update_obs_norm):
             return
         observed: list[Tensor] = []
-        self.ledger.charge(1)  # one more rollout of the black box: counted like any loss value
+        self.ledger.charge(1)
         with torch.no_grad():
             self.episode_returns(theta.unsqueeze(0), list(batch), record_obs=observed)
-        obs = torch.cat(observed)
-        for norm in norms[:1]:  # the first normaliser sees raw observations
-            norm.update(obs)
+        norms[0].update(torch.cat(observed))  # the first normaliser sees raw observations
 
     def initial_theta(self) -> Tensor:
         return self.space.flatten_module(self.policy)
 
     def evaluate(self, module: nn.Module, seeds: Sequence[int]) -> dict[str, float]:
-        """Returns of `module` (this oracle's policy, or one with the same parameter names) on `seeds`."""
+        """Returns of `module` (this oracle's policy, or one with the same parameter names) on `seeds`.
+
+        One loss value of the black box: charged as one query (to the ledger's current phase).
+        """
         theta = self.space.flatten_module(module)
         self.ledger.charge(1)
         with torch.no_grad():
             returns = self.episode_returns(theta.unsqueeze(0), seeds)[0]
         return {"test_return": float(returns.mean()), "test_return_std": float(returns.std(unbiased=False)),
                 "test_return_min": float(returns.min())}
+
+
+def _normalise(norm: ObsNormalizer, obs: Tensor, dtype: torch.dtype) -> Tensor:
+    mean, var = norm.mean.to(dtype), norm.var.to(dtype)
+    return ((obs - mean) / torch.sqrt(var + norm.eps)).clamp(-norm.clip, norm.clip)

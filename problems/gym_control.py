@@ -32,7 +32,8 @@ class GymSection(Strict):
     steps_per_epoch: int = Field(10, ge=1, description="training steps between evaluations")
     max_episode_steps: Optional[int] = Field(None, ge=1, description="episode length cap (None: the env's own)")
     test_episodes: int = Field(20, ge=1, description="fresh test episodes per evaluation")
-    vectorization: Literal["sync", "async"] = "sync"
+    vectorization: Literal["auto", "sync", "async", "vector"] = Field(
+        "auto", description="auto: gymnasium's numpy-vectorised env where supported (CartPole), else SyncVectorEnv")
     max_envs: int = Field(512, ge=1, description="sub-environments per vector env")
     obs_norm: bool = Field(False, description="running observation normalisation (updated once per step)")
 
