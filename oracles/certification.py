@@ -197,9 +197,11 @@ def certify_dataset(
     seed: int = 0,
     query_counter: Callable[[], int] | None = None,
     progress: bool = False,
+    desc: str = "certify",
 ) -> CertifyResult:
     """CERTIFY every image; point i uses its own generator seeded by (seed, i), so results do
-    not depend on the order or on a subset being run."""
+    not depend on the order or on a subset being run, and two base classifiers certified with
+    the same seed see the same noise draws (a paired comparison)."""
     import time
 
     preds = np.empty(len(images), dtype=np.int64)
@@ -210,7 +212,7 @@ def certify_dataset(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="certify", dynamic_ncols=True, leave=False)
+        iterator = tqdm(iterator, desc=desc, dynamic_ncols=True, leave=False)
     with torch.no_grad():
         for i in iterator:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)

@@ -124,10 +124,13 @@ class DenoisedSmoothingOracle(Oracle):
     only case with feature reuse) is the last convolution, `["last.weight", "last.bias"]`.
     Any other choice falls back to one `functional_call` of the whole denoiser per theta.
 
-    With the last layer trainable, P parameter vectors are evaluated as one grouped
-    convolution: the P weight sets are stacked as P*C output channels over the cached
-    prefix features, so the prefix runs once per batch, not once per perturbation; the P*B
-    denoised images then go to the black box in one call.
+    With the last layer trainable, P parameter vectors are evaluated as one convolution:
+    the P weight sets are stacked as P*C output channels over the cached prefix features,
+    so the prefix runs once per batch, not once per perturbation; the P*B denoised images
+    then go to the black box in calls of at most `max_images_per_call` images.
+
+    One loss value is one query of the engine's ledger; the black box separately counts
+    the images it is sent (`classifier.queries`): B per loss value.
     """
 
     name = "denoised-smoothing-v1"
@@ -138,12 +141,15 @@ class DenoisedSmoothingOracle(Oracle):
         classifier: BlackBoxClassifier,
         trainable: Sequence[str] | None = None,
         *,
+        feature_reuse: bool = True,
         memory_cap_bytes: int | None = None,
         max_images_per_call: int = 16384,
         example_image_size: tuple[int, int] = (8, 8),
     ):
         if not isinstance(denoiser, DnCNN):
             raise TypeError(f"denoiser must be a DnCNN, got {type(denoiser).__name__}")
+        if max_images_per_call < 1:
+            raise ValueError(f"max_images_per_call must be >= 1, got {max_images_per_call}")
         self.denoiser = denoiser
         self.classifier = classifier
         names = list(trainable) if trainable is not None else denoiser.last_layer_names
@@ -152,7 +158,8 @@ class DenoisedSmoothingOracle(Oracle):
         if unknown:
             raise ValueError(f"trainable names {unknown} are not parameters of the denoiser")
         self.space = ParamSpace((n, tuple(params[n].shape)) for n in names)
-        self.feature_reuse = sorted(names) == sorted(denoiser.last_layer_names)
+        # Feature reuse needs theta to be exactly the last layer (the prefix is then constant).
+        self.feature_reuse = bool(feature_reuse) and sorted(names) == sorted(denoiser.last_layer_names)
         if self.feature_reuse:
             denoiser.freeze_prefix()
         self.max_images_per_call = int(max_images_per_call)
@@ -161,6 +168,7 @@ class DenoisedSmoothingOracle(Oracle):
             self.memory_cap_bytes = int(memory_cap_bytes)
         self._cache_key: tuple | None = None
         self._cache_features: Tensor | None = None
+        self._keep_alive: tuple | None = None
         self.prefix_evaluations = 0  # how often the frozen prefix ran (feature-reuse check)
 
     # -- feature reuse -------------------------------------------------------------------
@@ -200,7 +208,14 @@ class DenoisedSmoothingOracle(Oracle):
 
         fixed = {n: t.detach() for n, t in self.denoiser.named_parameters() if n not in self.space.names}
         fixed.update(dict(self.denoiser.named_buffers()))
-        outs = [functional_call(self.denoiser, {**fixed, **self.space.views(t)}, (noisy,)) for t in thetas]
+        # Batch norms use their (pretrained) running statistics: a loss value must not depend
+        # on the other images of the batch, nor update any state.
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        try:
+            outs = [functional_call(self.denoiser, {**fixed, **self.space.views(t)}, (noisy,)) for t in thetas]
+        finally:
+            self.denoiser.train(was_training)
         return torch.stack(outs)
 
     def losses(self, thetas: Tensor, batch: DefenseBatch) -> Tensor:

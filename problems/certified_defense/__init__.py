@@ -7,10 +7,11 @@ g(x) = argmax_c P[f(D(x + delta)) = c], delta ~ N(0, sigma^2 I), certifiably rob
 Stages (cached on disk, keyed by their settings; `prepare_stages`):
   1. the base classifier f, trained first-order on clean digits, exported to ONNX; from then
      on it is used only through `OnnxClassifier` (images in, logits out, counted);
-  2. the denoiser D, pretrained first-order with MSE on (x + delta -> x) (it is ours: white box).
+  2. the denoiser D, pretrained first-order with MSE on (x + delta -> x) with Adam (it is
+     ours: white box).
 `blackbox-zo train certified-defense` is stage 3: fine-tuning the last layer of D through
 the black box with zeroth-order estimates of eq. (A2) (`DenoisedSmoothingOracle`).
-`estimator.kind=autograd` is the first-order reference: the same loss through a white-box
+`--set estimator=autograd` is the first-order reference: the same loss through a white-box
 torch copy of f (not ZO). Certification and the four-row table live in `experiment.py`.
 """
 
@@ -18,18 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from blackbox_zo.config import Strict, TrainConfig
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
 from oracles.classifier import OnnxClassifier, export_onnx, predict_labels
 from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
-from pydantic import Field
 
 __all__ = [
     "CertifiedDefenseProblem",
@@ -39,19 +41,23 @@ __all__ = [
     "prepare_stages",
     "load_stage_models",
     "make_denoiser",
+    "load_denoiser",
+    "stratified_subset",
 ]
+
+IMAGE_SHAPE = (1, 8, 8)
 
 
 class DefenseSettings(Strict):
     sigma: float = Field(0.25, gt=0, description="smoothing noise std (images in [0, 1])")
     classifier_width: int = Field(8, ge=1, description="width of the digits CNN behind the black box")
-    classifier_epochs: int = Field(30, ge=1)
+    classifier_epochs: int = Field(30, ge=1, description="Adam epochs of the base classifier, stage 1")
     classifier_lr: float = Field(1e-2, gt=0, description="Adam, stage 1")
     denoiser_depth: int = Field(5, ge=2, description="DnCNN depth (reference: 17)")
-    denoiser_width: int = Field(16, ge=1, description="DnCNN width (reference: 64)")
+    denoiser_width: int = Field(32, ge=1, description="DnCNN width (reference: 64)")
     denoiser_batch_norm: bool = True
     pretrain_epochs: int = Field(60, ge=1, description="MSE pretraining epochs, stage 2 (Appx. G: 90)")
-    pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2 (cosine to 0)")
     artifacts_dir: Optional[str] = Field(None, description="stage cache; default <run.out_dir>/certified-defense/_stages")
     eval_noise_draws: int = Field(4, ge=1, description="noise draws per test image in the training-time evaluation")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
@@ -70,19 +76,46 @@ class Stages:
     info: dict[str, Any]
 
 
-def _digits():
+def _digits(seed: int):
     from problems.digits import load_digits_split
 
-    return load_digits_split
+    return load_digits_split(seed)
 
 
 def make_denoiser(d: DefenseSettings) -> DnCNN:
-    return DnCNN(channels=1, depth=d.denoiser_depth, width=d.denoiser_width, batch_norm=d.denoiser_batch_norm)
+    return DnCNN(channels=IMAGE_SHAPE[0], depth=d.denoiser_depth, width=d.denoiser_width,
+                 batch_norm=d.denoiser_batch_norm)
+
+
+def load_denoiser(d: DefenseSettings, state: dict[str, Tensor]) -> DnCNN:
+    den = make_denoiser(d)
+    den.load_state_dict(state)
+    return den.eval()
+
+
+def stratified_subset(labels: Tensor, size: int, seed: int = 0) -> Tensor:
+    """Sorted indices of `size` examples with the classes as balanced as possible (seeded).
+
+    Round-robin over classes in a seeded per-class order, so any `size` gives the same
+    prefix of choices: a smaller test set is a subset of a larger one.
+    """
+    if size < 1:
+        raise ValueError(f"test-set size must be >= 1, got {size}")
+    labels = labels.reshape(-1)
+    size = min(size, labels.numel())
+    gen = torch.Generator().manual_seed(int(seed))
+    per_class = [torch.nonzero(labels == c).squeeze(1) for c in torch.unique(labels).tolist()]
+    per_class = [idx[torch.randperm(idx.numel(), generator=gen)] for idx in per_class]
+    rank = torch.empty(labels.numel(), dtype=torch.long)
+    for idx in per_class:  # position of each example in its class's order (a loop over ~10 classes)
+        rank[idx] = torch.arange(idx.numel())
+    order = torch.argsort(rank * labels.numel() + labels, stable=True)
+    return torch.sort(order[:size]).values
 
 
 def _stage_key(d: DefenseSettings, data_seed: int, seed: int) -> str:
     fields = {k: v for k, v in d.model_dump().items() if k not in ("artifacts_dir", "eval_noise_draws", "onnx_threads")}
-    blob = json.dumps({"defense": fields, "data_seed": data_seed, "seed": seed, "v": 1}, sort_keys=True)
+    blob = json.dumps({"defense": fields, "data_seed": data_seed, "seed": seed, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -92,33 +125,39 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
-def prepare_stages(config: CertifiedDefenseConfig, log=print) -> Stages:
+def stage_directory(config: CertifiedDefenseConfig) -> Path:
+    d = config.defense
+    root = Path(d.artifacts_dir) if d.artifacts_dir else Path(config.run.out_dir) / "certified-defense" / "_stages"
+    return root / _stage_key(d, config.data.seed, config.run.seed)
+
+
+def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = print) -> Stages:
     """Stages 1 and 2 (first-order, cached): base classifier -> ONNX, MSE-pretrained denoiser."""
+    from tqdm.auto import tqdm
+
+    from blackbox_zo.trainer import atomic_write_text
     from problems.digits import make_digits_cnn
 
     d = config.defense
-    root = Path(d.artifacts_dir) if d.artifacts_dir else Path(config.run.out_dir) / "certified-defense" / "_stages"
-    directory = root / _stage_key(d, config.data.seed, config.run.seed)
+    directory = stage_directory(config)
     directory.mkdir(parents=True, exist_ok=True)
     stages = Stages(directory, directory / "classifier.onnx", directory / "classifier.pt",
                     directory / "denoiser_mse.pt", {})
     info_path = directory / "stages.json"
-    if stages.classifier_onnx.exists() and stages.classifier_torch.exists() and stages.denoiser_mse.exists() \
-            and info_path.exists():
+    if all(p.exists() for p in (stages.classifier_onnx, stages.classifier_torch, stages.denoiser_mse, info_path)):
         stages.info = json.loads(info_path.read_text())
         log(f"[stages] reusing {directory}")
         return stages
 
-    import time
-
-    x_tr, y_tr, x_te, y_te = _digits()(config.data.seed)
+    progress = config.run.progress
+    x_tr, y_tr, x_te, y_te = _digits(config.data.seed)
+    batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=config.run.seed)
     # Stage 1: the classifier owner's model (first-order, clean data only).
     t0 = time.perf_counter()
     torch.manual_seed(config.run.seed)
     clf = make_digits_cnn(d.classifier_width)
     opt = torch.optim.Adam(clf.parameters(), lr=d.classifier_lr)
-    batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=config.run.seed)
-    for epoch in range(d.classifier_epochs):
+    for epoch in tqdm(range(d.classifier_epochs), desc="stage 1: classifier", disable=not progress, leave=False):
         for i in range(batches.num_batches(epoch)):
             x, y = batches.batch(epoch, i)
             opt.zero_grad(set_to_none=True)
@@ -128,7 +167,7 @@ def prepare_stages(config: CertifiedDefenseConfig, log=print) -> Stages:
     with torch.no_grad():
         clean_acc = float((clf(x_te).argmax(1) == y_te).float().mean())
     _atomic_torch_save(clf.state_dict(), stages.classifier_torch)
-    export_onnx(clf, stages.classifier_onnx, (1, 8, 8))
+    export_onnx(clf, stages.classifier_onnx, IMAGE_SHAPE)
     onnx_clf = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
     onnx_acc = float((predict_labels(onnx_clf, x_te) == y_te).float().mean())
     t1 = time.perf_counter()
@@ -142,7 +181,7 @@ def prepare_stages(config: CertifiedDefenseConfig, log=print) -> Stages:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(config.run.seed + 2)
     den.train()
-    for epoch in range(d.pretrain_epochs):
+    for epoch in tqdm(range(d.pretrain_epochs), desc="stage 2: MSE denoiser", disable=not progress, leave=False):
         for i in range(batches.num_batches(epoch)):
             x, _ = batches.batch(epoch, i)
             noisy = x + d.sigma * torch.randn(x.shape, generator=gen)
@@ -163,8 +202,6 @@ def prepare_stages(config: CertifiedDefenseConfig, log=print) -> Stages:
                    "stage1_s": round(t1 - t0, 2), "stage2_s": round(t2 - t1, 2),
                    "classifier_params": sum(p.numel() for p in clf.parameters()),
                    "denoiser_params": sum(p.numel() for p in den.parameters())}
-    from blackbox_zo.trainer import atomic_write_text
-
     atomic_write_text(info_path, json.dumps(stages.info, indent=2) + "\n")
     return stages
 
@@ -177,9 +214,7 @@ def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifie
     white_box = make_digits_cnn(d.classifier_width)
     white_box.load_state_dict(torch.load(stages.classifier_torch, map_location="cpu", weights_only=True))
     white_box.eval().requires_grad_(False)
-    den = make_denoiser(d)
-    den.load_state_dict(torch.load(stages.denoiser_mse, map_location="cpu", weights_only=True))
-    den.eval()
+    den = load_denoiser(d, torch.load(stages.denoiser_mse, map_location="cpu", weights_only=True))
     return black_box, white_box, den
 
 
@@ -190,9 +225,11 @@ class CertifiedDefenseProblem(Problem):
     headline_metric = "test_noisy_acc"
 
     def default_config(self) -> dict[str, Any]:
-        # Appx. G: 20 epochs, lr 1e-5 divided by 10 every 4 epochs (ImageNet, DnCNN-17). Scaled to
-        # this task: Adam at 1e-3 (the last layer of a small DnCNN on 8x8 images takes larger steps),
-        # divided by 10 every 8 of 16 epochs.
+        # Appx. G: 20 epochs, lr 1e-5 divided by 10 every 4 epochs (ImageNet-10, DnCNN-17 width 64,
+        # 1152 queries per estimate). Scaled to this task (the 289 parameters of the last layer of a
+        # width-32 DnCNN on 8x8 images; CGE takes all of them, 290 queries per step): Adam at 1e-3,
+        # divided by 10 every 8 of 16 epochs -- the same shape (a short schedule with a 10x step
+        # decay), with the first decay later because each epoch here is only 22 steps.
         return {
             "problem": "certified-defense",
             "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
@@ -206,7 +243,7 @@ class CertifiedDefenseProblem(Problem):
         d = config.defense
         stages = prepare_stages(config)
         black_box, white_box, denoiser = load_stage_models(stages, d)
-        x_tr, _, x_te, y_te = _digits()(config.data.seed)
+        x_tr, _, x_te, y_te = _digits(config.data.seed)
         # Labels of eq. (A2) are the black box's own predictions on clean images (counted queries).
         pseudo = predict_labels(black_box, x_tr)
         label_queries = black_box.reset_queries()
@@ -231,7 +268,11 @@ class CertifiedDefenseProblem(Problem):
             x, labels, delta = batch
             return nn.functional.cross_entropy(white_box(module(x + delta)), labels)
 
-        coord_sampler = _maybe_sparsity(config, oracle, batches)
+        extras: dict[str, Any] = {"stages": stages, "black_box": black_box, "white_box": white_box,
+                                  "label_queries": label_queries, "x_test": x_te, "y_test": y_te}
+        coord_sampler = None
+        if config.sparsity.enabled and config.estimator.kind == "cge":
+            coord_sampler, extras["sparsity"] = _sparse_sampler(config, oracle, x_tr, pseudo)
         return TrainingSetup(
             oracle=oracle,
             train_batches=batches,
@@ -239,20 +280,20 @@ class CertifiedDefenseProblem(Problem):
             evaluate=evaluate,
             fo_loss=fo_loss,
             coord_sampler=coord_sampler,
-            extras={"stages": stages, "black_box": black_box, "white_box": white_box,
-                    "label_queries": label_queries, "x_test": x_te, "y_test": y_te},
+            extras=extras,
         )
 
 
-def _maybe_sparsity(config: CertifiedDefenseConfig, oracle, batches) -> Any:
-    """ZO-GraSP gradient sparsity (issue 3) when enabled in the config and available."""
-    if not config.sparsity.enabled:
-        return None
-    try:
-        from blackbox_zo import sparsity  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError("sparsity.enabled=true needs blackbox_zo.sparsity, which is not available") from exc
-    builder = getattr(sparsity, "build_coord_sampler", None)
-    if builder is None:
-        raise RuntimeError("blackbox_zo.sparsity has no build_coord_sampler(config, oracle, batches, ...)")
-    return builder(config, oracle, batches)
+def _sparse_sampler(config: CertifiedDefenseConfig, oracle: DenoisedSmoothingOracle, x: Tensor, labels: Tensor):
+    """DeepZero: ZO-GraSP (eq. 3) on a class-balanced noisy batch -> layer-wise ratios -> Sparse-CGE.
+
+    The pruning batch carries its own delta (drawn once, shared by all 2(q+1) queries); its
+    queries are charged to the `prune` phase.
+    """
+    from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
+
+    idx = balanced_indices(labels, config.sparsity.samples_per_class, seed=config.run.seed)
+    gen = torch.Generator().manual_seed(20_000 + config.run.seed)
+    xb = x[idx]
+    batch = DefenseBatch(xb, labels[idx], config.defense.sigma * torch.randn(xb.shape, generator=gen))
+    return build_sparse_sampler(oracle, oracle.initial_theta(), batch, config.sparsity, seed=config.run.seed)
