@@ -297,7 +297,8 @@ class ParallelEstimator:
     `Estimate.queries` = the queries of the whole job for this step.
     """
 
-    def __init__(self, inner: Any, *, balance_steps: int = 3, check_every_steps: int = 50, log: Callable[[str], None] | None = None):
+    def __init__(self, inner: Any, *, balance_steps: int = 3, check_every_steps: int = 50,
+                 balance_by_cost: bool = True, log: Callable[[str], None] | None = None):
         if not isinstance(inner, (CGE, RGE)):
             kind = "autograd (the first-order reference)" if inner is None else type(inner).__name__
             raise ParallelError(f"estimator {kind} has no sharded form; forward parallelism supports cge and rge "
@@ -308,6 +309,7 @@ class ParallelEstimator:
             raise ValueError(f"parallel.balance_steps must be >= 1, got {balance_steps}")
         self.inner = inner
         self.balance_steps = int(balance_steps)
+        self.balance_by_cost = bool(balance_by_cost)  # False: even split by count (the benchmark's comparison)
         self.check_every_steps = int(check_every_steps)
         self.rank, self.world = rank(), world_size()
         self.calls = 0
@@ -350,14 +352,14 @@ class ParallelEstimator:
             self.calls += 1
 
     def _calibrating(self) -> bool:
-        return self.costs is None or self.costs.per_coord is None
+        return self.balance_by_cost and (self.costs is None or self.costs.per_coord is None)
 
     def _timed_now(self) -> bool:
         # the first call warms up (allocations, first-touch); time the ones after it
         return self.calls >= 1 or self.balance_steps == 1
 
     def _coordinate_shard(self, space: ParamSpace, sorted_coords: Tensor) -> Tensor:
-        if self._calibrating():
+        if not self.balance_by_cost or self._calibrating():
             costs = torch.ones(sorted_coords.numel(), dtype=torch.float64)
         else:
             costs = self.costs.per_coord[space.block_index(sorted_coords.cpu())]

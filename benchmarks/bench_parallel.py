@@ -1,0 +1,238 @@
+"""Forward parallelism: coordinate queries/s of a CGE step, 1 rank vs M ranks, one thread each, in one run.
+
+    .venv/bin/python benchmarks/bench_parallel.py                 # digits CNN + a CIFAR-shaped CNN, 1 vs 2 ranks
+    .venv/bin/python benchmarks/bench_parallel.py --ranks 4 --models digits,resnet20 --steps 5
+
+What is measured. Each configuration runs in fresh processes (torch.multiprocessing spawn),
+each with one intra-op thread, joined by a gloo group on localhost:
+
+* reference: plain `CGE.estimate` in one process (no process group), the single-process path;
+* M ranks, even split: `ParallelEstimator` with the coordinates cut into M pieces of equal count;
+* M ranks, balanced: `ParallelEstimator` with the pieces cut by the per-block cost measured on
+  the first steps (the default).
+
+A step = one full forward-CGE estimate (base loss + every coordinate of the set + the
+all-reduce) at a new theta and a new batch, as in training (so no cache carries over).
+Warm-up steps (first-touch, and the cost measurement) are not timed. Throughput is
+coordinate queries per second of wall time on rank 0 (ranks are in lock-step through the
+all-reduce, so rank 0's wall time is the job's). The ratio M-rank / reference is the
+speed-up; `imbalance` is max / mean of the seconds the ranks spent on their own shards.
+
+The machine's load average is printed before and after: on a shared machine other
+processes take CPU from the ranks and the ratio says more about them than about the code.
+Results: runs/bench_parallel/<timestamp>/results.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MU = 5e-3
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def _digits(batch_size: int):
+    from problems.digits import load_digits_split, make_digits_cnn
+
+    x, y, _, _ = load_digits_split(0)
+    torch.manual_seed(0)
+    return make_digits_cnn(8), x, y
+
+
+def _cifar_cnn(batch_size: int):
+    """A CIFAR-shaped CNN (3x32x32 input, 3 conv + 1 linear, 64,554 parameters) on synthetic data:
+    the timing does not depend on what the pixels show."""
+    gen = torch.Generator().manual_seed(0)
+    n = 8 * batch_size
+    x = torch.randn(n, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+    return model, x, y
+
+
+def _resnet20(batch_size: int):
+    try:
+        from problems.models import resnet20
+    except ImportError as exc:
+        raise SystemExit(f"bench_parallel: --models resnet20 needs problems.models.resnet20 ({exc})") from None
+    gen = torch.Generator().manual_seed(0)
+    n = 8 * batch_size
+    x, y = torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    torch.manual_seed(0)
+    return resnet20(), x, y
+
+
+MODELS = {
+    # name: (builder, batch size, coordinates per step: None = all)
+    "digits": (_digits, 64, None),
+    "cifar-cnn": (_cifar_cnn, 32, 1000),
+    "resnet20": (_resnet20, 64, 2000),
+}
+
+
+def _coords(d: int, n: int | None) -> torch.Tensor | None:
+    """A fixed sample of n coordinates spread uniformly over all blocks (as Sparse-CGE would)."""
+    if n is None or n >= d:
+        return None
+    return torch.sort(torch.randperm(d, generator=torch.Generator().manual_seed(1))[:n]).values
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps: int, warmup: int, queue) -> None:
+    torch.set_num_threads(1)
+    from blackbox_zo import parallel
+    from blackbox_zo.estimators import CGE
+    from oracles.model_loss import ModelLossOracle
+
+    if mode != "reference":
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        parallel.init_from_env(None)
+    build, batch_size, n_coords = MODELS[model_name]
+    module, x, y = build(batch_size)
+    oracle = ModelLossOracle(module)
+    theta0 = oracle.initial_theta()
+    coords = _coords(theta0.numel(), n_coords)
+    drift = 1e-3 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(2))
+    estimator = CGE(mu=MU)
+    if mode != "reference":
+        estimator = parallel.ParallelEstimator(estimator, balance_steps=max(1, warmup - 1),
+                                               balance_by_cost=(mode == "balanced"))
+    n_batches = x.shape[0] // batch_size
+    shard_seconds, elapsed = [], 0.0
+    for step in range(warmup + steps):
+        i = step % n_batches
+        batch = (x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
+        theta = theta0 + (step + 1) * drift  # a new point every step, as after an optimizer step
+        oracle.on_step(theta, batch)
+        start = time.perf_counter()
+        est = estimator.estimate(oracle, theta, batch, coords=coords)
+        if step >= warmup:
+            elapsed += time.perf_counter() - start
+            if mode != "reference":
+                shard_seconds.append(parallel.local_shard_seconds(estimator))
+    if rank == 0:
+        per_rank = [sum(s[r] for s in shard_seconds) for r in range(world)] if shard_seconds else [elapsed]
+        queue.put({"model": model_name, "mode": mode, "ranks": world, "d": theta0.numel(),
+                   "coords": theta0.numel() if coords is None else coords.numel(), "steps": steps,
+                   "seconds": elapsed, "shard_seconds": per_rank, "queries_per_step": est.queries})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(model: str, mode: str, world: int, steps: int, warmup: int) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, model, mode, steps, warmup, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    import queue as queue_module
+
+    result = None
+    try:
+        while result is None:
+            try:
+                result = queue.get(timeout=1.0)
+            except queue_module.Empty:  # a rank that crashed (even without a traceback) ends the wait
+                bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+                if bad:
+                    raise SystemExit(f"bench_parallel: {model}/{mode}: a rank exited with status {bad}")
+                if all(not p.is_alive() for p in procs):  # all done: the result is in the pipe, or never came
+                    result = queue.get(timeout=5.0)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    result["coord_qps"] = result["coords"] * steps / result["seconds"]
+    sh = result["shard_seconds"]
+    result["imbalance"] = max(sh) / (sum(sh) / len(sh)) if sum(sh) > 0 else float("nan")
+    return result
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=2, help="ranks of the parallel runs (default 2)")
+    ap.add_argument("--models", default="digits,cifar-cnn", help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--steps", type=int, default=4, help="timed CGE steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (the last ones measure block costs)")
+    ap.add_argument("--out", default="runs/bench_parallel")
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"--models: unknown model {m!r}; known: {', '.join(MODELS)}")
+    if args.ranks < 2:
+        ap.error(f"--ranks must be >= 2, got {args.ranks}")
+    if args.steps < 1 or args.warmup < 2:
+        ap.error("--steps must be >= 1 and --warmup >= 2")
+
+    print(f"bench_parallel: torch {torch.__version__}, one thread per rank, forward CGE, mu={MU}")
+    print(f"before: {_load()}")
+    rows = []
+    for model in models:
+        for mode, world in (("reference", 1), ("even split", args.ranks), ("balanced", args.ranks)):
+            r = run_config(model, mode.split()[0], world, args.steps, args.warmup)
+            r["mode"] = mode
+            rows.append(r)
+            print(f"  {model:<10} {mode:<11} ranks={world}  {r['coord_qps']:9.0f} coordinate queries/s  "
+                  f"imbalance {r['imbalance']:.2f}", flush=True)
+    after = _load()
+    print(f"after:  {after}")
+
+    header = ["model", "parameters", "coordinates/step", "mode", "ranks", "coordinate queries/s", "speed-up", "imbalance"]
+    table = []
+    for model in models:
+        ref = next(r for r in rows if r["model"] == model and r["ranks"] == 1)
+        for r in (x for x in rows if x["model"] == model):
+            table.append([model, r["d"], r["coords"], r["mode"], r["ranks"], round(r["coord_qps"], 1),
+                          round(r["coord_qps"] / ref["coord_qps"], 3), round(r["imbalance"], 3)])
+    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *table])
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
+    (out / "results.md").write_text("\n".join(md) + f"\n\n{after}\n")
+    print("\n".join(md))
+    for model in models:
+        ref = next(r for r in rows if r["model"] == model and r["ranks"] == 1)
+        best = next(r for r in rows if r["model"] == model and r["mode"] == "balanced")
+        print(f"{model}: {args.ranks} ranks / 1 rank = {best['coord_qps'] / ref['coord_qps']:.2f}x (target >= 1.7x for 2)")
+    print(f"written: {out}/results.md, results.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
