@@ -375,6 +375,8 @@ def test_sparse_training_resumes_the_same_coordinate_sequence(tmp_path):
     assert full["queries"]["train"] == 44 * (size + 1)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["queries"]["prune"] == grasp_query_cost(8)
+    report = json.loads((tmp_path / "full" / "sparsity.json").read_text())  # the LPRs the run used
+    assert report["coords_per_step"] == size and sum(v["keep"] for v in report["layers"].values()) == size
 
 
 def test_trainer_writes_sparse_grads_and_can_freeze_unselected(tmp_path):
