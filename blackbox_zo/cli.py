@@ -86,8 +86,15 @@ def cmd_train(args) -> int:
     from .trainer import _is_main_process
 
     run_dir = Path(args.resume) if args.resume else (make_run_dir(config.run.out_dir, problem.name) if _is_main_process() else None)
+    from .problem import ProblemSetupError
+
     try:
         summary = train(problem, config, run_dir=None if args.resume else run_dir, resume=args.resume)
+    except ProblemSetupError as exc:  # e.g. a dataset that is not on disk: one line, no run left behind
+        if not args.resume and run_dir is not None and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+            (run_dir / "config.json").unlink(missing_ok=True)
+            run_dir.rmdir()
+        return _err(str(exc))
     except TrainingError as exc:
         print(f"blackbox-zo: training stopped: {exc}", file=sys.stderr)
         return 1
@@ -116,7 +123,12 @@ def cmd_eval(args) -> int:
         config = resolve_config(problem.config_model, raw)
     except (ConfigError, KeyError) as exc:
         return _err(str(exc))
-    setup = problem.setup(config)
+    from .problem import ProblemSetupError
+
+    try:
+        setup = problem.setup(config)
+    except ProblemSetupError as exc:
+        return _err(str(exc))
     trainer = Trainer(setup, config, None, problem_name=problem.name)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     trainer.module.load_state_dict(state["module"])

@@ -30,7 +30,13 @@ __all__ = [
     "register_experiment",
     "available_experiments",
     "get_experiment",
+    "ProblemSetupError",
 ]
+
+
+class ProblemSetupError(RuntimeError):
+    """A problem cannot be set up (its data is missing or malformed, a device is unavailable).
+    The message is one line saying what was looked for and how to fix it; the CLI prints it."""
 
 
 class BatchSource(Protocol):

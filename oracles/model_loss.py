@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
+from blackbox_zo.reuse import FeatureReuse, NotStageableError
 
 __all__ = ["ModelLossOracle"]
 
@@ -22,6 +24,14 @@ class ModelLossOracle(Oracle):
     Norm layers in training mode normalise with the batch's own statistics; their
     running statistics are updated only by `on_step` (once per step, unperturbed),
     never by a perturbed evaluation.
+
+    Feature reuse (`blackbox_zo.reuse`, DeepZero Sec. 5): when the module is staged
+    (`feature_reuse=None`: on for an nn.Sequential; True: any module torch.fx can trace;
+    False: off), `coordinate_losses` re-runs only what a coordinate changes, and the
+    unperturbed forward is computed once per step and shared by `on_step`, the base
+    query of forward CGE (`losses` with one parameter vector) and the coordinate
+    queries. Sharing it changes no accounting: each loss value still passes through
+    `query`/`query_coordinates` and is charged to the ledger there.
     """
 
     name = "model-loss-v1"
@@ -32,13 +42,33 @@ class ModelLossOracle(Oracle):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         *,
         memory_cap_bytes: int | None = None,
+        feature_reuse: bool | None = None,
+        reuse_granularity: Literal["layer", "stage"] = "layer",
     ):
         self.module = module
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.space = ParamSpace.from_module(module)
         self._param_names = set(self.space.names)
         if memory_cap_bytes is not None:
+            if memory_cap_bytes < 1:
+                raise ValueError(f"memory_cap_bytes must be >= 1, got {memory_cap_bytes}")
             self.memory_cap_bytes = int(memory_cap_bytes)
+        self._activation_bytes: dict[tuple, int] = {}
+        self.reuse: FeatureReuse | None = None
+        if feature_reuse is None:
+            feature_reuse = isinstance(module, nn.Sequential)
+            required = False
+        else:
+            required = bool(feature_reuse)
+        if feature_reuse:
+            try:
+                self.reuse = FeatureReuse(module, self.space, self.loss_fn, granularity=reuse_granularity,
+                                          memory_cap_bytes=self.memory_cap_bytes,
+                                          fallback=self._reference_coordinate_losses)
+            except NotStageableError as exc:
+                if required:
+                    raise
+                warnings.warn(f"feature reuse off for this module: {exc}", RuntimeWarning, stacklevel=2)
 
     # Buffers passed to functional_call: norm layers in training mode get None for their
     # running statistics, so F.batch_norm uses batch statistics and updates nothing.
@@ -55,6 +85,12 @@ class ModelLossOracle(Oracle):
         return {n: p.detach() for n, p in self.module.named_parameters() if n not in self._param_names}
 
     def losses(self, thetas: Tensor, batch: Any) -> Tensor:
+        if self.reuse is not None and thetas.shape[0] == 1:
+            # the base query of a step: the cached unperturbed forward the coordinates reuse
+            return self.reuse.base_loss(thetas[0], batch).reshape(1)
+        return self._vmapped_losses(thetas, batch)
+
+    def _vmapped_losses(self, thetas: Tensor, batch: Any) -> Tensor:
         x, y = batch
         fixed = {**self._frozen_params(), **self._buffers()}
         views = self.space.views(thetas)  # {name: [P, *shape]} views, no copy
@@ -63,15 +99,66 @@ class ModelLossOracle(Oracle):
             out = functional_call(self.module, {**fixed, **params}, (x,), strict=False)
             return self.loss_fn(out, y)
 
-        chunk = max(1, self.chunk_size(thetas[0]))
+        chunk = self._vmap_chunk(thetas[0], x)
         return torch.cat([vmap(one)({k: v[i : i + chunk] for k, v in views.items()}) for i in range(0, thetas.shape[0], chunk)])
 
+    def coordinate_losses(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
+        if self.reuse is not None:
+            return self.reuse.coordinate_losses(theta, coords, mu, batch)
+        return self._reference_coordinate_losses(theta, coords, mu, batch)
+
+    def _reference_coordinate_losses(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
+        """The default chunked path of `Oracle.coordinate_losses`, on the vmapped forward."""
+        coords = coords.to(device=theta.device, dtype=torch.long)
+        chunk = self._vmap_chunk(theta, batch[0])
+        out = []
+        for start in range(0, coords.numel(), chunk):
+            c = coords[start : start + chunk]
+            thetas = theta.unsqueeze(0).repeat(c.numel(), 1)
+            thetas[torch.arange(c.numel(), device=theta.device), c] += mu
+            out.append(self._vmapped_losses(thetas, batch))
+        return torch.cat(out) if out else theta.new_empty(0)
+
     def chunk_size(self, theta: Tensor) -> int:
-        # vmap materialises P copies of every activation, not only of theta: bound by both.
-        return max(1, min(super().chunk_size(theta), 256))
+        # vmap materialises P copies of every activation, not only of theta: bound by both
+        # (the activation size is known once a batch has been seen).
+        per_theta = theta.numel() * theta.element_size() + 4 * max(self._activation_bytes.values(), default=0)
+        return max(1, min(self.memory_cap_bytes // max(1, per_theta), 256))
+
+    def _vmap_chunk(self, theta: Tensor, x: Tensor) -> int:
+        key = (tuple(x.shape), x.dtype, str(x.device))
+        if key not in self._activation_bytes:
+            self._activation_bytes[key] = self._largest_activation_bytes(x)
+        per_theta = theta.numel() * theta.element_size() + 4 * self._activation_bytes[key]
+        return max(1, min(self.memory_cap_bytes // max(1, per_theta), 256))
+
+    def _largest_activation_bytes(self, x: Tensor) -> int:
+        """Bytes of the largest module output for the whole batch, measured on two samples
+        (one would break batch norm in training mode on [N, C] inputs)."""
+        sizes: list[int] = []
+
+        def hook(_m, _inp, out):
+            if isinstance(out, Tensor):
+                sizes.append(out.numel() * out.element_size())
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        try:
+            with torch.no_grad():
+                fixed = {**self._frozen_params(), **self._buffers()}
+                params = {n: p.detach() for n, p in self.module.named_parameters()}
+                functional_call(self.module, {**params, **fixed}, (x[:2],), strict=False)
+        except Exception:  # a module that cannot run on one sample: bound by theta alone
+            return 0
+        finally:
+            for h in handles:
+                h.remove()
+        return max(sizes, default=0) * x.shape[0] // min(2, x.shape[0])
 
     def on_step(self, theta: Tensor, batch: Any) -> None:
         if not any(isinstance(m, _NORM_TYPES) and m.training for m in self.module.modules()):
+            return
+        if self.reuse is not None:  # one unperturbed forward: updates the statistics and is cached
+            self.reuse.prepare(theta, batch, update_running_stats=True)
             return
         x, _ = batch
         with torch.no_grad():

@@ -1,0 +1,268 @@
+"""Coordinate queries per second of CGE: naive loop vs batched vmap path vs exact feature reuse.
+
+    python benchmarks/bench_cge.py                    # digits CNN (all coordinates) + ResNet-20 (2,000)
+    python benchmarks/bench_cge.py --threads 2 --models digits
+    python benchmarks/bench_cge.py --resnet-coords 500 --budget-s 5
+
+Paths, all computing losses at theta + mu e_j for a set of coordinates j on one batch:
+  naive      perturb one weight in place, full forward, restore (what DeepZero's code does,
+             minus its per-query state_dict copies, so a fast version of it)
+  vmap       the default batched path: Oracle.coordinate_losses -> ModelLossOracle.losses
+             (perturbed parameter vectors in chunks, torch.func.vmap over the forward)
+  stage      feature reuse at block granularity (DeepZero eq. (4): re-run the stages after
+             the perturbed one, no linearity), blackbox_zo.reuse granularity="stage"
+  reuse      exact feature reuse with the rank-one / one-channel linearity (the default)
+
+The reuse rows time the whole coordinate set and include the step's unperturbed forward
+(the cache is cleared first). The naive and vmap paths cost the same for every coordinate
+(a full forward each), so they are timed on a random subset until --budget-s seconds have
+passed. Ratios are measured in this run on this machine; the matmul rate is measured here
+too, and "brute-force equivalent" = queries/s x FLOPs of one full forward / matmul FLOP/s:
+how fast one would have to multiply matrices to get the same rate by running the full
+forward per query. Results go to runs/bench_cge/<time>/ as Markdown and CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blackbox_zo.reuse import FeatureReuse  # noqa: E402
+from oracles.model_loss import ModelLossOracle  # noqa: E402
+
+MU = 5e-3
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def digits_case(batch: int, seed: int):
+    from problems.digits import load_digits_split, make_digits_cnn
+
+    torch.manual_seed(seed)
+    module = make_digits_cnn()
+    x, y, _, _ = load_digits_split(0)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:batch]
+    return module, x[idx], y[idx]
+
+
+def resnet_case(batch: int, seed: int):
+    from problems.models import resnet20
+
+    torch.manual_seed(seed)
+    module = resnet20()
+    gen = torch.Generator().manual_seed(seed)
+    return module, torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+
+def spread_sample(space, n: int, seed: int) -> torch.Tensor:
+    """n coordinates, at least one in every parameter block, the rest drawn uniformly over all
+    coordinates (so each layer gets its share of a full CGE), sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    must = torch.stack([b.offset + torch.randint(0, b.numel, (1,), generator=gen)[0] for b in space])
+    rest = torch.randperm(space.dim, generator=gen)
+    rest = rest[~torch.isin(rest, must)][: max(0, n - must.numel())]
+    return torch.sort(torch.cat([must, rest])[:n]).values
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+def naive_losses(module: nn.Module, loss_fn, x, y, coords: torch.Tensor, mu: float) -> torch.Tensor:
+    """Perturb one weight in place, full forward, restore (running statistics restored too)."""
+    params = dict(module.named_parameters())
+    space = ModelLossOracle(module, feature_reuse=False).space
+    flats = [params[b.name].data.view(-1) for b in space]
+    where = space.block_index(coords).tolist()
+    bufs = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    saved = [b.clone() for b in bufs]
+    out = []
+    with torch.no_grad():
+        for j, bi in zip(coords.tolist(), where):
+            flat, k = flats[bi], j - space.blocks[bi].offset
+            old = flat[k].item()
+            flat[k] = old + mu
+            out.append(loss_fn(module(x), y).item())
+            flat[k] = old
+            for b, s in zip(bufs, saved):
+                b.copy_(s)
+    return torch.tensor(out)
+
+
+def timed(fn, n_max: int, budget_s: float, step: int) -> tuple[int, float]:
+    """Run fn(count) on growing pieces until the budget is spent; (coordinates done, seconds)."""
+    done, spent = 0, 0.0
+    while done < n_max and spent < budget_s:
+        k = min(step, n_max - done)
+        t = time.perf_counter()
+        fn(done, k)
+        spent += time.perf_counter() - t
+        done += k
+    return done, spent
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def forward_flops(module: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def run_case(name: str, module, x, y, coords, args, peak_gflops: float) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    loss_fn = nn.functional.cross_entropy
+    module.train()
+    batch = (x, y)
+    flops = forward_flops(module, x)
+    oracle = ModelLossOracle(module, feature_reuse=False)
+    theta = oracle.initial_theta()
+    perm = coords[torch.randperm(coords.numel(), generator=torch.Generator().manual_seed(1))]
+    rows = []
+
+    def row(path, n, seconds, note=""):
+        rate = n / seconds
+        rows.append({"model": name, "path": path, "coords_timed": n, "seconds": round(seconds, 3), "queries_per_s": rate,
+                     "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9), "note": note})
+        print(f"  {path:6s} {n:6d} coords in {seconds:7.2f} s  ->  {rate:10.1f} queries/s", flush=True)
+
+    print(f"{name}: d = {oracle.space.dim}, batch {x.shape[0]}, {coords.numel()} coordinates, "
+          f"forward {flops / 1e6:.1f} MFLOP", flush=True)
+    naive_out = []
+    n, s = timed(lambda i, k: naive_out.append(naive_losses(module, loss_fn, x, y, perm[i:i + k], MU)),
+                 coords.numel(), args.budget_s, args.naive_step)
+    row("naive", n, s, "subset" if n < coords.numel() else "")
+    vmap_out = []
+    chunk = oracle._vmap_chunk(theta, x)
+    n, s = timed(lambda i, k: vmap_out.append(oracle.coordinate_losses(theta, perm[i:i + k], MU, batch)),
+                 coords.numel(), args.budget_s, max(chunk, args.naive_step))
+    row("vmap", n, s, "subset" if n < coords.numel() else "")
+    reference = torch.cat(vmap_out)
+    naive_ref = torch.cat(naive_out)
+
+    for path, gran in (("stage", "stage"), ("reuse", "layer")):
+        if path == "stage" and not args.stage:
+            continue
+        engine = FeatureReuse(module, oracle.space, loss_fn, granularity=gran, memory_cap_bytes=args.memory_cap_mb * 2**20)
+        engine.coordinate_losses(theta, coords[:8], MU, batch)  # warm-up: trace caches, first-chunk sizing
+        times, result = [], None
+        for _ in range(args.repeats):
+            engine._state = None  # include the step's unperturbed forward
+            pieces = torch.split(torch.arange(coords.numel()), args.piece)  # for the progress bar only
+            out = torch.empty(coords.numel())
+            t = time.perf_counter()
+            for p in tqdm(pieces, desc=f"{name} {path}", leave=False, disable=None):
+                out[p] = engine.coordinate_losses(theta, coords[p], MU, batch)
+            times.append(time.perf_counter() - t)
+            result = out
+        row(path, coords.numel(), statistics.median(times))
+        pos = {int(c): i for i, c in enumerate(coords.tolist())}
+        idx = torch.tensor([pos[int(c)] for c in perm.tolist()])
+        rel = float(((result[idx[: reference.numel()]] - reference) / reference.abs()).abs().max())
+        rel_naive = float(((result[idx[: naive_ref.numel()]] - naive_ref) / naive_ref.abs()).abs().max())
+        rows[-1]["note"] = f"max rel. diff vs vmap {rel:.1e}, vs naive {rel_naive:.1e}"
+        print(f"         agreement: max relative difference {rel:.1e} vs vmap, {rel_naive:.1e} vs naive", flush=True)
+    naive_rate = rows[0]["queries_per_s"]
+    for r in rows:
+        r["x_naive"] = r["queries_per_s"] / naive_rate
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the CPU is shared)")
+    p.add_argument("--models", default="digits,resnet20", help="comma-separated: digits, resnet20")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resnet-coords", type=int, default=2000, help="fixed coordinate sample for ResNet-20")
+    p.add_argument("--budget-s", type=float, default=8.0, help="seconds each of naive / vmap may run per model")
+    p.add_argument("--naive-step", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of the reuse paths (median)")
+    p.add_argument("--piece", type=int, default=500, help="coordinates per call of the reuse paths (progress bar)")
+    p.add_argument("--memory-cap-mb", type=int, default=256)
+    p.add_argument("--no-stage", dest="stage", action="store_false", help="skip the block-granularity reuse row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench_cge")
+    args = p.parse_args(argv)
+    for field_name in ("threads", "batch", "resnet_coords", "repeats", "naive_step", "memory_cap_mb", "piece"):
+        if getattr(args, field_name) < 1:
+            p.error(f"--{field_name.replace('_', '-')} must be >= 1")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - {"digits", "resnet20"}
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; allowed: digits, resnet20")
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    peak = matmul_gflops()
+    print(f"threads {args.threads}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s", flush=True)
+    rows: list[dict] = []
+    if "digits" in models:
+        module, x, y = digits_case(args.batch, args.seed)
+        coords = torch.arange(ModelLossOracle(module, feature_reuse=False).space.dim)
+        rows += run_case("digits-cnn", module, x, y, coords, args, peak)
+    if "resnet20" in models:
+        module, x, y = resnet_case(args.batch, args.seed)
+        space = ModelLossOracle(module, feature_reuse=False).space
+        coords = spread_sample(space, min(args.resnet_coords, space.dim), args.seed)
+        rows += run_case("resnet20", module, x, y, coords, args, peak)
+    peak_after = matmul_gflops()
+
+    lines = [f"threads {args.threads}; load average {load:.2f} at start; matmul {peak:.1f} GFLOP/s "
+             f"(again at the end: {peak_after:.1f}); batch {args.batch}; mu {MU}", "",
+             "| model | path | coords timed | queries/s | x naive | brute-force equiv. (% of matmul) | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['path']} | {r['coords_timed']} | {r['queries_per_s']:.1f} | "
+                     f"{r['x_naive']:.1f} | {r['brute_force_equiv_pct']:.1f} | {r['note']} |")
+    targets = {"digits-cnn": 30.0, "resnet20": 5.0}
+    for name, target in targets.items():
+        got = [r for r in rows if r["model"] == name and r["path"] == "reuse"]
+        if got:
+            x_naive = got[0]["x_naive"]
+            lines.append(f"\n{name}: reuse = {x_naive:.1f}x naive (target >= {target:.0f}x: "
+                         f"{'met' if x_naive >= target else f'missed by {target / x_naive:.2f}x'})")
+    got = [r for r in rows if r["model"] == "digits-cnn" and r["path"] == "reuse"]
+    if got:
+        pct = got[0]["brute_force_equiv_pct"]
+        lines.append(f"digits-cnn: brute-force equivalent {pct:.0f}% of matmul peak (target >= 100%: "
+                     f"{'met' if pct >= 100 else 'missed'})")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out_dir = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_cge.md").write_text(text + "\n")
+    with open(out_dir / "bench_cge.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwritten: {out_dir}/bench_cge.md, bench_cge.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Exact feature reuse (blackbox_zo.reuse) against the reference chunked path.
+
+The reference is `Oracle.coordinate_losses` (perturbed parameter vectors, vmap over the
+whole forward), an independent implementation of the same losses. Tolerances:
+* float32, the issue's requirement: 1e-5 relative. Both paths evaluate the same function
+  in a different order (rank-one update of a cached output vs the full layer), so they
+  differ by a few float32 ulps (eps 1.2e-7) per layer; measured ~2e-7.
+* float64, to catch a missing term that float32 rounding could hide: 1e-10 relative
+  (eps 2.2e-16, same argument; measured ~1e-15).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blackbox_zo.estimators import CGE
+from blackbox_zo.oracle import Oracle, check_oracle
+from blackbox_zo.reuse import FeatureReuse, NotStageableError
+from oracles.model_loss import ModelLossOracle
+from problems.digits import load_digits_split, make_digits_cnn
+from problems.models import BasicBlock, resnet20
+
+MU = 5e-3
+
+
+def reference(oracle: ModelLossOracle, theta, coords, mu, batch):
+    """The default chunked path of the contract, on the vmapped forward (no reuse)."""
+    return Oracle.coordinate_losses(oracle, theta, coords, mu, batch)
+
+
+def spread(space, per_block: int, seed: int = 0) -> torch.Tensor:
+    """`per_block` coordinates of every parameter block (all of a smaller block)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [b.offset + torch.randperm(b.numel, generator=gen)[:per_block] for b in space]
+    return torch.cat(parts)[torch.randperm(sum(p.numel() for p in parts), generator=gen)]  # unsorted on purpose
+
+
+def assert_rel_close(got, ref, rtol):
+    rel = ((got - ref).abs() / ref.abs()).max()
+    assert rel <= rtol, f"max relative difference {float(rel):.3g} > {rtol}"
+
+
+def digits_batch(n=64):
+    x, y, _, _ = load_digits_split(0)
+    return x[:n], y[:n]
+
+
+# ------------------------------------------------------------------ the two named models
+
+
+def test_digits_cnn_float32_agrees_with_reference_path():
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    assert oracle.reuse is not None  # an nn.Sequential: on by default
+    batch = digits_batch(32)
+    theta = oracle.initial_theta()
+    coords = spread(oracle.space, 40)  # every block, weights and biases (154 coordinates)
+    got = oracle.coordinate_losses(theta, coords, MU, batch)
+    ref = reference(oracle, theta, coords, MU, batch)
+    assert_rel_close(got, ref, 1e-5)
+    # the differences that CGE divides by mu are resolved, not just the loss level
+    base = oracle.losses(theta.unsqueeze(0), batch)[0]
+    assert float((got - base).abs().max()) > 100 * float((got - ref).abs().max())
+
+
+def resnet_check(mode: str, size: int, batch_size: int, per_block: int, seed: int = 1):
+    torch.manual_seed(0)
+    module = resnet20()
+    gen = torch.Generator().manual_seed(seed)
+    batch = (torch.randn(batch_size, 3, size, size, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+    oracle = ModelLossOracle(module)
+    if mode == "eval":  # non-trivial running statistics first, via the once-per-step update
+        for _ in range(3):
+            oracle.on_step(oracle.initial_theta(), (batch[0] + torch.randn(batch[0].shape, generator=gen), batch[1]))
+        module.eval()
+    theta = oracle.initial_theta()
+    coords = spread(oracle.space, per_block)  # all 65 blocks: stem, every conv / norm of every block, fc
+    got = oracle.coordinate_losses(theta, coords, MU, batch)
+    ref = reference(oracle, theta, coords, MU, batch)
+    assert_rel_close(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet20_float32_agrees_with_reference_path(mode):
+    # an 8x8 input keeps the reference path affordable; the architecture is ResNet-20 unchanged
+    resnet_check(mode, size=8, batch_size=4, per_block=1)
+
+
+@pytest.mark.slow
+def test_resnet20_cifar_shaped_float32_agrees_with_reference_path():
+    resnet_check("train", size=32, batch_size=64, per_block=4)
+
+
+# ------------------------------------------------------------- the exact tricks, one by one
+
+
+class Functional(nn.Module):
+    """Functional calls, a parameter used through get_attr, a view-based flatten, a scalar add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x))) * self.scale.view(1, -1, 1, 1)
+        h = F.avg_pool2d(h + 0.1, 1)
+        return self.head(h.view(h.size(0), -1))
+
+
+class Gated(nn.Module):
+    """Control flow on a shape: torch.fx cannot trace it (vmap can), so it becomes one opaque stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) if x.shape[-1] > 3 else x
+
+
+def zoo():
+    """(name, module, input) covering every handler of the engine."""
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    return [
+        ("mlp-tanh-bn1d", nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)), (16, 6)),
+        ("inplace-relu-maxpool-dropout", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True),
+                                                       nn.MaxPool2d(2), nn.Dropout(0.5).eval(), nn.Flatten(),
+                                                       nn.Linear(3 * 4 * 4, 3)), (6, 2, 8, 8)),
+        ("strided-dilated-conv-avgpool", nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2),
+                                                       nn.BatchNorm2d(4), nn.LeakyReLU(0.1), nn.Conv2d(4, 3, 1),
+                                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)),
+         (6, 2, 9, 9)),
+        ("functional-getattr", Functional(), (6, 2, 6, 6)),
+        ("opaque-stage", nn.Sequential(nn.Linear(4, 6), Gated(), nn.ReLU(), nn.Linear(6, 3)), (8, 4)),
+        ("shared-module", nn.Sequential(nn.Linear(5, 5), shared, nn.Tanh(), shared, nn.Linear(5, 3)), (8, 5)),
+        ("resnet-blocks", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4, 4), BasicBlock(4, 8, stride=2),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)), (4, 3, 8, 8)),
+    ]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "stage"])
+@pytest.mark.parametrize("case", range(len(zoo())), ids=[c[0] for c in zoo()])
+def test_every_handler_is_exact_in_float64(case, granularity):
+    name, module, shape = zoo()[case]
+    module = module.double()
+    gen = torch.Generator().manual_seed(case)
+    batch = (torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (shape[0],), generator=gen))
+    oracle = ModelLossOracle(module, feature_reuse=True, reuse_granularity=granularity)
+    theta = oracle.initial_theta() + 0.05 * torch.randn(oracle.space.dim, generator=gen, dtype=torch.float64)
+    coords = spread(oracle.space, 40, seed=case)
+    got = oracle.coordinate_losses(theta, coords, MU, batch)
+    assert_rel_close(got, reference(oracle, theta, coords, MU, batch), 1e-10)
+    if name == "opaque-stage" and granularity == "layer":
+        assert oracle.reuse.opaque == {"1"}
+    if name == "shared-module":  # used at two nodes: those coordinates take the reference path
+        shared_blocks = [b for b in oracle.space if b.name.startswith("1.")]
+        assert oracle.reuse.entries[0] is not None and all(oracle.reuse.entries[oracle.space.names.index(b.name)] is None
+                                                           for b in shared_blocks)
+        assert oracle.reuse.stats["fallback_coords"] == sum(min(40, b.numel) for b in shared_blocks)
+
+
+def test_tiny_memory_cap_gives_the_same_losses_in_many_chunks():
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    batch = digits_batch(16)
+    big = ModelLossOracle(module)
+    small = ModelLossOracle(module, memory_cap_bytes=1)
+    theta = big.initial_theta()
+    coords = spread(big.space, 20)
+    torch.testing.assert_close(small.coordinate_losses(theta, coords, MU, batch),
+                               big.coordinate_losses(theta, coords, MU, batch), rtol=1e-6, atol=0)
+    assert small.reuse._chunk_size(0, small.reuse.entries[0]) == 1
+
+
+# ------------------------------------------------- norm statistics, caching and accounting
+
+
+def test_running_stats_updated_once_per_step_never_by_perturbations():
+    torch.manual_seed(0)
+    module = resnet20()
+    twin = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    oracle = ModelLossOracle(module)
+    theta = oracle.initial_theta()
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    oracle.query_coordinates(theta, spread(oracle.space, 1), MU, batch)
+    oracle.query(theta.unsqueeze(0), batch)
+    assert all(torch.equal(b, buffers[n]) for n, b in module.named_buffers())
+    oracle.on_step(theta, batch)  # exactly one train-mode forward's worth of updates
+    with torch.no_grad():
+        twin(batch[0])
+    for (n, b), (_, t) in zip(module.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b, t, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_one_unperturbed_forward_per_step_and_every_value_charged():
+    torch.manual_seed(0)
+    module = resnet20()
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    oracle = ModelLossOracle(module)
+    theta = oracle.initial_theta()
+    coords = spread(oracle.space, 1)
+    oracle.on_step(theta, batch)
+    est = CGE(mu=MU).estimate(oracle, theta, batch, coords=coords)
+    assert oracle.reuse.stats["base_passes"] == 1  # on_step's forward served the base query and the coordinates
+    assert est.queries == coords.numel() + 1 and oracle.ledger.counts["train"] == coords.numel() + 1
+    # the cached base loss is the module's own loss
+    module_loss = F.cross_entropy(torch.func.functional_call(module, {**dict(module.named_parameters()), **{
+        n: None for n, _ in module.named_buffers()}}, (batch[0],)), batch[1])
+    torch.testing.assert_close(torch.tensor(est.base_loss), module_loss, rtol=1e-6, atol=0)
+
+
+def test_cache_is_invalidated_by_theta_batch_and_mode():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    oracle = ModelLossOracle(module)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+    theta = oracle.initial_theta()
+    coords = torch.arange(oracle.space.dim)
+    check = lambda t, b: assert_rel_close(oracle.coordinate_losses(t, coords, MU, b),  # noqa: E731
+                                          reference(oracle, t, coords, MU, b), 1e-6)
+    check(theta, (x, y))
+    check(theta + 0.1, (x, y))  # new theta, same batch object
+    x.mul_(2.0)  # the same batch tensor modified in place
+    check(theta, (x, y))
+    module.eval()  # batch statistics -> running statistics
+    check(theta, (x, y))
+    module[1].running_var.fill_(4.0)  # an eval-mode buffer changed in place
+    check(theta, (x, y))
+    assert oracle.reuse.stats["base_passes"] == 5
+
+
+def test_oracle_conformance_and_no_autograd_graph():
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    batch = digits_batch(16)
+    report = check_oracle(oracle, batch)
+    assert report.ok, str(report)
+    with torch.enable_grad():
+        out = oracle.reuse.coordinate_losses(oracle.initial_theta(), torch.arange(50), MU, batch)
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_untraceable_module_is_refused_or_falls_back():
+    with pytest.raises(NotStageableError, match="cannot trace"):
+        ModelLossOracle(Gated(), feature_reuse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ModelLossOracle(Gated()).reuse is None  # not an nn.Sequential: off, silently
+    with pytest.raises(ValueError, match="granularity"):
+        FeatureReuse(nn.Sequential(nn.Linear(2, 2)), ModelLossOracle(nn.Linear(2, 2)).space, F.mse_loss,
+                     granularity="block")
