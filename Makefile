@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC)))))-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-parallel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_cge.py
+
+# Forward parallelism: 1 rank vs RANKS ranks, one thread each (run it on a quiet machine)
+RANKS ?= 2
+bench-parallel: install
+	$(BIN)/python benchmarks/bench_parallel.py --ranks $(RANKS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
