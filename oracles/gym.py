@@ -14,8 +14,10 @@ batched forward per time step, never a Python loop over perturbations:
   `"async"` (`AsyncVectorEnv`, one worker process per sub-environment: only worth it for
   slow simulators), `"vector"` (gymnasium's own numpy-vectorised implementation,
   `gym.make_vec(..., vectorization_mode="vector_entry_point")`, used where we know how
-  to seed each sub-environment individually: CartPole), or `"auto"` (vector where
-  supported, else sync). `benchmarks/bench_gym.py` measures the difference.
+  to seed each sub-environment individually: CartPole; for Pendulum, which has none in
+  numpy, a transcription of its step over arrays), or `"auto"` (vector where supported,
+  else sync). Each is checked against SyncVectorEnv's returns by the tests, and
+  `benchmarks/bench_gym.py` measures the difference.
 * policy: a plain MLP (`nn.Sequential` of Linear and elementwise activations, optionally
   led by an `ObsNormalizer`) is evaluated with batched matrix products
   (`torch.baddbmm` over the P parameter sets); any other module goes through
@@ -191,14 +193,9 @@ class _CartPoleVector:
 
     @staticmethod
     def supports(env_id: Any) -> bool:
-        if not isinstance(env_id, str):
+        if _entry_point(env_id) != "gymnasium.envs.classic_control.cartpole:CartPoleEnv":
             return False
-        gym = _gym()
-        try:
-            entry = gym.spec(env_id).vector_entry_point
-        except gym.error.Error:
-            return False
-        return entry == "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"
+        return _gym().spec(env_id).vector_entry_point == "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"
 
     def _start(self, seed: int) -> np.ndarray:
         if seed not in self._starts:
@@ -223,6 +220,64 @@ class _CartPoleVector:
         self.single.close()
 
 
+class _PendulumVector:
+    """Pendulum-v1 stepped for all sub-environments at once with numpy.
+
+    gymnasium ships no numpy vector Pendulum (only a jax one), and SyncVectorEnv spends
+    ~60 us of Python per sub-environment step. This is `PendulumEnv.step` written over
+    arrays, with the same operations in the same order and the same dtypes (the torque
+    stays float32 as in the single env); constants are read from a real `PendulumEnv`
+    (so env_kwargs such as g apply), and each sub-environment starts in exactly the
+    state `PendulumEnv.reset(seed=seeds[k])` produces. Tests compare its returns with
+    SyncVectorEnv's. No truncation here: the oracle's loop caps the episode length.
+    """
+
+    def __init__(self, env_id: str, n: int, env_kwargs: dict[str, Any]):
+        self.single = _gym().make(env_id, disable_env_checker=True, **env_kwargs).unwrapped
+        self.n = n
+        self.state = np.zeros((2, n))
+
+    @staticmethod
+    def supports(env_id: Any) -> bool:
+        return _entry_point(env_id) == "gymnasium.envs.classic_control.pendulum:PendulumEnv"
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        starts = {}
+        for s in dict.fromkeys(seeds):
+            self.single.reset(seed=s)
+            starts[s] = np.array(self.single.state, dtype=np.float64)
+        self.state = np.stack([starts[s] for s in seeds], axis=1)  # [2, n]: theta, theta_dot
+        return self._obs()
+
+    def _obs(self) -> np.ndarray:
+        th, thdot = self.state
+        return np.stack([np.cos(th), np.sin(th), thdot], axis=1).astype(np.float32)
+
+    def step(self, actions: np.ndarray):
+        e = self.single
+        th, thdot = self.state
+        u = np.clip(np.asarray(actions, dtype=np.float32), -e.max_torque, e.max_torque)[:, 0]
+        costs = (((th + np.pi) % (2 * np.pi)) - np.pi) ** 2 + 0.1 * thdot**2 + 0.001 * (u**2)
+        newthdot = thdot + (3 * e.g / (2 * e.l) * np.sin(th) + 3.0 / (e.m * e.l**2) * u) * e.dt
+        newthdot = np.clip(newthdot, -e.max_speed, e.max_speed)
+        self.state = np.stack([th + newthdot * e.dt, newthdot])
+        done = np.zeros(self.n, dtype=bool)
+        return self._obs(), -costs, done, done
+
+    def close(self) -> None:
+        self.single.close()
+
+
+def _entry_point(env_id: Any) -> str | None:
+    if not isinstance(env_id, str):
+        return None
+    gym = _gym()
+    try:
+        return gym.spec(env_id).entry_point
+    except gym.error.Error:
+        return None
+
+
 # --------------------------------------------------------------------------- oracle
 
 
@@ -232,7 +287,7 @@ class GymPolicyOracle(Oracle):
 
     env: a registered gymnasium id ("CartPole-v1") or a zero-argument factory returning an Env.
     policy: a torch module mapping observations [.., obs_dim] to action outputs; its
-        trainable parameters are theta. Default: `mlp_policy(obs_dim, n_out, hidden)`.
+        trainable parameters are theta. Default: `mlp_policy(obs_dim, n_out, hidden, obs_norm=obs_norm)`.
         Discrete(n): n outputs, the action is their argmax (a deterministic policy).
         Box: one output per action dimension, squashed into [low, high] by tanh
         (unbounded Box: used as is).
@@ -252,6 +307,7 @@ class GymPolicyOracle(Oracle):
         *,
         max_episode_steps: int | None = None,
         hidden: Sequence[int] = (8,),
+        obs_norm: bool = False,
         vectorization: str = "sync",
         max_envs: int = 512,
         update_obs_norm: bool = True,
@@ -267,10 +323,13 @@ class GymPolicyOracle(Oracle):
         gym = _gym()
         self.env_spec = env
         self.env_kwargs = dict(env_kwargs or {})
-        if vectorization == "vector" and not _CartPoleVector.supports(env):
-            raise ValueError(f"vectorization 'vector' is available for CartPole only, not {env!r}; use sync or auto")
+        fast = next((cls for cls in (_CartPoleVector, _PendulumVector) if cls.supports(env)), None)
+        if vectorization == "vector" and fast is None:
+            raise ValueError(f"vectorization 'vector' is available for CartPole and Pendulum only, not {env!r}; "
+                             "use sync, async or auto")
         if vectorization == "auto":
-            vectorization = "vector" if _CartPoleVector.supports(env) else "sync"
+            vectorization = "vector" if fast is not None else "sync"
+        self._fast_vector = fast
         self.vectorization, self.max_envs, self.update_obs_norm = vectorization, int(max_envs), update_obs_norm
         probe = _make_env(env, max_episode_steps, self.env_kwargs)
         try:
@@ -296,7 +355,7 @@ class GymPolicyOracle(Oracle):
         self.max_episode_steps = int(max_episode_steps or spec_limit or 1000)
         if policy is None:
             torch.manual_seed(seed)
-            policy = mlp_policy(self.obs_dim, self.n_out, hidden)
+            policy = mlp_policy(self.obs_dim, self.n_out, hidden, obs_norm=obs_norm)
         self.policy = policy
         self.space = ParamSpace.from_module(policy)
         self._param_names = set(self.space.names)
@@ -320,8 +379,10 @@ class GymPolicyOracle(Oracle):
         if n in self._vec_envs:
             self._vec_envs.move_to_end(n)
             return self._vec_envs[n]
-        if self.vectorization == "vector":
+        if self.vectorization == "vector" and self._fast_vector is _CartPoleVector:
             vec = _CartPoleVector(self.env_spec, n, self.max_episode_steps, self.env_kwargs)
+        elif self.vectorization == "vector":
+            vec = _PendulumVector(self.env_spec, n, self.env_kwargs)
         else:
             make = functools.partial(_make_env, self.env_spec, self.max_episode_steps, self.env_kwargs)
             vec = _GymVector(make, n, asynchronous=self.vectorization == "async")
