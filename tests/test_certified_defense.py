@@ -377,3 +377,15 @@ def test_experiment_end_to_end_at_toy_size(tiny, tmp_path):
     assert len(points) == 12 and sorted({int(p["label"]) for p in points}) == list(range(10))
     assert (tmp_path / "certified_accuracy.png").stat().st_size > 0
     assert main(["--n", "0"]) == 2  # bad input: one line naming the option, exit 2
+
+
+def test_zo_grasp_sparsity_hook_charges_prune_queries_and_keeps_biases(tiny):
+    problem, config, _, _, _ = tiny
+    sparse = config.sparsity.model_copy(update={"enabled": True, "q": 4, "sparsity": 0.5, "samples_per_class": 2})
+    setup = problem.setup(config.model_copy(update={"sparsity": sparse}))
+    report = setup.extras["sparsity"]
+    assert report["prune_queries"] == 2 * (4 + 1) == setup.oracle.ledger.counts["prune"]  # eq. (3): two RGEs
+    coords = setup.coord_sampler.coords(0)
+    w, b = setup.oracle.space["last.weight"], setup.oracle.space["last.bias"]
+    assert int(((coords >= w.offset) & (coords < w.stop)).sum()) == round(0.5 * w.numel)
+    assert set(range(b.offset, b.stop)) <= set(coords.tolist())  # 1-D blocks stay dense

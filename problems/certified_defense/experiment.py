@@ -134,7 +134,8 @@ def grasp_layer_analysis(config: CertifiedDefenseConfig, denoiser: DnCNN, black_
     """ZO-GraSP (DeepZero eq. 3) over every denoiser parameter, through the black box.
 
     Appx. G: after MSE pretraining, ZO-GraSP at 95% keeps almost nothing except in the first
-    and last layers. Here: the fraction of each layer's weights a global 95% mask keeps.
+    and last layers. Here: how many of each conv layer's weights a global 95% mask keeps,
+    for GraSP's ranking (prune the largest scores) and for |score|.
     Returns (one row per conv layer, loss queries spent).
     """
     import copy
@@ -155,15 +156,18 @@ def grasp_layer_analysis(config: CertifiedDefenseConfig, denoiser: DnCNN, black_
     theta = oracle.initial_theta()
     res = zo_grasp_scores(oracle, theta, batch, q=config.sparsity.q, mu=config.sparsity.mu, seed=config.run.seed)
     prunable = prunable_mask(oracle.space, weights_only=True)
-    keep = global_keep_mask(res.scores, sparsity, prunable, config.sparsity.ranking)
-    ratios = layer_ratios(oracle.space, keep, prunable)
+    # Both rankings from the same scores (no extra queries): GraSP prunes the largest scores,
+    # DeepZero's reference code ranks by |score|.
+    ratios = {r: layer_ratios(oracle.space, global_keep_mask(res.scores, sparsity, prunable, r), prunable)
+              for r in ("largest", "abs")}
     rows = []
     for b in oracle.space:
-        if not ratios.prunable[b.name]:
+        if not ratios["largest"].prunable[b.name]:
             continue
-        rows.append({"layer": b.name, "numel": b.numel, "kept": ratios.keep[b.name],
-                     "kept_fraction": round(ratios.keep[b.name] / b.numel, 4),
-                     "uniform_fraction": round(1 - sparsity, 4)})
+        rows.append({"layer": b.name, "numel": b.numel,
+                     **{f"kept_{r}": f"{ratios[r].keep[b.name]} ({ratios[r].keep[b.name] / b.numel:.1%})"
+                        for r in ratios},
+                     "uniform": f"{1 - sparsity:.1%}"})
     return rows, res.queries
 
 
