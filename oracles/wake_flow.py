@@ -3,25 +3,33 @@ eq. (A4)-(A6)) as a batched, value-only `Simulator`, written for PhiFlow 3.
 
 Setup, in the units of the reference code (`tum-pbs/Solver-in-the-Loop`, karman-2d):
 domain 100 (x) by 200 (y), open (zero-gradient) boundaries, flow along +y, a rod of
-radius 10 centred at (50, 50), dt = 1. One step:
+radius 10 centred at (50, 50), dt = 1. One step (eq. (A4)-(A6), operator splitting):
 
-1. explicit diffusion of the velocity (viscosity nu = U * D / Re, with U = 1 the
-   inflow speed and D = 20 the rod diameter; sub-stepped so that nu dt / dx^2 <= 1/4);
-2. boundary forcing: the y velocity is set to 1 on the two inflow rows (y = 0) and on
-   the two side columns (x = 0 and x = -1), as the reference's `vel_yBc` mask does;
+1. explicit diffusion of the velocity, viscosity ``nu = U * L / Re`` with U = 1 the inflow
+   speed and L = 10 (the rod radius). This is the viscosity of the reference's
+   high-fidelity runs: they set ``diffusivity = res^2 / re`` at res = 128 and the papers'
+   Reynolds numbers are ``Re = re / 1638.4`` (e.g. re = 160000 -> Re = 97.7), so
+   ``nu = 16384 / (1638.4 Re) = 10 / Re``. Both fidelities use the same physical viscosity
+   here; only the discretisation differs, which is exactly the error the corrector learns.
+   Sub-stepped so that ``nu dt_sub / dx^2 <= 1/4`` (2-D stability of the explicit stencil);
+2. boundary forcing: the y velocity is set to 1 on the two inflow rows (y faces 0 and 1)
+   and on the two side columns (x = 0 and x = nx - 1), as the reference's `vel_yBc` mask;
 3. semi-Lagrangian self-advection;
 4. pressure projection (`fluid.make_incompressible` with the rod as obstacle, CG to 1e-5).
 
 State layout (x before y everywhere, the PhiFlow 3 order; the reference is (y, x)):
-one tensor `[B, 2, nx + 1, ny + 1]`. Channel 0 holds the x-face velocities
-(`[nx + 1, ny]`, last y row is padding), channel 1 the y-face velocities (`[nx, ny + 1]`,
-last x column is padding). Padding entries are always zero. This is the same padded
-layout the reference feeds to its corrector network (there in (y, x) order).
+one tensor ``[B, 2, nx + 1, ny + 1]``. Channel 0 holds the x-face velocities
+(``[nx + 1, ny]``, the last y row is padding), channel 1 the y-face velocities
+(``[nx, ny + 1]``, the last x column is padding). Padding entries are always zero.
+With ZERO_GRADIENT boundaries PhiFlow 3 keeps both outer faces: x-faces ``(nx + 1, ny)``,
+y-faces ``(nx, ny + 1)`` (tested).
 
-The step is traced once per batch size with `phi.math.jit_compile` on plain tensors
-(eager PhiFlow field operations cost several ms each). The jit-compiled step is
+The step is traced once per batch size and dtype with `phi.math.jit_compile` on plain
+tensors (eager PhiFlow field operations cost several ms each). The traced step stays
 differentiable through PhiFlow's torch backend (the linear solve has an implicit
-gradient), which FO-SOL uses; the ZO path calls it under `torch.no_grad()` only.
+gradient), which FO-SOL uses; the ZO path calls it under `torch.no_grad()` only. The
+batched CG freezes converged batch members (phiml's ``torch_sparse_cg``), so a state's
+next state does not depend on what else is in its batch (tested).
 
 PhiFlow is an optional extra (`pip install blackbox-zo[sim]`) and is imported lazily.
 """
@@ -30,12 +38,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["WakeFlowGeometry", "WakeFlowSimulator", "restrict_staggered", "pack", "unpack", "face_mask", "vorticity",
+__all__ = ["WakeFlowGeometry", "WakeFlowSimulator", "shared_simulator", "restrict_staggered", "pack", "unpack", "face_mask", "vorticity",
            "wake_flow_sol_oracle"]
 
 
@@ -51,6 +59,7 @@ class WakeFlowGeometry:
     rod_y: float = 50.0
     rod_radius: float = 10.0
     inflow_speed: float = 1.0
+    viscosity_length: float = 10.0  # L in nu = U L / Re (see the module docstring)
     dt: float = 1.0
 
     def __post_init__(self):
@@ -58,6 +67,8 @@ class WakeFlowGeometry:
             raise ValueError(f"grid must be at least 4x4 cells, got nx={self.nx}, ny={self.ny}")
         if abs(self.width / self.nx - self.height / self.ny) > 1e-9 * self.width:
             raise ValueError(f"cells must be square: width/nx={self.width / self.nx} != height/ny={self.height / self.ny}")
+        if not self.dt > 0:
+            raise ValueError(f"dt must be > 0, got {self.dt}")
 
     @property
     def dx(self) -> float:
@@ -68,8 +79,8 @@ class WakeFlowGeometry:
         return (2, self.nx + 1, self.ny + 1)
 
     def viscosity(self, reynolds: Tensor) -> Tensor:
-        """nu = U D / Re (D = rod diameter)."""
-        return self.inflow_speed * 2 * self.rod_radius / reynolds
+        """nu = U L / Re (the reference's convention, L = 10)."""
+        return self.inflow_speed * self.viscosity_length / reynolds
 
 
 def pack(ux: Tensor, uy: Tensor) -> Tensor:
@@ -94,9 +105,13 @@ def restrict_staggered(state: Tensor, factor: int) -> Tensor:
     """Downsample a padded staggered state by an integer factor (flux-conserving restriction).
 
     A coarse x-face i coincides with fine x-face factor*i; its value is the mean of the
-    `factor` fine faces it covers along y. Likewise for y-faces along x. [B, 2, F*n+1, F*m+1] ->
-    [B, 2, n+1, m+1].
+    `factor` fine faces it covers along y. Likewise for y-faces along x. The flux through
+    every coarse face is the sum of the fine fluxes, so the divergence of a coarse cell is
+    the mean of its fine cells' divergences: a divergence-free field stays divergence-free.
+    [B, 2, F*n+1, F*m+1] -> [B, 2, n+1, m+1].
     """
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
     if factor == 1:
         return state.clone()
     ux, uy = unpack(state)
@@ -110,7 +125,7 @@ def restrict_staggered(state: Tensor, factor: int) -> Tensor:
 
 
 def vorticity(state: Tensor, dx: float) -> Tensor:
-    """Cell-corner vorticity d(uy)/dx - d(ux)/dy on the interior: [B, nx-1, ny-1]."""
+    """Vorticity d(uy)/dx - d(ux)/dy at the interior cell corners: [B, nx-1, ny-1]."""
     ux, uy = unpack(state)
     duy_dx = (uy[:, 1:, 1:-1] - uy[:, :-1, 1:-1]) / dx
     dux_dy = (ux[:, 1:-1, 1:] - ux[:, 1:-1, :-1]) / dx
@@ -122,6 +137,7 @@ class WakeFlowSimulator:
 
     `step(state [B, 2, nx+1, ny+1], reynolds [B]) -> state`. One batch element is one
     simulation; a batch may mix Reynolds numbers, simulations and perturbed correctors.
+    float32 and float64 states are both supported (float64 runs PhiFlow in 64-bit).
     """
 
     def __init__(
@@ -135,15 +151,19 @@ class WakeFlowSimulator:
     ):
         self.geometry = geometry or WakeFlowGeometry()
         g = self.geometry
+        if not min_reynolds > 0:
+            raise ValueError(f"min_reynolds must be > 0, got {min_reynolds}")
+        if not cg_tolerance > 0:
+            raise ValueError(f"cg_tolerance must be > 0, got {cg_tolerance}")
         # Explicit diffusion is stable for nu dt_sub / dx^2 <= 1/4 in 2-D; the sub-step count
         # is a trace-time constant, fixed by the smallest Reynolds number this simulator accepts.
         self.min_reynolds = float(min_reynolds)
-        nu_max = float(g.viscosity(torch.tensor(self.min_reynolds)))
+        nu_max = float(g.viscosity(torch.tensor(self.min_reynolds, dtype=torch.float64)))
         self.diffusion_substeps = max(1, math.ceil(nu_max * g.dt / g.dx**2 / 0.25))
         self.cg_tolerance, self.cg_max_iterations = float(cg_tolerance), int(cg_max_iterations)
         self.use_jit = jit
-        self._phi: Any = None
-        self._jit_step = None
+        self._pm: Any = None
+        self._steps: dict[torch.dtype, Callable] = {}
         self.mask = face_mask(g.nx, g.ny)
 
     @property
@@ -153,23 +173,23 @@ class WakeFlowSimulator:
     # -- PhiFlow objects (lazy: phiflow is an optional extra) -------------------------
 
     def _build(self) -> None:
-        if self._phi is not None:
+        if self._pm is not None:
             return
         try:
-            from phi.torch import flow as phi_flow  # noqa: F401  (selects the torch backend)
+            from phi import math as pm
             from phi.torch.flow import (Box, Obstacle, Solve, Sphere, StaggeredGrid, advect, diffuse, dual,
                                         extrapolation, fluid)
-            from phi import math as pm
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("the wake-flow simulator needs PhiFlow 3: pip install 'blackbox-zo[sim]'") from exc
         g = self.geometry
+        # Keyword geometry: PhiFlow 3 orders dimensions by name (x before y), never by position.
         template = StaggeredGrid(0, extrapolation.ZERO_GRADIENT, Box(x=(0, g.width), y=(0, g.height)), x=g.nx, y=g.ny)
         obstacle = Obstacle(Sphere(x=g.rod_x, y=g.rod_y, radius=g.rod_radius))
-        force = torch.zeros(g.nx, g.ny + 1)
+        force = torch.zeros(g.nx, g.ny + 1)  # on the y-faces [x, y]
         force[:, 0:2] = 1.0  # inflow rows
         force[0, :] = 1.0  # side columns
         force[-1, :] = 1.0
-        force_mask = pm.tensor(force, pm.spatial("x,y"))
+        force_mask = pm.tensor(force, pm.spatial("x,y"))  # float32; phiml upcasts it in 64-bit runs
         solve = Solve("CG", self.cg_tolerance, self.cg_tolerance, max_iterations=self.cg_max_iterations)
         substeps, dt, speed = self.diffusion_substeps, g.dt, g.inflow_speed
 
@@ -183,17 +203,21 @@ class WakeFlowSimulator:
             return v.vector["x"].values, v.vector["y"].values
 
         self._pm = pm
-        self._step = step
-        self._jit_step = pm.jit_compile(step) if self.use_jit else step
-        self._phi = True
+        self._raw_step = step
+
+    def _step_fn(self, dtype: torch.dtype) -> Callable:
+        if dtype not in self._steps:
+            self._steps[dtype] = self._pm.jit_compile(self._raw_step) if self.use_jit else self._raw_step
+        return self._steps[dtype]
 
     # -- the Simulator protocol ---------------------------------------------------------
 
     def initial_state(self, batch_size: int = 1, poke: float = 1.0) -> Tensor:
         """The reference's start: uy = 1 everywhere, plus a sideways poke behind the rod.
 
-        The poke covers x in [0.4375, 0.5625) and y in [0.656, 0.8125) of the domain (the
-        reference's index box at 32x64, in domain fractions so every resolution gets it).
+        The poke (ux = `poke`) covers x in [0.4375, 0.5625) and y in [0.656, 0.8125) of the
+        domain: the reference's index box at 32x64, in domain fractions so every resolution
+        gets the same physical poke.
         """
         g = self.geometry
         ux = torch.zeros(batch_size, g.nx + 1, g.ny)
@@ -211,6 +235,10 @@ class WakeFlowSimulator:
 
     def step(self, state: Tensor, reynolds: Tensor) -> Tensor:
         """One time step of every simulation in the batch. Differentiable when autograd is on."""
+        if state.dim() != 4 or tuple(state.shape[1:]) != self.state_shape:
+            raise ValueError(f"wake-flow state must be [B, {', '.join(map(str, self.state_shape))}], got {tuple(state.shape)}")
+        if state.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"wake-flow state must be float32 or float64, got {state.dtype}")
         self._build()
         pm = self._pm
         reynolds = torch.as_tensor(reynolds, dtype=state.dtype).reshape(-1)
@@ -219,14 +247,18 @@ class WakeFlowSimulator:
         if reynolds.shape[0] != state.shape[0]:
             raise ValueError(f"need one Reynolds number per state: {reynolds.shape[0]} vs {state.shape[0]}")
         if float(reynolds.min()) < self.min_reynolds * (1 - 1e-6):
-            raise ValueError(f"Reynolds number {float(reynolds.min())} below this simulator's min_reynolds {self.min_reynolds}")
+            raise ValueError(f"Reynolds number {float(reynolds.min())} below this simulator's "
+                             f"min_reynolds {self.min_reynolds} (the diffusion sub-steps are sized for it)")
         ux, uy = unpack(state)
         nu = self.geometry.viscosity(reynolds)
-        ux_p = pm.tensor(ux, pm.batch("b"), pm.spatial("x,y"))
-        uy_p = pm.tensor(uy, pm.batch("b"), pm.spatial("x,y"))
-        nu_p = pm.tensor(nu, pm.batch("b"))
-        ux_n, uy_n = self._jit_step(ux_p, uy_p, nu_p)
-        return pack(ux_n.native(["b", "x", "y"]), uy_n.native(["b", "x", "y"]))
+        bits = 64 if state.dtype == torch.float64 else 32
+        with pm.precision(bits):
+            ux_p = pm.tensor(ux, pm.batch("b"), pm.spatial("x,y"))
+            uy_p = pm.tensor(uy, pm.batch("b"), pm.spatial("x,y"))
+            nu_p = pm.tensor(nu, pm.batch("b"))
+            ux_n, uy_n = self._step_fn(state.dtype)(ux_p, uy_p, nu_p)
+            out = pack(ux_n.native(["b", "x", "y"]), uy_n.native(["b", "x", "y"]))
+        return out.to(state.dtype)
 
     def divergence(self, state: Tensor) -> Tensor:
         """Cell divergence (du_x/dx + du_y/dy) [B, nx, ny], for checks."""
@@ -241,6 +273,24 @@ class WakeFlowSimulator:
         ys = (torch.arange(g.ny) + 0.5) * g.dx
         r2 = (xs[:, None] - g.rod_x) ** 2 + (ys[None, :] - g.rod_y) ** 2
         return (r2 > g.rod_radius**2).float()
+
+
+_SHARED: dict[tuple, WakeFlowSimulator] = {}
+
+
+def shared_simulator(geometry: WakeFlowGeometry, *, min_reynolds: float = 90.0,
+                     cg_tolerance: float = 1e-5) -> WakeFlowSimulator:
+    """One simulator per (geometry, diffusion sub-steps, CG tolerance) in this process.
+
+    Tracing the step costs seconds per batch size; sharing the simulator shares its traces
+    between the data generator, the oracle, the baselines and the evaluation.
+    """
+    sim = WakeFlowSimulator(geometry, min_reynolds=min_reynolds, cg_tolerance=cg_tolerance)
+    key = (geometry, sim.diffusion_substeps, float(cg_tolerance))
+    held = _SHARED.setdefault(key, sim)
+    # Same sub-step count, so the held simulator is as stable for the lower of both bounds.
+    held.min_reynolds = min(held.min_reynolds, sim.min_reynolds)
+    return held
 
 
 # ------------------------------------------------------------------ check-oracle example
@@ -266,9 +316,9 @@ def wake_flow_sol_oracle(nx: int = 8, ny: int = 16, unroll: int = 2, windows: in
     """A tiny wake-flow solver-in-the-loop oracle with an example batch (`blackbox-zo check-oracle`)."""
     from oracles.simulator import SolBatch, SolverInTheLoopOracle
 
-    sim = WakeFlowSimulator(WakeFlowGeometry(nx=nx, ny=ny))
+    sim = shared_simulator(WakeFlowGeometry(nx=nx, ny=ny))
     torch.manual_seed(seed)
-    oracle = SolverInTheLoopOracle(sim, _ExampleCorrector(nx, ny), mask=sim.mask)
+    oracle = SolverInTheLoopOracle(sim, _ExampleCorrector(nx, ny), weight=sim.mask)
     start = sim.initial_state(windows)
     re = torch.linspace(100.0, 1000.0, windows)
     with torch.no_grad():

@@ -1,11 +1,15 @@
-"""Rollouts, evaluation and the first-order baselines (NON, FO-SOL) for the wake flow.
+"""Rollouts, the test-set evaluation and the NON baseline for the wake flow.
 
-* SRC: the low-fidelity solver alone (no corrector).
+The four methods of DeepZero Fig. 6 (Um et al. 2020):
+
+* SRC: the low-fidelity solver alone (no corrector): `evaluate_mae(sim, None, ...)`.
 * NON: the corrector trained first-order on pre-generated pairs (P_s(y_t), y_{t+1}),
-  outside the simulation loop (one step, the simulator never sees the corrector).
-* FO-SOL: the corrector trained first-order through the differentiable PhiFlow torch
-  backend, n unrolled steps of eq. (A3) (`oracles.simulator.unrolled_loss` with autograd).
-* ZO-SOL lives in `problems.wake_flow.WakeFlowProblem` (the ZO trainer through the oracle).
+  outside the simulation loop (`one_step_pairs`, `train_non`): the simulator never sees
+  the corrector's output during training.
+* FO-SOL: eq. (A3) with n unrolled steps, backpropagated through the differentiable PhiFlow
+  torch backend: the trainer with `estimator=autograd` on the problem's `fo_loss`.
+* ZO-SOL: eq. (A3) through `SolverInTheLoopOracle` by loss values only: the trainer with
+  CGE and DeepZero gradient sparsity (`problems.wake_flow.WakeFlowProblem`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from oracles.simulator import unrolled_loss
-from oracles.wake_flow import WakeFlowSimulator
+from oracles.simulator import Simulator, weighted_mse
 
-from .data import WakeData, WindowBatches
+from .data import WakeData
 
-__all__ = ["rollout", "evaluate_mae", "one_step_pairs", "train_non", "train_fo_sol"]
+__all__ = ["rollout", "mae_per_step", "evaluate_mae", "one_step_pairs", "train_non"]
 
 
-def rollout(sim: WakeFlowSimulator, corrector: nn.Module | None, start: Tensor, reynolds: Tensor, steps: int,
+def rollout(sim: Simulator, corrector: nn.Module | None, start: Tensor, reynolds: Tensor, steps: int,
             max_batch: int = 128) -> Tensor:
     """Corrected (or, with corrector=None, source) low-fidelity trajectory: [B, steps+1, ...]."""
     outs = []
@@ -41,69 +44,62 @@ def rollout(sim: WakeFlowSimulator, corrector: nn.Module | None, start: Tensor, 
     return torch.cat(outs)
 
 
-def evaluate_mae(sim: WakeFlowSimulator, corrector: nn.Module | None, frames: Tensor, reynolds: Tensor,
-                 steps: int | None = None) -> tuple[Tensor, Tensor]:
-    """MAE against the reference per run, averaged over the `steps` time steps after the start.
+def mae_per_step(traj: Tensor, frames: Tensor, mask: Tensor) -> Tensor:
+    """Mean absolute error over the valid faces of both components at each step 1..S: [R, S]."""
+    steps = traj.shape[1] - 1
+    return ((traj[:, 1:] - frames[:, 1 : steps + 1]).abs() * mask).flatten(2).sum(2) / mask.sum()
 
-    Returns (mae per run [R], trajectories [R, steps+1, ...]). MAE over the valid faces of
-    both velocity components.
+
+def evaluate_mae(sim: Simulator, corrector: nn.Module | None, frames: Tensor, reynolds: Tensor, mask: Tensor,
+                 steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """The paper's test error: MAE against the reference per run, averaged over time steps.
+
+    Every run starts from its reference frame 0 and is advanced `steps` steps (default: all
+    recorded); the absolute error over the valid faces of both velocity components is
+    averaged over faces and over steps 1..steps. Returns (MAE per run [R], the rolled-out
+    trajectories [R, steps+1, ...]).
     """
     steps = frames.shape[1] - 1 if steps is None else min(int(steps), frames.shape[1] - 1)
+    if steps < 1:
+        raise ValueError(f"need at least one evaluation step, got {steps}")
     traj = rollout(sim, corrector, frames[:, 0], reynolds, steps)
-    mask = sim.mask
-    err = ((traj[:, 1:] - frames[:, 1 : steps + 1]).abs() * mask).flatten(2).sum(2) / mask.sum()  # [R, steps]
-    return err.mean(1), traj
+    return mae_per_step(traj, frames, mask).mean(1), traj
 
 
-def one_step_pairs(sim: WakeFlowSimulator, data: WakeData, max_batch: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+def one_step_pairs(sim: Simulator, data: WakeData, max_batch: int = 128) -> tuple[Tensor, Tensor, Tensor]:
     """NON's training set: (P_s(y_t), y_{t+1}, Re) for every recorded training frame t < T."""
     r, t1 = data.train.shape[:2]
     inputs = data.train[:, :-1].reshape(r * (t1 - 1), *data.train.shape[2:])
     targets = data.train[:, 1:].reshape(r * (t1 - 1), *data.train.shape[2:])
     re = data.train_re[:, None].expand(r, t1 - 1).reshape(-1)
     with torch.no_grad():
-        stepped = torch.cat([sim.step(inputs[i : i + max_batch], re[i : i + max_batch])
+        stepped = torch.cat([sim.step(sim.reset(inputs[i : i + max_batch]), re[i : i + max_batch])
                              for i in range(0, inputs.shape[0], max_batch)])
     return stepped, targets, re
 
 
-def _masked_mse(diff: Tensor, mask: Tensor) -> Tensor:
-    return (diff.pow(2) * mask).flatten(1).sum(1).mean() / mask.sum()
+def train_non(corrector: nn.Module, pairs: tuple[Tensor, Tensor, Tensor], weight: Tensor, *, steps: int, lr: float,
+              batch_size: int = 32, seed: int = 0, log_every: int = 50, progress: bool = True) -> list[dict[str, Any]]:
+    """NON: first-order training on one-step pairs, outside the loop (Adam).
 
+    The loss is the n = 1 case of eq. (A3) with the simulator output precomputed: the same
+    weighted MSE the solver-in-the-loop methods use, so only the training regime differs.
+    """
+    from tqdm.auto import tqdm
 
-def train_non(corrector: nn.Module, pairs: tuple[Tensor, Tensor, Tensor], mask: Tensor, *, steps: int, lr: float,
-              batch_size: int = 32, seed: int = 0, log_every: int = 50) -> list[dict[str, Any]]:
-    """First-order training on one-step pairs, outside the loop (Adam)."""
+    if steps < 0 or not lr > 0 or batch_size < 1:
+        raise ValueError(f"NON needs steps >= 0, lr > 0, batch_size >= 1; got {steps}, {lr}, {batch_size}")
     stepped, targets, re = pairs
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(corrector.parameters(), lr=lr)
     log, start = [], time.perf_counter()
-    for k in range(steps):
+    for k in tqdm(range(steps), desc="NON (first-order, one-step pairs)", disable=not progress, dynamic_ncols=True):
         idx = torch.randint(0, stepped.shape[0], (min(batch_size, stepped.shape[0]),), generator=gen)
         s = stepped[idx]
-        loss = _masked_mse(s + corrector(s, re[idx]) - targets[idx], mask)
+        loss = weighted_mse(s + corrector(s, re[idx]) - targets[idx], weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if k % log_every == 0 or k == steps - 1:
-            log.append({"step": k + 1, "loss": float(loss), "wall_s": round(time.perf_counter() - start, 3)})
-    return log
-
-
-def train_fo_sol(corrector: nn.Module, sim: WakeFlowSimulator, batches: WindowBatches, *, steps: int, lr: float,
-                 log_every: int = 10) -> list[dict[str, Any]]:
-    """First-order solver-in-the-loop: backpropagate eq. (A3) through n unrolled PhiFlow steps (Adam)."""
-    opt = torch.optim.Adam(corrector.parameters(), lr=lr)
-    log, start, epoch, index = [], time.perf_counter(), 0, 0
-    for k in range(steps):
-        if index >= batches.num_batches(epoch):
-            epoch, index = epoch + 1, 0
-        b = batches.batch(epoch, index)
-        index += 1
-        loss = unrolled_loss(sim, corrector, b.start, b.targets, b.conditions, sim.mask).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if k % log_every == 0 or k == steps - 1:
-            log.append({"step": k + 1, "loss": float(loss), "wall_s": round(time.perf_counter() - start, 3)})
+            log.append({"step": k + 1, "loss": loss.item(), "wall_s": round(time.perf_counter() - start, 3)})
     return log
