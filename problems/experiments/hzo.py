@@ -167,7 +167,7 @@ def plot_cosine(rows, path: Path) -> None:
     ax.set_ylim(-0.1, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("HZO Fig. 1 at digits scale (float32)")
+    ax.set_title("HZO Fig. 1 at digits scale (float32; solid: residual, dashed: plain)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
