@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import Strict, TrainConfig
 from .oracle import make_oracle
-from .problem import Problem, TrainingSetup
+from .problem import Problem, ProblemSetupError, TrainingSetup
 
 __all__ = ["OracleSection", "OracleTrainConfig", "OracleProblem", "RepeatedBatch"]
 
@@ -70,8 +70,13 @@ class OracleProblem(Problem):
         return {"problem": self.name, "schedule": {"name": "constant"}}
 
     def setup(self, config: OracleTrainConfig) -> TrainingSetup:
-        oracle = make_oracle(self.name, **config.oracle.options)
-        batch = oracle.example_batch()
+        options = config.oracle.options
+        try:
+            oracle = make_oracle(self.name, **options)
+            batch = oracle.example_batch()
+        except Exception as exc:  # the factory is third-party code: one line, naming the field
+            raise ProblemSetupError(f"cannot build oracle {self.name!r} with oracle.options={options}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
 
         def evaluate(module: nn.Module) -> dict[str, float]:
             return {"eval_loss": float(oracle.query(_flat_theta(module).unsqueeze(0), batch)[0])}
