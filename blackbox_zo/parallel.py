@@ -20,7 +20,8 @@ and one all-reduce sums the partial estimates. How it runs here:
   parameters, buffers, batch and coordinate set across ranks every
   ``parallel.check_every_steps`` steps and raises :class:`DivergenceError` on a mismatch.
 * Shards are balanced by measured cost: during the first ``parallel.balance_steps`` steps
-  each rank times its coordinates block by block (a block = one named tensor of the
+  each rank times its coordinates block by block (CPU time on CPU, so that other processes
+  on a shared machine do not distort it; wall time on CUDA) (a block = one named tensor of the
   ParamSpace, e.g. one layer's weight, so it belongs to one stage of a staged model). The
   per-coordinate cost of every block is then agreed across ranks (one all-reduce) and the
   sorted coordinate set is cut into M contiguous pieces of equal predicted cost. With a
@@ -284,6 +285,16 @@ def fingerprint(obj: Any) -> int:
 
 # --------------------------------------------------------------------------- estimator
 
+
+def _cost_clock(like: Tensor) -> float:
+    """The clock block costs are measured with. CPU: this process's CPU time, so that other
+    processes on a shared machine do not distort the measured costs (with one intra-op thread
+    it equals the wall time on an idle machine). CUDA: wall time after a synchronize."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+        return time.perf_counter()
+    return time.process_time()
+
 # slots after the gradient in the one all-reduced tensor of a step
 _BASE_SUM, _QUERIES, _FAILED_NONFINITE, _FAILED_ORACLE = range(4)
 _SLOTS = 4
@@ -315,7 +326,7 @@ class ParallelEstimator:
         self.calls = 0
         self.costs: BlockCosts | None = None
         self.log = log
-        self.last_local_seconds = 0.0  # time this rank spent on its shard in the last estimate
+        self.last_shard_seconds = 0.0  # cost-clock seconds this rank spent on its shard in the last estimate
         self.last_local_queries = 0
 
     def __repr__(self) -> str:
@@ -375,11 +386,9 @@ class ParallelEstimator:
         blocks, counts = torch.unique_consecutive(oracle.space.block_index(coords.cpu()), return_counts=True)
         out, start = [], 0
         for b, n in zip(blocks.tolist(), counts.tolist()):
-            t0 = time.perf_counter()
+            t0 = _cost_clock(theta)
             out.append(oracle.query_coordinates(theta, coords[start : start + n], mu, batch))
-            if theta.is_cuda:
-                torch.cuda.synchronize(theta.device)
-            self.costs.add(b, time.perf_counter() - t0, n)
+            self.costs.add(b, _cost_clock(theta) - t0, n)
             start += n
         return torch.cat(out) if out else theta.new_empty(0)
 
@@ -418,7 +427,7 @@ class ParallelEstimator:
         mine = self._coordinate_shard(oracle.space, sorted_coords)
         packed = theta.new_zeros(d + _SLOTS)
         failure, base, before = None, None, oracle.ledger.total
-        t0 = time.perf_counter()
+        t0 = _cost_clock(theta)
         try:
             if central:
                 plus = self._coordinate_values(oracle, theta, mine, mu, batch)
@@ -434,7 +443,7 @@ class ParallelEstimator:
             packed.zero_()
             packed[d + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
         local = oracle.ledger.total - before  # what this rank charged, a failed call included
-        self.last_local_seconds, self.last_local_queries = time.perf_counter() - t0, local
+        self.last_shard_seconds, self.last_local_queries = _cost_clock(theta) - t0, local
         packed[d + _QUERIES] = local
         try:
             packed = self._reduce(packed, failure, f"all-reduce of the CGE estimate ({n} coordinates)")
@@ -473,7 +482,7 @@ class ParallelEstimator:
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
         packed = theta.new_zeros(k + _SLOTS)
         failure, base, before = None, None, oracle.ledger.total
-        t0 = time.perf_counter()
+        t0 = _cost_clock(theta)
         try:
             if not central:
                 base = oracle.query(theta.unsqueeze(0), batch)[0]
@@ -497,7 +506,7 @@ class ParallelEstimator:
             packed.zero_()
             packed[k + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
         local = oracle.ledger.total - before  # what this rank charged, a failed call included
-        self.last_local_seconds, self.last_local_queries = time.perf_counter() - t0, local
+        self.last_shard_seconds, self.last_local_queries = _cost_clock(theta) - t0, local
         packed[k + _QUERIES] = local
         try:
             packed = self._reduce(packed, failure, f"all-reduce of the RGE estimate ({inner.q} directions)")
@@ -534,11 +543,3 @@ def share_from_main(metrics: dict[str, float], ledger: QueryLedger) -> dict[str,
     metrics, counts = box
     ledger.counts = dict(counts)
     return dict(metrics)
-
-
-def local_shard_seconds(estimator: ParallelEstimator) -> list[float]:
-    """Seconds each rank spent on its shard in the last estimate (for benchmarks; one all-gather)."""
-    mine = torch.tensor([estimator.last_local_seconds], dtype=torch.float64, device=_comm_device())
-    out = [torch.empty_like(mine) for _ in range(world_size())]
-    _collective("all-gather of the shard timings", lambda: _dist().all_gather(out, mine))
-    return [float(t) for t in out]

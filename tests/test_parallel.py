@@ -190,6 +190,7 @@ def _scenario_healthy(rank: int, out: Path, options: dict) -> dict:
     result.update(params=setup.oracle.space.flatten_module(setup.module), summary_queries=summary["queries"],
                   costs=trainer.parallel.costs.per_coord)
     result["diverge"] = _divergence_cases(rank)
+    result["nan"] = _nan_cases(rank)
     # the CLI on the digits job, as torchrun's workers run it: the first 2 steps (resumed by a real torchrun below)
     from blackbox_zo.cli import main
 
@@ -221,6 +222,40 @@ def _divergence_cases(rank: int) -> dict:
     except parallel.DivergenceError as exc:
         messages["batch"] = (str(exc), 0)
     return messages
+
+
+class _NaNOnRank1:
+    """Mixin: rank 1's losses are NaN during training step `bad_step` (the trainer's callback sets `step`)."""
+
+    bad_step, step = 2, 0
+
+    def losses(self, thetas, batch):
+        out = super().losses(thetas, batch)
+        return out * float("nan") if int(os.environ["RANK"]) == 1 and self.step == self.bad_step else out
+
+
+def _nan_cases(rank: int) -> dict:
+    from oracles.model_loss import ModelLossOracle
+
+    from blackbox_zo.trainer import TrainingError
+
+    out = {}
+    cls = type("NaNOnRank1", (_NaNOnRank1, ModelLossOracle), {})
+    for policy in ("skip", "stop"):
+        setup = _mlp_setup(40, oracle_cls=cls)
+
+        def track(trainer, record):
+            trainer.oracle.step = record["step"]
+
+        cfg = _train_config(steps=4)
+        cfg.run.nan_policy = policy
+        trainer = Trainer(setup, cfg, callbacks=[track])
+        try:
+            trainer.fit()
+            out[policy] = (trainer.skipped_steps, trainer.pos.step, setup.oracle.space.flatten_module(setup.module))
+        except TrainingError as exc:
+            out[policy] = (str(exc), trainer.pos.step, setup.oracle.space.flatten_module(setup.module))
+    return out
 
 
 class _SleepyOracle:
@@ -334,6 +369,18 @@ def test_divergence_is_detected(healthy):
         assert step == 4  # caught at the first check after the nudge, before step 4 was taken
         msg, _ = r["diverge"]["batch"]
         assert "ranks diverged at step 0" in msg and "batch" in msg and "parameters" not in msg
+
+
+def test_a_nan_on_one_rank_is_skipped_or_stops_on_every_rank(healthy):
+    ranks, _, _ = healthy
+    skipped = [r["nan"]["skip"] for r in ranks]
+    assert [s[:2] for s in skipped] == [(1, 4), (1, 4)]  # step 2 skipped on both ranks, the run went on
+    assert torch.equal(skipped[0][2], skipped[1][2])  # and they still agree bitwise
+    stopped = [r["nan"]["stop"] for r in ranks]
+    assert all(isinstance(s[0], str) and s[1] == 2 for s in stopped), stopped  # both stopped at step 2
+    assert "non-finite" in stopped[1][0] and "1 of 2 ranks failed" in stopped[0][0]
+    assert "parameters left unchanged" in stopped[0][0]
+    assert torch.equal(stopped[0][2], stopped[1][2])
 
 
 @pytest.mark.parametrize("mode", ["dead", "hung"])
