@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """SRC / NON / FO-SOL / ZO-SOL on the wake flow: test MAE table and plots (DeepZero Fig. 6)."""
     from blackbox_zo.config import ConfigError
 
     parser = build_parser()

@@ -46,7 +46,8 @@ class WakeSettings(Strict):
     windows: int = Field(2, ge=1, description="(simulation, start frame) windows per step")
     batches_per_epoch: Optional[int] = Field(50, ge=1, description="cap on steps per epoch (None: all windows)")
     eval_steps: Optional[int] = Field(None, ge=1, description="test rollout length (None: all recorded frames)")
-    max_batch: int = Field(128, ge=1, description="states simulated at once by the oracle")
+    max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
+                                                  "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
     cg_tolerance: float = Field(1e-5, gt=0, lt=1)
     cache_dir: str = "data_cache"
@@ -98,7 +99,7 @@ class WakeFlowProblem(Problem):
     def default_config(self) -> dict[str, Any]:
         return {
             "problem": "wake-flow",
-            "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+            "estimator": {"kind": "cge", "mu": 1e-3, "scheme": "forward"},
             "optimizer": {"name": "adam", "lr": 1e-3},
             "schedule": {"name": "constant"},
             "sparsity": {"enabled": True, "method": "zo-grasp", "sparsity": 0.95, "q": 64,

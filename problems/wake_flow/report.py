@@ -121,7 +121,8 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
     first = next(iter(vort.values()))
     vmax = float(first.abs().quantile(0.99)) or 1.0
     n_rows, n_cols = len(vort), len(times)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 0.6, 2.45 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 1.2, 2.5 * n_rows + 0.4), squeeze=False,
+                             layout="constrained")
     for i, (name, v) in enumerate(vort.items()):
         for j, t in enumerate(times):
             ax = axes[i][j]
