@@ -174,13 +174,6 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _timeout_s() -> float:
-    try:  # private in torch: the timeout the group was created with
-        return _dist().distributed_c10d._get_default_timeout(_dist().get_backend()).total_seconds()
-    except Exception:
-        return float("nan")
-
-
 def _collective(what: str, fn: Callable[[], Any]) -> Any:
     """Run one collective; a dead or hung peer becomes a ParallelError naming the operation."""
     start = time.perf_counter()
@@ -190,7 +183,7 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
         waited = time.perf_counter() - start
         raise ParallelError(
             f"rank {rank()} of {world_size()}: {what} failed after {waited:.1f}s: another rank died or "
-            f"hung (it did not join within the process-group timeout). Cause: {type(exc).__name__}: "
+            f"hung past the process-group timeout (parallel.timeout_s). Cause: {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
 
@@ -294,6 +287,7 @@ def _cost_clock(like: Tensor) -> float:
         torch.cuda.synchronize(like.device)
         return time.perf_counter()
     return time.process_time()
+
 
 # slots after the gradient in the one all-reduced tensor of a step
 _BASE_SUM, _QUERIES, _FAILED_NONFINITE, _FAILED_ORACLE = range(4)
