@@ -80,7 +80,7 @@ def _worker(rank: int, port: int, scenario: str, out_dir: str, options: dict) ->
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = TrainConfig.model_validate({"parallel": {"timeout_s": options.get("timeout_s", 30),
+    cfg = TrainConfig.model_validate({"parallel": {"timeout_s": options.get("timeout_s", 120),
                                                    "check_every_steps": options.get("check_every", 1),
                                                    "balance_steps": 2}})
     start = time.perf_counter()
