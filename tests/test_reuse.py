@@ -29,6 +29,18 @@ from problems.models import BasicBlock, resnet20
 MU = 5e-3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny operations: a second intra-op thread only adds synchronisation
+    (measured: several times slower on the shared 2-core machine), so use one and restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+
 def reference(oracle: ModelLossOracle, theta, coords, mu, batch):
     """The default chunked path of the contract, on the vmapped forward (no reuse)."""
     return Oracle.coordinate_losses(oracle, theta, coords, mu, batch)
