@@ -37,6 +37,7 @@ PhiFlow is an optional extra (`pip install blackbox-zo[sim]`) and is imported la
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -181,6 +182,9 @@ class WakeFlowSimulator:
                                         extrapolation, fluid)
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("the wake-flow simulator needs PhiFlow 3: pip install 'blackbox-zo[sim]'") from exc
+        # phiml builds the pressure matrix as a torch sparse CSR tensor; torch warns once that
+        # CSR support is beta and invariant checks are off. Nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=r"Sparse (CSR tensor support|invariant checks)", category=UserWarning)
         g = self.geometry
         # Keyword geometry: PhiFlow 3 orders dimensions by name (x before y), never by position.
         template = StaggeredGrid(0, extrapolation.ZERO_GRADIENT, Box(x=(0, g.width), y=(0, g.height)), x=g.nx, y=g.ny)

@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. --set wake.unroll=8 --set optimizer.lr=3e-4")
     p.add_argument("--config", help="TOML or JSON file with settings")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--non-steps", type=int, default=2000, help="NON: Adam steps on one-step pairs")
-    p.add_argument("--non-batch", type=int, default=32, help="NON: pairs per step")
+    p.add_argument("--non-steps", type=int, default=None,
+                   help="NON: Adam steps on one-step pairs (default: the SOL runs' steps)")
+    p.add_argument("--non-batch", type=int, default=None,
+                   help="NON: pairs per step (default: windows x unroll, the (state, target) pairs of one SOL step)")
     p.add_argument("--out", help="output directory (default: runs/wake-flow-experiment/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="tiny grids and few steps (smoke run)")
     p.add_argument("--no-progress", action="store_true")
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from blackbox_zo.trainer import atomic_write_text, make_run_dir
     from oracles.wake_flow import shared_simulator
 
-    from .data import cache_path, load_or_generate
+    from .data import WindowBatches, cache_path, load_or_generate
     from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
     from .problem import WakeFlowProblem, build_corrector, data_spec, loss_weight
     from .report import mae_table, plot_mae_bars, plot_mae_over_time, plot_vorticity_strip, write_table
@@ -110,8 +112,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_progress:
         overrides.append("run.progress=false")
     config = resolve_config(problem.config_model, problem.default_config(), args.config, overrides)
-    if args.quick and args.non_steps == build_parser().get_default("non_steps"):
-        args.non_steps = 20
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, "wake-flow-experiment")
@@ -129,6 +129,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"(wall {clock.wall_s:.1f}s, cpu {clock.cpu_s:.1f}s)")
     sim = shared_simulator(spec.lo_geometry, min_reynolds=spec.min_reynolds, cg_tolerance=w.cg_tolerance)
     weight = loss_weight(sim.mask, data.stats)
+    # NON's default budget: as many optimizer steps, and (state, target) pairs per step, as a SOL step.
+    sol_steps = config.run.epochs * WindowBatches(data.train, data.train_re, w.unroll, w.windows,
+                                                  batches_per_epoch=w.batches_per_epoch).num_batches(0)
+    sol_steps = min(sol_steps, config.run.max_steps or sol_steps)
+    if args.non_steps is None:
+        args.non_steps = sol_steps
+    if args.non_batch is None:
+        args.non_batch = w.windows * w.unroll
 
     mae: dict[str, torch.Tensor] = {}
     trajs: dict[str, torch.Tensor] = {}
@@ -150,7 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             non_log = train_non(corrector, pairs, weight, steps=args.non_steps, lr=config.optimizer.lr,
                                 batch_size=args.non_batch, seed=config.run.seed, progress=progress)
         timing["NON"] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
-        summaries["NON"] = {"steps": args.non_steps, "final_loss": non_log[-1]["loss"] if non_log else None}
+        summaries["NON"] = {"steps": args.non_steps, "batch": args.non_batch,
+                            "final_loss": non_log[-1]["loss"] if non_log else None}
         evaluate("NON", corrector)
     for name, kind in (("FO-SOL", "autograd"), ("ZO-SOL", None)):
         if name not in methods:
@@ -183,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          lo.dx, times, out / "vorticity.png", title=f"test run Re = {float(data.test_re[k]):g}")
     result = {"out_dir": str(out), "methods": methods, "table": rows, "timing": timing, "summaries": summaries,
               "data_cache": str(cache_path(spec, w.cache_dir)), "non_steps": args.non_steps,
+              "non_batch": args.non_batch,
               "total_wall_s": sum(v.get(k2, 0.0) for v in timing.values() for k2 in v if k2.endswith("wall_s")),
               "total_cpu_s": sum(v.get(k2, 0.0) for v in timing.values() for k2 in v if k2.endswith("cpu_s"))}
     atomic_write_text(out / "summary.json", json.dumps(result, indent=2, default=str) + "\n")
@@ -201,9 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {unknown or '(none)'}; allowed: {', '.join(METHODS)}")
-    if args.non_steps < 0:
+    if args.non_steps is not None and args.non_steps < 0:
         parser.error(f"--non-steps must be >= 0, got {args.non_steps}")
-    if args.non_batch < 1:
+    if args.non_batch is not None and args.non_batch < 1:
         parser.error(f"--non-batch must be >= 1, got {args.non_batch}")
     try:
         run(args)
