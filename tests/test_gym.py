@@ -289,12 +289,14 @@ def test_gym_experiment_compares_at_equal_queries(tmp_path, capsys):
 
     code = experiment(["--problems", "cartpole", "--seeds", "0", "--out", str(tmp_path),
                        "--set", "run.epochs=1", "--set", "gym.steps_per_epoch=2", "--set", "gym.episodes_per_step=2",
-                       "--set", "gym.test_episodes=2", "--set", "gym.max_episode_steps=60"])
+                       "--set", "gym.test_episodes=2", "--set", "gym.max_episode_steps=60",
+                       "--rge-set", "estimator.mu=0.2"])
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["problem"], r["estimator"]) for r in rows] == [("cartpole", "cge"), ("cartpole", "rge")]
     assert rows[0]["queries"] == rows[1]["queries"] == 2 * 59 + 1  # RGE q = d: the same queries per step
-    assert "| cartpole | cge |" in (tmp_path / "results.md").read_text()
+    assert (rows[0]["mu"], rows[1]["mu"]) == (0.05, 0.2)  # --rge-set reached the RGE run only
+    assert "| cartpole | cge | 0.05 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
     assert (tmp_path / "gym_cge_vs_rge.png").stat().st_size > 0
 
