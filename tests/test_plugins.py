@@ -8,8 +8,8 @@ path, so `importlib.metadata` discovers it exactly as it discovers an installed
 distribution (fast, no network, nothing left behind). The opt-in slow test checks this
 layout against a real `pip install --target` of the same package.
 
-The guide's own commands (`blackbox-zo list`, `check-oracle`, `train`) then run in fresh
-interpreters, so the real entry-point discovery is exercised.
+The guide's own commands run on it: `blackbox-zo list` and `check-oracle` in this process,
+`train` in a fresh interpreter, so the real entry-point discovery is exercised end to end.
 """
 
 from __future__ import annotations
@@ -113,21 +113,43 @@ def guide_commands() -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines if line.startswith("blackbox-zo ")]
 
 
-def test_the_guides_commands_list_check_and_train_the_plugin(site, tmp_path):
-    listed, checked, trained = guide_commands()
-    assert (listed[0], checked[:2], trained[:2]) == ("list", ["check-oracle", "bowl-sim-v1"], ["train", "bowl-sim-v1"])
+@pytest.fixture
+def plugin_on_path(site, monkeypatch):
+    """In-process discovery of the plug-ins, with the registries restored afterwards."""
+    import importlib
 
-    out = run_cli(listed, site, tmp_path)
-    assert out.returncode == 0, out.stderr
-    oracles_section = out.stdout.split("problems:")[0]
+    from blackbox_zo import oracle as oracle_module
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
+    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
+    importlib.invalidate_caches()
+    yield oracle_module
+    for module in ("my_zo_sims", "broken_sims"):
+        sys.modules.pop(module, None)
+
+
+def test_the_guides_list_and_check_oracle_commands(plugin_on_path, capsys):
+    from blackbox_zo.cli import main
+
+    listed, checked, _ = guide_commands()
+    assert (listed, checked) == (["list"], ["check-oracle", "bowl-sim-v1"])
+    assert main(listed) == 0
+    out = capsys.readouterr().out
+    oracles_section = out.split("problems:")[0]
     assert "bowl-sim-v1" in oracles_section and "A shifted bowl" in oracles_section
     assert "gym-policy-v1" in oracles_section  # the repository's own entry points are still there
-    assert "blackbox_zo.oracles:missing-sim-v1" in out.stdout.split("failed to load:")[1]
+    assert "blackbox_zo.oracles:missing-sim-v1" in out.split("failed to load:")[1]
 
-    out = run_cli(checked, site, tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("[PASS]") == 7 and "[FAIL]" not in out.stdout and out.stdout.rstrip().endswith("OK")
+    assert main(checked) == 0
+    out = capsys.readouterr().out
+    assert out.count("[PASS]") == 7 and "[FAIL]" not in out and out.rstrip().endswith("OK")
 
+
+def test_the_guides_train_command_in_a_fresh_interpreter(site, tmp_path):
+    """The real thing: a new process, entry points found by importlib.metadata from sys.path."""
+    *_, trained = guide_commands()
+    assert trained[:2] == ["train", "bowl-sim-v1"]
     runs = tmp_path / "runs"
     out = run_cli([*trained, "--set", f"run.out_dir={runs}", "--set", "run.progress=false"], site, tmp_path)
     assert out.returncode == 0, out.stderr
@@ -144,38 +166,21 @@ def test_the_guides_commands_list_check_and_train_the_plugin(site, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["oracle"]["options"] == {"dim": 8}
 
 
-def test_a_contract_breaking_plugin_fails_check_oracle(site, monkeypatch, capsys):
-    """In-process: the same discovery, with the registries restored afterwards."""
-    import importlib
-
-    from blackbox_zo import oracle as oracle_module
+def test_a_contract_breaking_plugin_fails_check_oracle(plugin_on_path, capsys):
     from blackbox_zo.cli import main
 
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
-    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
-    importlib.invalidate_caches()
     assert main(["check-oracle", "flaky-sim-v1"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] deterministic: max difference" in out and out.rstrip().endswith("FAILED")
     assert main(["check-oracle", "missing-sim-v1"]) == 2  # failed to load: not a known oracle
     assert "unknown oracle 'missing-sim-v1'" in capsys.readouterr().err
-    assert "ModuleNotFoundError" in oracle_module.PLUGIN_ERRORS["blackbox_zo.oracles:missing-sim-v1"]
-    monkeypatch.delitem(sys.modules, "broken_sims", raising=False)
-    monkeypatch.delitem(sys.modules, "my_zo_sims", raising=False)
+    assert "ModuleNotFoundError" in plugin_on_path.PLUGIN_ERRORS["blackbox_zo.oracles:missing-sim-v1"]
 
 
-def test_train_oracle_directly_in_process_and_eval_the_run(site, monkeypatch, tmp_path, capsys):
+def test_train_oracle_directly_in_process_and_eval_the_run(plugin_on_path, tmp_path, capsys):
     """`train NAME` for an oracle without a problem, then `eval RUN_DIR` reproduces its evaluation."""
-    import importlib
-
-    from blackbox_zo import oracle as oracle_module
     from blackbox_zo.cli import main
 
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
-    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
-    importlib.invalidate_caches()
     args = ["train", "bowl-sim-v1", "--set", f"run.out_dir={tmp_path}", "--set", "run.progress=false",
             "--set", "oracle.options.target=-2", "--set", "run.epochs=1", "--set", "oracle.steps_per_epoch=4"]
     assert main(args) == 0
@@ -186,8 +191,11 @@ def test_train_oracle_directly_in_process_and_eval_the_run(site, monkeypatch, tm
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["eval_loss"] == summary["eval_loss"] and evaluated["step"] == 4
     # A bad option names the factory's complaint, not a traceback.
-    assert main(["train", "bowl-sim-v1", "--set", f"run.out_dir={tmp_path}", "--set", "oracle.options.nope=1"]) != 0
-    monkeypatch.delitem(sys.modules, "my_zo_sims", raising=False)
+    runs_before = sorted((tmp_path / "bowl-sim-v1").iterdir())
+    assert main(["train", "bowl-sim-v1", "--set", f"run.out_dir={tmp_path}", "--set", "oracle.options.nope=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "oracle.options={'nope': 1}" in err and "unexpected keyword argument 'nope'" in err and len(err.splitlines()) == 1
+    assert sorted((tmp_path / "bowl-sim-v1").iterdir()) == runs_before  # no half-made run directory
 
 
 @pytest.mark.slow
