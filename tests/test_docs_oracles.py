@@ -73,20 +73,24 @@ def executed(tmp_path_factory):
     import contextlib
     import io
     import os
+    import tempfile
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     code_blocks = [b for b in guide_blocks() if b.lang == "python" and b.marker is None]
     scope: dict = {"__name__": "docs_oracles"}
     out = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("guide"))
+    cwd, tempdir = os.getcwd(), tempfile.tempdir
+    workdir = tmp_path_factory.mktemp("guide")
+    os.chdir(workdir)
+    tempfile.tempdir = str(workdir)  # the examples' mkdtemp() lands in pytest's tmp, not /tmp
     try:
         with contextlib.redirect_stdout(out):
             for b in code_blocks:
                 exec(compile(b.code, f"docs/oracles.md:{b.line}", "exec"), scope)
     finally:
         os.chdir(cwd)
+        tempfile.tempdir = tempdir
     return scope, out.getvalue().splitlines()
 
 
