@@ -291,6 +291,8 @@ class GymPolicyOracle(Oracle):
         Discrete(n): n outputs, the action is their argmax (a deterministic policy).
         Box: one output per action dimension, squashed into [low, high] by tanh
         (unbounded Box: used as is).
+    hidden, obs_norm, seed: the default policy's hidden widths, whether an `ObsNormalizer`
+        leads it, and the torch seed of its initial weights.
     max_episode_steps: episode length cap (also passed to gym.make for a registered id).
     vectorization: "sync" | "async" | "vector" | "auto", see the module docstring.
     max_envs: sub-environments per vector env; P*E larger than this runs in chunks.
