@@ -15,8 +15,9 @@ Paths, all computing losses at theta + mu e_j for a set of coordinates j on one 
 
 The reuse rows time the whole coordinate set and include the step's unperturbed forward
 (the cache is cleared first). The naive and vmap paths cost the same for every coordinate
-(a full forward each), so they are timed on a random subset until --budget-s seconds have
-passed. Ratios are measured in this run on this machine; the matmul rate is measured here
+(a full forward each), so they are timed on a random subset for --budget-s seconds. The
+machine is shared, so the paths are interleaved: slices of naive / vmap time between the
+reuse repeats (digits) or pieces (ResNet-20), so that all see the same load on average. Ratios are measured in this run on this machine; the matmul rate is measured here
 too, and "brute-force equivalent" = queries/s x FLOPs of one full forward / matmul FLOP/s:
 how fast one would have to multiply matrices to get the same rate by running the full
 forward per query. Results go to runs/bench_cge/<time>/ as Markdown and CSV.
@@ -100,18 +101,6 @@ def naive_losses(module: nn.Module, loss_fn, x, y, coords: torch.Tensor, mu: flo
     return torch.tensor(out)
 
 
-def timed(fn, n_max: int, budget_s: float, step: int) -> tuple[int, float]:
-    """Run fn(count) on growing pieces until the budget is spent; (coordinates done, seconds)."""
-    done, spent = 0, 0.0
-    while done < n_max and spent < budget_s:
-        k = min(step, n_max - done)
-        t = time.perf_counter()
-        fn(done, k)
-        spent += time.perf_counter() - t
-        done += k
-    return done, spent
-
-
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -134,7 +123,11 @@ def forward_flops(module: nn.Module, x: torch.Tensor) -> int:
 # ------------------------------------------------------------------------------- main
 
 
-def run_case(name: str, module, x, y, coords, args, peak_gflops: float) -> list[dict]:
+def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage: bool, repeats: int,
+             piece: int | None) -> list[dict]:
+    """Time all paths interleaved: the reuse paths run the coordinate set in pieces, and before
+    each piece the naive and vmap paths get an equal slice of their time budget, so every path
+    sees the same machine load on average (the CPU is shared; sequential timing was biased)."""
     from tqdm.auto import tqdm
 
     loss_fn = nn.functional.cross_entropy
@@ -143,54 +136,72 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float) -> list[
     flops = forward_flops(module, x)
     oracle = ModelLossOracle(module, feature_reuse=False)
     theta = oracle.initial_theta()
-    perm = coords[torch.randperm(coords.numel(), generator=torch.Generator().manual_seed(1))]
-    rows = []
+    n = coords.numel()
+    perm = coords[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    print(f"{name}: d = {oracle.space.dim}, batch {x.shape[0]}, {n} coordinates, forward {flops / 1e6:.1f} MFLOP",
+          flush=True)
 
-    def row(path, n, seconds, note=""):
-        rate = n / seconds
-        rows.append({"model": name, "path": path, "coords_timed": n, "seconds": round(seconds, 3), "queries_per_s": rate,
-                     "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9), "note": note})
-        print(f"  {path:6s} {n:6d} coords in {seconds:7.2f} s  ->  {rate:10.1f} queries/s", flush=True)
-
-    print(f"{name}: d = {oracle.space.dim}, batch {x.shape[0]}, {coords.numel()} coordinates, "
-          f"forward {flops / 1e6:.1f} MFLOP", flush=True)
-    naive_out = []
-    n, s = timed(lambda i, k: naive_out.append(naive_losses(module, loss_fn, x, y, perm[i:i + k], MU)),
-                 coords.numel(), args.budget_s, args.naive_step)
-    row("naive", n, s, "subset" if n < coords.numel() else "")
-    vmap_out = []
-    chunk = oracle._vmap_chunk(theta, x)
-    n, s = timed(lambda i, k: vmap_out.append(oracle.coordinate_losses(theta, perm[i:i + k], MU, batch)),
-                 coords.numel(), args.budget_s, max(chunk, args.naive_step))
-    row("vmap", n, s, "subset" if n < coords.numel() else "")
-    reference = torch.cat(vmap_out)
-    naive_ref = torch.cat(naive_out)
-
-    for path, gran in (("stage", "stage"), ("reuse", "layer")):
-        if path == "stage" and not args.stage:
-            continue
-        engine = FeatureReuse(module, oracle.space, loss_fn, granularity=gran, memory_cap_bytes=args.memory_cap_mb * 2**20)
+    engines = {path: FeatureReuse(module, oracle.space, loss_fn, granularity=gran,
+                                  memory_cap_bytes=args.memory_cap_mb * 2**20)
+               for path, gran in (("stage", "stage"), ("reuse", "layer")) if path == "reuse" or stage}
+    for engine in engines.values():
         engine.coordinate_losses(theta, coords[:8], MU, batch)  # warm-up: trace caches, first-chunk sizing
-        times, result = [], None
-        for _ in range(args.repeats):
-            engine._state = None  # include the step's unperturbed forward
-            pieces = torch.split(torch.arange(coords.numel()), args.piece)  # for the progress bar only
-            out = torch.empty(coords.numel())
-            t = time.perf_counter()
-            for p in tqdm(pieces, desc=f"{name} {path}", leave=False, disable=None):
-                out[p] = engine.coordinate_losses(theta, coords[p], MU, batch)
-            times.append(time.perf_counter() - t)
-            result = out
-        row(path, coords.numel(), statistics.median(times))
-        pos = {int(c): i for i, c in enumerate(coords.tolist())}
-        idx = torch.tensor([pos[int(c)] for c in perm.tolist()])
-        rel = float(((result[idx[: reference.numel()]] - reference) / reference.abs()).abs().max())
-        rel_naive = float(((result[idx[: naive_ref.numel()]] - naive_ref) / naive_ref.abs()).abs().max())
-        rows[-1]["note"] = f"max rel. diff vs vmap {rel:.1e}, vs naive {rel_naive:.1e}"
-        print(f"         agreement: max relative difference {rel:.1e} vs vmap, {rel_naive:.1e} vs naive", flush=True)
-    naive_rate = rows[0]["queries_per_s"]
+    t = time.perf_counter()
+    naive_losses(module, loss_fn, x, y, perm[:1], MU)  # warm-up, and: is a forward expensive?
+    expensive = time.perf_counter() - t > 0.05
+    # vmap per call: its own chunk for a cheap model (per-call overhead matters), small pieces for an
+    # expensive one (so that it fits the time slices; its cost is then all compute)
+    vmap_step = args.naive_step if expensive else oracle._vmap_chunk(theta, x)
+    naive_out, vmap_out = [], []
+    done = {"naive": 0, "vmap": 0, **{p: 0 for p in engines}}
+    spent = {p: 0.0 for p in done}
+    results = {p: torch.empty(n) for p in engines}
+    pieces = torch.split(torch.arange(n), piece or n)
+    slots = repeats * len(pieces)
+    slice_s = args.budget_s / slots
+
+    def run_slice(path, fn, step, outs):
+        start = time.perf_counter()
+        while done[path] < n and (time.perf_counter() - start < slice_s or done[path] == 0):
+            k = min(step, n - done[path])
+            t0 = time.perf_counter()
+            outs.append(fn(perm[done[path]:done[path] + k]))
+            spent[path] += time.perf_counter() - t0
+            done[path] += k
+
+    with tqdm(total=slots, desc=name, leave=False, disable=None) as bar:
+        for _ in range(repeats):
+            for engine in engines.values():
+                engine._state = None  # each repeat includes the step's unperturbed forward
+            for piece in pieces:
+                run_slice("naive", lambda c: naive_losses(module, loss_fn, x, y, c, MU), args.naive_step, naive_out)
+                run_slice("vmap", lambda c: oracle.coordinate_losses(theta, c, MU, batch), vmap_step, vmap_out)
+                for path, engine in engines.items():
+                    t0 = time.perf_counter()
+                    results[path][piece] = engine.coordinate_losses(theta, coords[piece], MU, batch)
+                    spent[path] += time.perf_counter() - t0
+                    done[path] += piece.numel()
+                bar.update(1)
+    naive_ref, reference = torch.cat(naive_out), torch.cat(vmap_out)
+
+    rows = []
+    pos = {int(c): i for i, c in enumerate(coords.tolist())}
+    idx = torch.tensor([pos[int(c)] for c in perm.tolist()])
+    for path in ("naive", "vmap", *engines):
+        rate = done[path] / spent[path]
+        note = "subset" if path in ("naive", "vmap") and done[path] < n else ""
+        if path in engines:
+            r = results[path]
+            rel = float(((r[idx[: reference.numel()]] - reference) / reference.abs()).abs().max())
+            rel_naive = float(((r[idx[: naive_ref.numel()]] - naive_ref) / naive_ref.abs()).abs().max())
+            note = f"max rel. diff vs vmap {rel:.1e}, vs naive {rel_naive:.1e}"
+        rows.append({"model": name, "path": path, "coords_timed": done[path], "seconds": round(spent[path], 3),
+                     "queries_per_s": rate, "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9),
+                     "note": note})
+        print(f"  {path:6s} {done[path]:6d} coords in {spent[path]:7.2f} s  ->  {rate:10.1f} queries/s  {note}",
+              flush=True)
     for r in rows:
-        r["x_naive"] = r["queries_per_s"] / naive_rate
+        r["x_naive"] = r["queries_per_s"] / rows[0]["queries_per_s"]
     return rows
 
 
@@ -200,16 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="digits,resnet20", help="comma-separated: digits, resnet20")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resnet-coords", type=int, default=2000, help="fixed coordinate sample for ResNet-20")
-    p.add_argument("--budget-s", type=float, default=8.0, help="seconds each of naive / vmap may run per model")
+    p.add_argument("--budget-s", type=float, default=12.0,
+                   help="seconds each of naive / vmap may run per model (spread over the run)")
     p.add_argument("--naive-step", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of the reuse paths (median)")
-    p.add_argument("--piece", type=int, default=500, help="coordinates per call of the reuse paths (progress bar)")
+    p.add_argument("--repeats", type=int, default=8, help="timed repeats of the digits reuse paths")
+    p.add_argument("--resnet-repeats", type=int, default=1, help="timed repeats of the ResNet-20 reuse paths")
+    p.add_argument("--piece", type=int, default=500,
+                   help="ResNet-20: coordinates per call of the reuse paths (progress, interleaving)")
     p.add_argument("--memory-cap-mb", type=int, default=256)
-    p.add_argument("--no-stage", dest="stage", action="store_false", help="skip the block-granularity reuse row")
+    p.add_argument("--no-stage", dest="stage", action="store_false", help="skip the block-granularity row on digits")
+    p.add_argument("--resnet-stage", action="store_true",
+                   help="also time block-granularity reuse on ResNet-20 (slow: several minutes on one core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_cge")
     args = p.parse_args(argv)
-    for field_name in ("threads", "batch", "resnet_coords", "repeats", "naive_step", "memory_cap_mb", "piece"):
+    for field_name in ("threads", "batch", "resnet_coords", "repeats", "resnet_repeats", "naive_step", "memory_cap_mb", "piece"):
         if getattr(args, field_name) < 1:
             p.error(f"--{field_name.replace('_', '-')} must be >= 1")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -224,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     if "digits" in models:
         module, x, y = digits_case(args.batch, args.seed)
         coords = torch.arange(ModelLossOracle(module, feature_reuse=False).space.dim)
-        rows += run_case("digits-cnn", module, x, y, coords, args, peak)
+        rows += run_case("digits-cnn", module, x, y, coords, args, peak, stage=args.stage, repeats=args.repeats,
+                         piece=None)
     if "resnet20" in models:
         module, x, y = resnet_case(args.batch, args.seed)
         space = ModelLossOracle(module, feature_reuse=False).space
         coords = spread_sample(space, min(args.resnet_coords, space.dim), args.seed)
-        rows += run_case("resnet20", module, x, y, coords, args, peak)
+        rows += run_case("resnet20", module, x, y, coords, args, peak, stage=args.resnet_stage,
+                         repeats=args.resnet_repeats, piece=args.piece)
     peak_after = matmul_gflops()
 
     lines = [f"threads {args.threads}; load average {load:.2f} at start; matmul {peak:.1f} GFLOP/s "

@@ -446,7 +446,7 @@ class FeatureReuse:
     @torch.no_grad()
     def coordinate_losses(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
         """Losses at theta + mu e_j for each j in coords ([K] -> [K]), DeepZero eq. (1)/(4)."""
-        coords = coords.to(device=theta.device, dtype=torch.long).reshape(-1)
+        coords = coords.to(device=theta.device, dtype=torch.long).reshape(-1).contiguous()
         out = theta.new_empty(coords.numel())
         if coords.numel() == 0:
             return out

@@ -113,10 +113,15 @@ def load_cifar10(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # ------------------------------------------------------------------------------ batches
 
 
+def standardize(x: Tensor) -> Tensor:
+    """Images in [0, 1] -> zero mean, unit variance per channel (the training set's statistics)."""
+    mean = torch.tensor(CIFAR_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def normalize(images_u8: Tensor) -> Tensor:
-    mean = torch.tensor(CIFAR_MEAN, device=images_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images_u8.device).view(1, 3, 1, 1)
-    return (images_u8.float() / 255.0 - mean) / std
+    return standardize(images_u8.float() / 255.0)
 
 
 class CifarBatches:
@@ -150,9 +155,7 @@ class CifarBatches:
         if self.augment:
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + index)
             x = augment(x, gen)
-        mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std, self.labels[idx]
+        return standardize(x), self.labels[idx]
 
 
 def augment(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
