@@ -62,7 +62,7 @@ def test_experiment_end_to_end_small(tmp_path):
          ("fo-grasp", "abs")])
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
     table = (tmp_path / "pruning_table.md").read_text()
-    assert "ZO-GraSP (largest S)" in table and "FO-GraSP (|S|)" in table and "| 50% |" in table
+    assert "ZO-GraSP (largest S)" in table and "FO-GraSP (\\|S\\|)" in table and "| 50% |" in table
     agreement = (tmp_path / "agreement.md").read_text()
     assert "| 4 | 2.weight |" in agreement
     for name in ("pruning.png", "pruning_table.csv", "agreement.csv", "layer_ratios.csv", "summary.json"):

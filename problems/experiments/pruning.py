@@ -51,6 +51,7 @@ from blackbox_zo.sparsity import (
 
 __all__ = ["PruningSettings", "masked_fo_train", "mask_agreement", "run_experiment", "main"]
 
+CHANCE_LEVEL = 0.2  # a run below this test accuracy learnt nothing (chance is 0.1)
 METHODS = ("random", "magnitude", "zo-grasp", "fo-grasp")
 GRASP = ("zo-grasp", "fo-grasp")
 LABELS = {"random": "Random", "magnitude": "Magnitude", "zo-grasp": "ZO-GraSP", "fo-grasp": "FO-GraSP"}
@@ -281,6 +282,7 @@ def accuracy_table(runs: list[dict[str, Any]], sparsities: Sequence[float]) -> l
             if accs:
                 m, sd = _mean_std(accs)
                 row[f"mean@{s}"], row[f"std@{s}"], row[f"n@{s}"] = round(m, 2), round(sd, 2), len(accs)
+                row[f"at_chance@{s}"] = sum(a < 100 * CHANCE_LEVEL for a in accs)
         table.append(row)
     return table
 
@@ -304,8 +306,13 @@ def write_outputs(out_dir: Path, settings: PruningSettings, runs, agreement, rat
              "| method | " + " | ".join(f"{int(round(100 * s))}%" for s in sp) + " |",
              "|---|" + "---|" * len(sp)]
     for row in table:
-        cells = [f"{row[f'mean@{s}']:.2f} ± {row[f'std@{s}']:.2f}" if f"mean@{s}" in row else "–" for s in sp]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        cells = [(f"{row[f'mean@{s}']:.2f} ± {row[f'std@{s}']:.2f}"
+                  + (f" ({row[f'at_chance@{s}']}/{row[f'n@{s}']} at chance)" if row[f"at_chance@{s}"] else ""))
+                 if f"mean@{s}" in row else "–" for s in sp]
+        label = row["method"].replace("|", "\\|")  # "|S|" must not split the Markdown cell
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"'at chance': runs that ended below {100 * CHANCE_LEVEL:.0f}% test accuracy (10 classes): the "
+              "masked network collapsed (a layer left with almost no weights) or its training died (loss stuck at ln 10)."]
     (out_dir / "pruning_table.md").write_text("\n".join(lines) + "\n")
 
     agr_lines: list[str] = []
