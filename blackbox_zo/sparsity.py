@@ -9,7 +9,8 @@ The pipeline (DeepZero, Sec. 4 and Algorithms 1-2 of `shared/papers/001_*.txt`):
    Hessian-gradient product ``H g`` of eq. (2) and not fresh estimator noise.
    Cost: exactly ``2 (q + 1)`` queries (forward RGE), charged to the ``prune`` phase.
 2. **Ranking**: GraSP (Wang et al. 2020) removes the weights with the *largest*
-   scores; the DeepZero reference code ranks by ``|score|`` (option ``ranking="abs"``).
+   scores; the DeepZero reference code keeps the largest ``|score|`` (option
+   ``ranking="abs"``).
 3. **Layer-wise pruning ratios (LPR)**: the global ranking at a target sparsity gives
    each block of the `ParamSpace` a number of kept coordinates; the mask itself is
    then thrown away (the model stays dense).
