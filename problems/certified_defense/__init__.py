@@ -226,17 +226,18 @@ class CertifiedDefenseProblem(Problem):
 
     def default_config(self) -> dict[str, Any]:
         # Appx. G: 20 epochs, lr 1e-5 divided by 10 every 4 epochs (ImageNet-10, DnCNN-17 width 64,
-        # 1152 queries per estimate). Scaled to this task (the 289 parameters of the last layer of a
-        # width-32 DnCNN on 8x8 images; CGE takes all of them, 290 queries per step): Adam at 1e-3,
-        # divided by 10 every 8 of 16 epochs -- the same shape (a short schedule with a 10x step
-        # decay), with the first decay later because each epoch here is only 22 steps.
+        # 1152 queries per estimate). Here the schedule is Appx. G's verbatim (20 epochs, /10 every 4)
+        # and the lr is scaled to this task: Adam at 3e-4 on the 289 parameters of the last layer of a
+        # width-32 DnCNN (CGE takes all of them: 290 queries per step). 3e-4 was picked among
+        # {1e-4, 3e-4, 1e-3} by a Monte-Carlo estimate of certified accuracy on the *training* images
+        # (200 noise draws each, first-order fine-tune), never on the test split; see the README.
         return {
             "problem": "certified-defense",
             "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
-            "optimizer": {"name": "adam", "lr": 1e-3},
-            "schedule": {"name": "step", "step_every_epochs": 8, "gamma": 0.1},
+            "optimizer": {"name": "adam", "lr": 3e-4},
+            "schedule": {"name": "step", "step_every_epochs": 4, "gamma": 0.1},
             "data": {"batch_size": 64, "seed": 0},
-            "run": {"epochs": 16, "seed": 0, "eval_every_epochs": 4},
+            "run": {"epochs": 20, "seed": 0, "eval_every_epochs": 4},
         }
 
     def setup(self, config: CertifiedDefenseConfig) -> TrainingSetup:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     p.add_argument("--test-size", type=int, default=200, help="class-balanced test subset (digits test split: 360)")
     p.add_argument("--sample-batch", type=int, default=10_000, help="noise samples per batch in CERTIFY")
-    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads (1: on a shared machine a second thread mostly spins)")
     p.add_argument("--grasp-per-class", type=int, default=10,
                    help="images per class of the ZO-GraSP layer analysis; 0 skips it")
     p.add_argument("--grasp-sparsity", type=float, default=0.95, help="ZO-GraSP pruning ratio (Appx. G: 95%%)")
