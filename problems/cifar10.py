@@ -187,6 +187,9 @@ class Cifar10ModelConfig(Strict):
     feature_reuse: bool = Field(True, description="exact feature reuse for coordinate queries (blackbox_zo.reuse)")
     reuse_granularity: Literal["layer", "stage"] = Field(
         "layer", description="layer: linearity inside blocks; stage: DeepZero's block-level reuse")
+    memory_cap_mb: Optional[int] = Field(
+        None, ge=1, description="memory for perturbations evaluated at once (default 256 on CPU, 4096 on CUDA, "
+                                "where bigger chunks mean fewer kernel launches)")
 
 
 class Cifar10Config(TrainConfig):
@@ -232,8 +235,9 @@ class Cifar10Problem(Problem):
         x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
         torch.manual_seed(config.run.seed)
         module = resnet20().to(device)
+        cap_mb = config.model.memory_cap_mb or (4096 if device.type == "cuda" else 256)
         oracle = ModelLossOracle(module, nn.functional.cross_entropy, feature_reuse=config.model.feature_reuse,
-                                 reuse_granularity=config.model.reuse_granularity)
+                                 reuse_granularity=config.model.reuse_granularity, memory_cap_bytes=cap_mb * 2**20)
         eval_bs = config.data.eval_batch_size
 
         def evaluate(m: nn.Module) -> dict[str, float]:
