@@ -146,7 +146,9 @@ def mask_agreement(space: ParamSpace, key_zo: Tensor, key_fo: Tensor, keep_zo: T
         union = int((a | b).sum())
         inter_chance = na * nb / n
         chance = inter_chance / (na + nb - inter_chance) if na + nb > inter_chance else 1.0
-        rho = spearmanr(key_zo[sl].double().numpy(), key_fo[sl].double().numpy()).statistic
+        za, fa = key_zo[sl].double(), key_fo[sl].double()
+        constant = bool((za == za[0]).all() or (fa == fa[0]).all())  # e.g. q tiny: undefined, say so
+        rho = float("nan") if constant else spearmanr(za.numpy(), fa.numpy()).statistic
         out[name] = {"spearman": float(rho), "jaccard": int((a & b).sum()) / union if union else 1.0,
                      "jaccard_chance": chance, "kept_zo": na, "kept_fo": nb}
     return out
