@@ -22,7 +22,9 @@ machine is shared, so the paths are interleaved: slices of naive / vmap time bet
 reuse repeats (digits) or pieces (ResNet-20), so that all see the same load on average. Ratios are measured in this run on this machine; the matmul rate (CPU time, same
 thread count) is measured here too, and "brute-force equivalent" = queries/s x FLOPs of one full forward / matmul FLOP/s:
 how fast one would have to multiply matrices to get the same rate by running the full
-forward per query. Results go to runs/bench_cge/<time>/ as Markdown and CSV.
+forward per query. The FLOPs each path executes per query (convolutions and matrix
+products, torch.utils.flop_counter, on a subsample) show the arithmetic saved, independent
+of the machine's load. Results go to runs/bench_cge/<time>/ as Markdown and CSV.
 """
 
 from __future__ import annotations
@@ -189,6 +191,17 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
                 bar.update(1)
     naive_ref, reference = torch.cat(naive_out), torch.cat(vmap_out)
 
+    # FLOPs per query, counted (load-independent): what the reuse paths save in arithmetic
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops_per_query = {"naive": flops, "vmap": flops}
+    counted = coords[:: max(1, n // 200)]
+    for path, engine in engines.items():
+        engine._state = None
+        with FlopCounterMode(display=False) as counter:
+            engine.coordinate_losses(theta, counted, MU, batch)
+        flops_per_query[path] = (counter.get_total_flops() - flops) / counted.numel()  # less the base forward
+
     rows = []
     pos = {int(c): i for i, c in enumerate(coords.tolist())}
     idx = torch.tensor([pos[int(c)] for c in perm.tolist()])
@@ -202,12 +215,14 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
             note = f"max rel. diff vs vmap {rel:.1e}, vs naive {rel_naive:.1e}"
         rows.append({"model": name, "path": path, "coords_timed": done[path], "cpu_s": round(cpu[path], 3),
                      "wall_s": round(spent[path], 3), "queries_per_s": rate, "queries_per_wall_s": done[path] / spent[path],
-                     "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9), "note": note})
+                     "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9),
+                     "flops_per_query": flops_per_query[path], "note": note})
         print(f"  {path:6s} {done[path]:6d} coords in {cpu[path]:7.2f} CPU s ({spent[path]:7.2f} wall)  ->  "
               f"{rate:10.1f} queries/CPU-s  {note}", flush=True)
     for r in rows:
         r["x_naive"] = r["queries_per_s"] / rows[0]["queries_per_s"]
         r["x_naive_wall"] = r["queries_per_wall_s"] / rows[0]["queries_per_wall_s"]
+        r["x_fewer_flops"] = flops / max(1.0, r["flops_per_query"])
     return rows
 
 
@@ -260,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"threads {args.threads}; load average {load:.2f} at start; matmul {peak:.1f} GFLOP/s "
              f"(again at the end: {peak_after:.1f}); batch {args.batch}; mu {MU}", "",
              "| model | path | coords timed | queries per CPU-s | x naive | (wall: x naive) | "
-             "brute-force equiv. (% of matmul) | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "brute-force equiv. (% of matmul) | conv/matmul FLOPs per query (x fewer) | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['path']} | {r['coords_timed']} | {r['queries_per_s']:.1f} | "
-                     f"{r['x_naive']:.1f} | {r['x_naive_wall']:.1f} | {r['brute_force_equiv_pct']:.1f} | {r['note']} |")
+                     f"{r['x_naive']:.1f} | {r['x_naive_wall']:.1f} | {r['brute_force_equiv_pct']:.1f} | "
+                     f"{r['flops_per_query'] / 1e6:.2f} M ({r['x_fewer_flops']:.1f}x) | {r['note']} |")
     targets = {"digits-cnn": 30.0, "resnet20": 5.0}
     for name, target in targets.items():
         got = [r for r in rows if r["model"] == name and r["path"] == "reuse"]
