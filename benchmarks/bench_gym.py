@@ -7,6 +7,7 @@ One call evaluates P = d + 1 policies (a forward-CGE step of the default 8-unit 
 episodes each, i.e. P*E sub-environments stepped side by side. Paths:
   sync+vmap     SyncVectorEnv (one Python env per sub-environment), policies by vmap(functional_call)
   sync+bmm      SyncVectorEnv, policies by batched matrix products (the plain-MLP fast path)
+  vector+vmap   numpy-vectorised env, policies by vmap (isolates what baddbmm buys)
   vector+bmm    numpy-vectorised env (gymnasium's CartPoleVectorEnv / our Pendulum transcription)
                 seeded per sub-environment, batched matrix products: what vectorization="auto" picks
 The policies are perturbations (0.05) of one policy; for CartPole one that balances, so
@@ -36,7 +37,8 @@ CASES = {  # env id, episodes per step, episode cap: the problems' defaults
     "cartpole": ("CartPole-v1", 8, 500),
     "pendulum": ("Pendulum-v1", 8, 200),
 }
-PATHS = (("sync+vmap", "sync", False), ("sync+bmm", "sync", True), ("vector+bmm", "vector", True))
+PATHS = (("sync+vmap", "sync", False), ("sync+bmm", "sync", True), ("vector+vmap", "vector", False),
+         ("vector+bmm", "vector", True))
 
 
 def time_path(env_id: str, episodes: int, cap: int, vectorization: str, fast_mlp: bool, repeats: int):
