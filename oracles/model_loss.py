@@ -167,3 +167,14 @@ class ModelLossOracle(Oracle):
 
     def initial_theta(self) -> Tensor:
         return self.space.flatten_module(self.module)
+
+    @classmethod
+    def example(cls) -> tuple["ModelLossOracle", Any]:
+        """A small staged CNN with batch norm and a batch, for `blackbox-zo check-oracle model-loss-v1`
+        (its coordinate check exercises the feature-reuse path against `losses`)."""
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+        batch = (torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+        return cls(module), batch

@@ -277,3 +277,10 @@ def test_untraceable_module_is_refused_or_falls_back():
     with pytest.raises(ValueError, match="granularity"):
         FeatureReuse(nn.Sequential(nn.Linear(2, 2)), ModelLossOracle(nn.Linear(2, 2)).space, F.mse_loss,
                      granularity="block")
+
+
+def test_registered_example_passes_the_conformance_check():
+    oracle, batch = ModelLossOracle.example()  # what `blackbox-zo check-oracle model-loss-v1` runs
+    assert oracle.reuse is not None
+    report = check_oracle(oracle, batch)
+    assert report.ok, str(report)
