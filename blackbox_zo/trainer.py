@@ -396,8 +396,9 @@ class Trainer:
                               "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
                     self._log(record)
                     rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
-                    bar.set_postfix(loss=f"{loss:.4f}", queries=_human(self.oracle.ledger.total), qps=_human(rate),
-                                    **{k: f"{v:.4f}" for k, v in self.last_eval.items()})
+                    # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
+                    bar.set_postfix({"loss": f"{loss:.4f}", "queries": _human(self.oracle.ledger.total),
+                                     "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}})
                     bar.update(1)
                     if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
                         self.save_checkpoint()

@@ -110,3 +110,25 @@ def test_query_budget_stops_the_run_before_it_is_exceeded():
     assert summary["queries"]["total"] == 17 * (100 // 17)
     assert summary["stopped"].startswith("query budget")
     assert "test_acc" in summary
+
+
+class QuadraticProblem(NaNProblem):
+    """A problem whose evaluation reports a metric named `loss`, like the progress bar's own column."""
+
+    name = "quadratic-problem"
+
+    def __init__(self):
+        super().__init__(bad_from=10**9)
+
+    def setup(self, config):
+        setup = super().setup(config)
+        setup.evaluate = lambda module: {"loss": float(self.oracle.losses(torch.ones(1, 3), None)[0])}
+        return setup
+
+
+def test_progress_bar_accepts_an_eval_metric_named_like_its_columns(capsys):
+    prob = QuadraticProblem()
+    cfg = resolve_config(prob.config_model, prob.default_config(), overrides=["run.progress=true", "run.epochs=2"])
+    summary = train(prob, cfg)  # the epoch-1 evaluation is on the bar during epoch 2
+    assert summary["steps"] == 10 and summary["loss"] == 3.0
+    assert "eval/loss=3.0000" in capsys.readouterr().err
