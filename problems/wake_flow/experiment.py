@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NON: pairs per step (default: windows x unroll, the (state, target) pairs of one SOL step)")
     p.add_argument("--out", help="output directory (default: runs/wake-flow-experiment/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="tiny grids and few steps (smoke run)")
+    p.add_argument("--paper-scale", action="store_true",
+                   help="DeepZero Appx. H settings (500 frames, 56,898-parameter corrector, n = 16, Adam 1e-4, "
+                        "10 epochs): a GPU job; --set still applies on top")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -103,12 +106,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .data import WindowBatches, cache_path, load_or_generate
     from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
-    from .problem import WakeFlowProblem, build_corrector, data_spec, loss_weight
+    from .problem import PAPER_SCALE, WakeFlowProblem, build_corrector, data_spec, loss_weight
     from .report import mae_table, plot_mae_bars, plot_mae_over_time, plot_vorticity_strip, write_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     problem = WakeFlowProblem()
-    overrides = (QUICK if args.quick else []) + list(args.set)
+    paper = [f"{k}={json.dumps(v)}" for k, v in PAPER_SCALE.items()] if args.paper_scale else []
+    overrides = (QUICK if args.quick else []) + paper + list(args.set)
     if args.no_progress:
         overrides.append("run.progress=false")
     config = resolve_config(problem.config_model, problem.default_config(), args.config, overrides)
