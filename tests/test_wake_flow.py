@@ -313,11 +313,15 @@ def test_window_batches_pick_consecutive_frames():
         batches.batch(0, 2)
 
 
-def test_bad_settings_name_the_field():
+def test_settings_paper_scale_and_bad_values():
     from blackbox_zo.config import ConfigError, resolve_config
-    from problems.wake_flow import WakeFlowProblem
+    from problems.wake_flow import PAPER_SCALE, WakeFlowProblem
 
     problem = WakeFlowProblem()
+    paper = resolve_config(problem.config_model, problem.default_config(), None,
+                           [f"{k}={json.dumps(v)}" for k, v in PAPER_SCALE.items()])
+    assert (paper.wake.corrector, paper.wake.unroll, paper.wake.record_steps) == ("paper", 16, 500)
+    assert paper.optimizer.lr == 1e-4 and paper.sparsity.sparsity == 0.95 and paper.wake.batches_per_epoch is None
     for item, field in (("wake.unroll=0", "wake.unroll"), ("wake.corrector=huge", "wake.corrector"),
                         ("wake.test_re=[100, -1]", "wake.test_re")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -338,7 +342,10 @@ def test_experiment_quick_runs_all_four_methods(tmp_path):
     assert [r["method"] for r in summary["table"]] == ["SRC", "NON", "FO-SOL", "ZO-SOL"]
     assert all(r["mae_mean"] > 0 for r in summary["table"])
     zo = summary["summaries"]["ZO-SOL"]
-    assert zo["queries"]["prune"] > 0 and zo["queries"]["train"] > 0 and zo["zeroth_order"]
+    # Sparse forward CGE: one base query plus one per sampled coordinate (95% of the weights left out).
+    coords = zo["sparsity"]["coords_per_step"]
+    assert zo["zeroth_order"] and coords < 0.1 * 506
+    assert zo["queries"]["train"] == zo["steps"] * (coords + 1)
     assert summary["summaries"]["FO-SOL"]["queries"]["total"] == 0
     for name in ("results.md", "results.csv", "mae_bars.png", "mae_over_time.png", "vorticity.png"):
         assert (out / name).stat().st_size > 0
