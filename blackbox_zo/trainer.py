@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -367,7 +368,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not (cfg.progress and self.is_main),
-                   desc=self.problem_name, dynamic_ncols=True, leave=True)
+                   desc=self.problem_name, dynamic_ncols=True, leave=True,
+                   # in a log file (CI, nohup) every redraw is a new line: redraw every 10 s there
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         session_start = time.perf_counter()
         session_queries = self.oracle.ledger.total
         start_elapsed = self.elapsed
@@ -398,7 +401,8 @@ class Trainer:
                     rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
                     # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
                     bar.set_postfix({"loss": f"{loss:.4f}", "queries": _human(self.oracle.ledger.total),
-                                     "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}})
+                                     "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
+                                    refresh=False)  # update() redraws, at most every mininterval
                     bar.update(1)
                     if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
                         self.save_checkpoint()
