@@ -1,6 +1,6 @@
 """Solver-in-the-loop oracle: loss queries per second, batched vs one perturbation at a time.
 
-    python benchmarks/bench_sol.py                         # the CPU default: 32x64, n = 4, W = 2, P = 64
+    python benchmarks/bench_sol.py                         # the CPU default: 32x64, n = 4, W = 2, P = 32, tiny
     python benchmarks/bench_sol.py --threads 2 --unroll 16 --windows 1
 
 One query is the eq. (A3) loss of one perturbed corrector: n unrolled steps of the PhiFlow
@@ -68,8 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--nx", type=int, default=32, help="low-fidelity cells along x (y: twice as many)")
     p.add_argument("--unroll", type=int, default=4)
     p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--perturbations", type=int, default=64, help="P, parameter vectors per step")
-    p.add_argument("--corrector", default="small")
+    p.add_argument("--perturbations", type=int, default=32,
+                   help="P, parameter vectors per step (the CPU default's Sparse-CGE step: 31 coordinates + 1 base)")
+    p.add_argument("--corrector", default="tiny", help="corrector size (the CPU default: tiny; paper: paper)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=300)
