@@ -255,9 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--models: unknown {sorted(unknown)}; allowed: digits, resnet20")
     torch.set_num_threads(args.threads)
+    from blackbox_zo.runtime import tune_allocator
+
+    malloc = "tuned" if tune_allocator() else "glibc defaults"  # as training runs (BLACKBOX_ZO_MALLOC_TUNING=0: off)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     peak = matmul_gflops()
-    print(f"threads {args.threads}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s", flush=True)
+    print(f"threads {args.threads}, malloc {malloc}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s",
+          flush=True)
     rows: list[dict] = []
     if "digits" in models:
         module, x, y = digits_case(args.batch, args.seed)

@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from blackbox_zo.runtime import tune_allocator
+
+    tune_allocator()  # as a training run does (BLACKBOX_ZO_MALLOC_TUNING=0 turns it off)
     out = Path(args.out or Path("runs") / "bench_gym" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -11,12 +11,14 @@ each with one intra-op thread, joined by a gloo group on localhost:
   throughput is the most any M-rank scheme can get from this machine (cores that share caches,
   memory bandwidth or a physical core cost something even without communication);
 * M ranks, even split: `ParallelEstimator` with the coordinates cut into M pieces of equal count;
-* M ranks, balanced: `ParallelEstimator` with the pieces cut by the per-block cost measured on
-  the first steps (the default).
+* M ranks, calibrated: `ParallelEstimator` with the pieces cut by the per-block cost measured on
+  the first steps, kept fixed;
+* M ranks, balanced (the default): calibrated, then the cut refined every step from each rank's
+  measured shard time (`parallel.refine_costs`).
 
 A step = one full forward-CGE estimate (base loss + every coordinate of the set + the
 all-reduce) at a new theta and a new batch, as in training (so no cache carries over).
-Warm-up steps (first-touch, and the cost measurement) are not timed. Two ratios:
+Warm-up steps (first-touch, the cost measurement, the first refinements) are not timed. Two ratios:
 
 * speed-up (wall): coordinate queries per second of wall time on rank 0 (ranks are in
   lock-step through the all-reduce, so rank 0's wall time is the job's), M ranks / reference.
@@ -107,6 +109,9 @@ def _coords(d: int, n: int | None) -> torch.Tensor | None:
 
 def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps: int, warmup: int, queue) -> None:
     torch.set_num_threads(1)
+    from blackbox_zo.runtime import tune_allocator
+
+    tune_allocator()  # as a training run does (BLACKBOX_ZO_MALLOC_TUNING=0 turns it off)
     from blackbox_zo import parallel
     from blackbox_zo.estimators import CGE
     from oracles.model_loss import ModelLossOracle
@@ -123,8 +128,9 @@ def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps:
     drift = 1e-3 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(2))
     estimator = CGE(mu=MU)
     if mode not in ("reference", "independent"):
-        estimator = parallel.ParallelEstimator(estimator, balance_steps=max(1, warmup - 1),
-                                               balance_by_cost=(mode == "balanced"))
+        estimator = parallel.ParallelEstimator(estimator, balance_steps=3,  # the default
+                                               balance_by_cost=(mode in ("balanced", "calibrated")),
+                                               refine=(mode == "balanced"))
     n_batches = x.shape[0] // batch_size
     wall = cpu = shard = 0.0
     for step in range(warmup + steps):
@@ -145,7 +151,8 @@ def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps:
 
 
 def _modes(ranks: int) -> list[tuple[str, int]]:
-    return [("reference", 1), ("independent", ranks), ("even split", ranks), ("balanced", ranks)]
+    return [("reference", 1), ("independent", ranks), ("even split", ranks), ("calibrated", ranks),
+            ("balanced", ranks)]
 
 
 def _free_port() -> int:
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2, help="ranks of the parallel runs (default 2)")
     ap.add_argument("--models", default="digits,cifar-cnn", help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--steps", type=int, default=4, help="timed CGE steps per configuration")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (the last ones measure block costs)")
+    ap.add_argument("--warmup", type=int, default=6,
+                    help="untimed first steps (>= 4: the first 3 measure block costs, the rest refine the cut)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all modes; the median round is reported")
     ap.add_argument("--out", default="runs/bench_parallel")
     args = ap.parse_args(argv)
@@ -218,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--models: unknown model {m!r}; known: {', '.join(MODELS)}")
     if args.ranks < 2:
         ap.error(f"--ranks must be >= 2, got {args.ranks}")
-    if args.steps < 1 or args.warmup < 2:
-        ap.error("--steps must be >= 1 and --warmup >= 2")
+    if args.steps < 1 or args.warmup < 4:
+        ap.error("--steps must be >= 1 and --warmup >= 4")
 
-    print(f"bench_parallel: torch {torch.__version__}, one thread per rank, forward CGE, mu={MU}")
+    tuning = "off (BLACKBOX_ZO_MALLOC_TUNING=0)" if os.environ.get("BLACKBOX_ZO_MALLOC_TUNING", "1") == "0" else "on"
+    print(f"bench_parallel: torch {torch.__version__}, one thread per rank, forward CGE, mu={MU}, malloc tuning {tuning}")
     before = _load()
     print(f"before: {before}")
     rows = []

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     torch.set_num_threads(args.threads)
+    from blackbox_zo.runtime import tune_allocator
+
+    tune_allocator()  # as a training run does (BLACKBOX_ZO_MALLOC_TUNING=0 turns it off)
 
     sim = shared_simulator(WakeFlowGeometry(nx=args.nx, ny=2 * args.nx), min_reynolds=min(PAPER_TRAIN_RE))
     batch = make_batch(sim, args.windows, args.unroll, args.warmup_steps)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, resolve_config
+from .runtime import tune_allocator
 
 EXIT_USAGE = 2
 
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # experiments and eval allocate like training does
     return args.fn(args)
 
 

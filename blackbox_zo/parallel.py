@@ -27,7 +27,12 @@ and one all-reduce sums the partial estimates. How it runs here:
   sorted coordinate set is cut into M contiguous pieces of equal predicted cost. With a
   feature-reuse oracle late stages are cheaper than early ones and the cut follows that;
   with the plain oracle all coordinates cost alike and the cut is even. No cost table is
-  hard-coded.
+  hard-coded. After that, every step refines the cut: the all-reduce also carries each
+  rank's measured seconds for its shard, and the predicted costs of each piece are scaled
+  toward what it took (:func:`refine_costs`), so a per-call overhead or a block whose cost
+  is not linear in its count stops skewing the split. The refined costs carry over, per
+  block, when the coordinate set changes. The cut changes no result: every coordinate is
+  evaluated by exactly one rank and summed with zeros.
 * RGE is sharded by directions instead: every rank draws the same direction stream (the
   one a single process would draw, chunk for chunk) and evaluates a contiguous range of
   the q directions. All directions perturb every block, so they cost alike and the range
@@ -71,6 +76,7 @@ __all__ = [
     "rank",
     "world_size",
     "balanced_bounds",
+    "refine_costs",
     "BlockCosts",
     "fingerprint",
     "ParallelEstimator",
@@ -212,6 +218,25 @@ def balanced_bounds(costs: Tensor, parts: int) -> list[int]:
     return [0, *inner, n]
 
 
+def refine_costs(costs: Tensor, bounds: Sequence[int], seconds: Sequence[float], damping: float = 0.5) -> Tensor:
+    """Scale each piece's predicted item costs toward the seconds it measured.
+
+    Piece p = items[bounds[p]:bounds[p+1]] predicted sum(costs) and took seconds[p]; its
+    costs are multiplied by (seconds[p] / predicted) ** damping, the factor clamped to
+    [1/2, 2] per call so one noisy step cannot swing the cut. Empty pieces and pieces
+    without a positive measurement keep their costs. Re-cutting with `balanced_bounds`
+    after each call converges to pieces of equal measured time (tests/test_parallel.py
+    checks this on a cost profile the block model cannot represent).
+    """
+    out = costs.detach().to(torch.float64).clone()
+    for p in range(len(bounds) - 1):
+        a, b = int(bounds[p]), int(bounds[p + 1])
+        predicted, measured = float(out[a:b].sum()), float(seconds[p])
+        if b > a and predicted > 0 and measured > 0:
+            out[a:b] *= min(2.0, max(0.5, (measured / predicted) ** damping))
+    return out
+
+
 class BlockCosts:
     """Measured seconds per coordinate of each ParamSpace block, agreed across ranks."""
 
@@ -303,7 +328,7 @@ class ParallelEstimator:
     """
 
     def __init__(self, inner: Any, *, balance_steps: int = 3, check_every_steps: int = 50,
-                 balance_by_cost: bool = True, log: Callable[[str], None] | None = None):
+                 balance_by_cost: bool = True, refine: bool = True, log: Callable[[str], None] | None = None):
         if not isinstance(inner, (CGE, RGE)):
             kind = "autograd (the first-order reference)" if inner is None else type(inner).__name__
             raise ParallelError(f"estimator {kind} has no sharded form; forward parallelism supports cge and rge "
@@ -315,12 +340,18 @@ class ParallelEstimator:
         self.inner = inner
         self.balance_steps = int(balance_steps)
         self.balance_by_cost = bool(balance_by_cost)  # False: even split by count (the benchmark's comparison)
+        self.refine = bool(refine)  # False: keep the block costs of calibration (the benchmark's comparison)
         self.check_every_steps = int(check_every_steps)
         self.rank, self.world = rank(), world_size()
         self.calls = 0
         self.costs: BlockCosts | None = None
         self.log = log
         self.last_shard_seconds = 0.0  # cost-clock seconds this rank spent on its shard in the last estimate
+        # per-coordinate predicted costs of the current sorted coordinate set, refined every step
+        self._item_costs: Tensor | None = None
+        self._item_key: int | None = None
+        self._item_blocks: Tensor | None = None
+        self._bounds: list[int] | None = None
         self.last_local_queries = 0
 
     def __repr__(self) -> str:
@@ -365,11 +396,31 @@ class ParallelEstimator:
 
     def _coordinate_shard(self, space: ParamSpace, sorted_coords: Tensor) -> Tensor:
         if not self.balance_by_cost or self._calibrating():
-            costs = torch.ones(sorted_coords.numel(), dtype=torch.float64)
+            self._bounds = None
+            bounds = balanced_bounds(torch.ones(sorted_coords.numel(), dtype=torch.float64), self.world)
         else:
-            costs = self.costs.per_coord[space.block_index(sorted_coords.cpu())]
-        bounds = balanced_bounds(costs, self.world)
+            key = fingerprint(sorted_coords)
+            if key != self._item_key:  # a new coordinate set: start from the (refined) block costs
+                self._carry_refinement_to_blocks()
+                self._item_blocks = space.block_index(sorted_coords.cpu())
+                self._item_costs = self.costs.per_coord[self._item_blocks].clone()
+                self._item_key = key
+            bounds = self._bounds = balanced_bounds(self._item_costs, self.world)
         return sorted_coords[bounds[self.rank] : bounds[self.rank + 1]]
+
+    def _carry_refinement_to_blocks(self) -> None:
+        """Fold the refined per-coordinate costs back into per-block means."""
+        if self._item_costs is None or self.costs is None or self.costs.per_coord is None:
+            return
+        n = len(self.costs.per_coord)
+        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, self._item_blocks, self._item_costs)
+        counts = torch.bincount(self._item_blocks, minlength=n).to(torch.float64)
+        self.costs.per_coord = torch.where(counts > 0, sums / counts.clamp_min(1), self.costs.per_coord)
+
+    def _refine(self, seconds: Tensor) -> None:
+        """Every rank holds the same all-reduced shard times, so every rank refines alike."""
+        if self.refine and self._bounds is not None and self._item_costs is not None:
+            self._item_costs = refine_costs(self._item_costs, self._bounds, seconds.tolist())
 
     def _coordinate_values(self, oracle: Oracle, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
         """Losses at theta + mu e_j for this rank's coords; block by block, timed, while calibrating."""
@@ -386,9 +437,9 @@ class ParallelEstimator:
             start += n
         return torch.cat(out) if out else theta.new_empty(0)
 
-    def _reduce(self, packed: Tensor, failure: BaseException | None, what: str) -> Tensor:
+    def _reduce(self, packed: Tensor, failure: BaseException | None, what: str, slots_at: int | None = None) -> Tensor:
         _collective(what, lambda: _dist().all_reduce(packed))
-        tail = packed[-_SLOTS:]
+        tail = packed[-_SLOTS:] if slots_at is None else packed[slots_at : slots_at + _SLOTS]
         failed = int(round(float(tail[_FAILED_NONFINITE]))) + int(round(float(tail[_FAILED_ORACLE])))
         if failed:
             if failure is not None:
@@ -419,7 +470,8 @@ class ParallelEstimator:
         total = 2 * n if central else n + self.world  # every rank evaluates the base loss itself
         oracle.ledger.ensure_available(total)
         mine = self._coordinate_shard(oracle.space, sorted_coords)
-        packed = theta.new_zeros(d + _SLOTS)
+        # gradient | _SLOTS | this step's shard seconds of every rank (rank r writes slot r)
+        packed = theta.new_zeros(d + _SLOTS + self.world)
         failure, base, before = None, None, oracle.ledger.total
         t0 = _cost_clock(theta)
         try:
@@ -428,10 +480,14 @@ class ParallelEstimator:
                 minus = self._coordinate_values(oracle, theta, mine, -mu, batch)
                 packed[mine] = (plus - minus) / (2 * mu)
                 packed[d + _BASE_SUM] = (0.5 * (plus + minus)).sum()
+                t_coords = _cost_clock(theta) - t0
             else:
                 base = oracle.query(theta.unsqueeze(0), batch)[0]
+                t1 = _cost_clock(theta)  # the base loss is every rank's, not the shard's
                 plus = self._coordinate_values(oracle, theta, mine, mu, batch)
+                t_coords = _cost_clock(theta) - t1
                 packed[mine] = (plus - base) / mu
+            packed[d + _SLOTS + self.rank] = t_coords
         except (OracleError, NonFiniteLossError) as exc:
             failure = exc
             packed.zero_()
@@ -440,11 +496,12 @@ class ParallelEstimator:
         self.last_shard_seconds, self.last_local_queries = _cost_clock(theta) - t0, local
         packed[d + _QUERIES] = local
         try:
-            packed = self._reduce(packed, failure, f"all-reduce of the CGE estimate ({n} coordinates)")
+            packed = self._reduce(packed, failure, f"all-reduce of the CGE estimate ({n} coordinates)", slots_at=d)
         except (OracleError, NonFiniteLossError):
             self._after_reduce(oracle, local, int(round(float(packed[d + _QUERIES]))))
             raise
         self._after_reduce(oracle, local, total)
+        self._refine(packed[d + _SLOTS :].to(torch.float64).cpu())
         self._maybe_finalize_costs(oracle.space)
         grad = packed[:d].clone()
         if central:

@@ -28,6 +28,7 @@ from . import parallel
 from .estimators import CGE, RGE, Estimate
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded
 from .problem import Problem, TrainingSetup
+from .runtime import tune_allocator
 
 __all__ = [
     "FlatParams",
@@ -363,6 +364,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config.run
+        tune_allocator()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         from tqdm.auto import tqdm
@@ -511,6 +513,7 @@ def train(
     callbacks: Sequence[Callable[[Trainer, dict], None]] = (),
 ) -> dict[str, Any]:
     """Set up `problem` with `config` and train; `resume` continues the run in that directory."""
+    tune_allocator()  # once per process; see blackbox_zo/runtime.py (BLACKBOX_ZO_MALLOC_TUNING=0 opts out)
     torch.manual_seed(config.run.seed)
     np.random.seed(config.run.seed % 2**32)
     random.seed(config.run.seed)

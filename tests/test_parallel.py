@@ -302,6 +302,30 @@ def test_balanced_bounds_cut_by_cost():
         assert worst <= float(costs.sum()) / parts + float(costs.max())  # the documented guarantee
 
 
+def test_refine_costs_converges_to_equal_measured_time():
+    # What the block model cannot represent: a fixed overhead per piece (one call per shard)
+    # and a cost that grows inside a block. The cut starts from flat predicted costs.
+    n, parts, overhead = 600, 3, 40.0
+    true = torch.cat([torch.linspace(5.0, 1.0, 100), torch.full((500,), 0.5)]).double()
+    predicted = torch.ones(n, dtype=torch.float64)
+
+    def measure(bounds):
+        return [overhead + float(true[bounds[p]:bounds[p + 1]].sum()) for p in range(parts)]
+
+    first = measure(parallel.balanced_bounds(predicted, parts))
+    for _ in range(25):
+        bounds = parallel.balanced_bounds(predicted, parts)
+        predicted = parallel.refine_costs(predicted, bounds, measure(bounds))
+    last = measure(parallel.balanced_bounds(predicted, parts))
+    assert max(first) / (sum(first) / parts) > 1.3  # the flat cut is far off
+    # balanced to within one item's cost (the most expensive is 5 of a mean piece of ~223)
+    assert max(last) - min(last) <= float(true.max()) + 1e-9
+    # pieces without a measurement keep their costs; one step moves a piece by at most 2x
+    kept = parallel.refine_costs(predicted, [0, 0, 300, n], [0.0, 0.0, 1e9])
+    assert torch.equal(kept[:300], predicted[:300])
+    assert torch.allclose(kept[300:], 2 * predicted[300:])
+
+
 def test_fingerprint_is_bitwise():
     t = torch.linspace(-1, 1, 1000)
     u = t.clone()
