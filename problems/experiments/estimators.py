@@ -48,6 +48,7 @@ from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
 from blackbox_zo.trainer import train
 from oracles.model_loss import ModelLossOracle
 
+from .args import int_list, positive
 from .tables import experiment_dir, write_table
 
 __all__ = ["make_simple_cnn", "timed_cge", "timed_rge", "fig2", "timing_table", "cosine_table", "main"]
@@ -450,16 +451,6 @@ def plot_cosine(raw, d: int, path: Path) -> None:
 # ------------------------------------------------------------------------------- main
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def _fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -489,35 +480,25 @@ def _lrs(text: str) -> dict[str, float]:
     return out
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blackbox-zo experiment estimators", description=__doc__.split("\n\n")[0])
-    p.add_argument("--widths", type=_ints, default=[2, 4, 8], help="simple-CNN widths for Fig. 2 (default 2,4,8)")
-    p.add_argument("--epochs", type=_positive(int), default=6, help="training epochs per run (the paper: 50)")
-    p.add_argument("--batch-size", type=_positive(int), default=32)
-    p.add_argument("--seeds", type=_ints, default=[1], help="training seeds (default 1)")
+    p.add_argument("--widths", type=int_list, default=[2, 4, 8], help="simple-CNN widths for Fig. 2 (default 2,4,8)")
+    p.add_argument("--epochs", type=positive(int), default=6, help="training epochs per run (the paper: 50)")
+    p.add_argument("--batch-size", type=positive(int), default=32)
+    p.add_argument("--seeds", type=int_list, default=[1], help="training seeds (default 1)")
     p.add_argument("--lrs", type=_lrs, default=dict(DEFAULT_LRS),
                    help="per-method learning rates, e.g. fo=0.2,cge=0.2,rge=0.05 (default), or 'reference' (CGE 1e-3, RGE 1e-4)")
     p.add_argument("--tune", action="store_true", help="choose each method's lr on a validation split first")
     p.add_argument("--tune-grid", default="1.0,0.5,0.2,0.05", help="lrs tried by --tune")
-    p.add_argument("--tune-width", type=_positive(int), default=4)
-    p.add_argument("--mu", type=_positive(float), default=5e-3, help="finite-difference step (DeepZero: 5e-3)")
-    p.add_argument("--timing-widths", type=_ints, default=[2, 4, 8, 16], help="widths for Table A1 (d up to 2714)")
-    p.add_argument("--timing-reps", type=_positive(int), default=2)
-    p.add_argument("--cosine-width", type=_positive(int), default=8)
+    p.add_argument("--tune-width", type=positive(int), default=4)
+    p.add_argument("--mu", type=positive(float), default=5e-3, help="finite-difference step (DeepZero: 5e-3)")
+    p.add_argument("--timing-widths", type=int_list, default=[2, 4, 8, 16], help="widths for Table A1 (d up to 2714)")
+    p.add_argument("--timing-reps", type=positive(int), default=2)
+    p.add_argument("--cosine-width", type=positive(int), default=8)
     p.add_argument("--cosine-fractions", type=_fractions, default=[0.125, 0.25, 0.5, 1.0])
-    p.add_argument("--cosine-seeds", type=_ints, default=[1, 2, 3])
+    p.add_argument("--cosine-seeds", type=int_list, default=[1, 2, 3])
     p.add_argument("--skip", default="", help="comma-separated parts to skip: fig2, timing, cosine")
-    p.add_argument("--threads", type=_positive(int), default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive(int), default=2, help="torch threads (default 2)")
     p.add_argument("--out", default=None, help="output folder (default runs/experiments/estimators/<timestamp>)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -36,6 +36,7 @@ from blackbox_zo.hzo import HZO, TorchStages
 from blackbox_zo.problem import TensorBatches
 from oracles.model_loss import ModelLossOracle
 
+from .args import int_list, positive
 from .tables import experiment_dir, write_table
 
 __all__ = ["make_staged_cnn", "autograd_grad", "cosine", "cosine_vs_depth", "query_counts", "train_digits_hzo", "main"]
@@ -308,42 +309,22 @@ def plot_training(curves, path: Path) -> None:
 # ------------------------------------------------------------------------------- main
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blackbox-zo experiment hzo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--depths", type=_ints, default=[16, 32, 64], help="body depths for the cosine study (default 16,32,64)")
-    p.add_argument("--count-depths", type=_ints, default=[2, 4, 8, 16, 32, 64], help="depths for the query counts")
-    p.add_argument("--channels", type=_positive(int), default=4, help="channels C of every body block (width M = 64 C)")
-    p.add_argument("--batch", type=_positive(int), default=16, help="batch size of the cosine study")
-    p.add_argument("--eps", type=_positive(float), default=1e-3, help="finite-difference step (activations and weights)")
-    p.add_argument("--seeds", type=_ints, default=[1], help="seeds of the cosine study (nets and batches)")
+    p.add_argument("--depths", type=int_list, default=[16, 32, 64], help="body depths for the cosine study (default 16,32,64)")
+    p.add_argument("--count-depths", type=int_list, default=[2, 4, 8, 16, 32, 64], help="depths for the query counts")
+    p.add_argument("--channels", type=positive(int), default=4, help="channels C of every body block (width M = 64 C)")
+    p.add_argument("--batch", type=positive(int), default=16, help="batch size of the cosine study")
+    p.add_argument("--eps", type=positive(float), default=1e-3, help="finite-difference step (activations and weights)")
+    p.add_argument("--seeds", type=int_list, default=[1], help="seeds of the cosine study (nets and batches)")
     p.add_argument("--with-direct", action="store_true", help="also the O(M L^2) direct scheme (slow at depth 64)")
-    p.add_argument("--train-depth", type=_positive(int), default=4)
-    p.add_argument("--train-channels", type=_positive(int), default=4)
-    p.add_argument("--train-epochs", type=_positive(int), default=8)
-    p.add_argument("--train-batch", type=_positive(int), default=32)
-    p.add_argument("--train-lr", type=_positive(float), default=0.05)
+    p.add_argument("--train-depth", type=positive(int), default=4)
+    p.add_argument("--train-channels", type=positive(int), default=4)
+    p.add_argument("--train-epochs", type=positive(int), default=8)
+    p.add_argument("--train-batch", type=positive(int), default=32)
+    p.add_argument("--train-lr", type=positive(float), default=0.05)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cosine, queries, train")
-    p.add_argument("--threads", type=_positive(int), default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive(int), default=2, help="torch threads (default 2)")
     p.add_argument("--out", default=None, help="output folder (default runs/experiments/hzo/<timestamp>)")
     p.add_argument("--no-progress", action="store_true")
     return p
