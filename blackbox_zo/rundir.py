@@ -373,7 +373,7 @@ def load_checkpoint(run_dir: Path) -> LoadedCheckpoint:
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
+    if isinstance(obj, dict):  # an empty dict (e.g. no oracle.options) has no settings to compare
         out: dict[str, Any] = {}
         for k, v in obj.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -381,15 +381,23 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+UNSET = _Unset()
+
+
 def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, new value) for every setting that differs, sorted by key."""
+    """(dotted key, saved value, new value) for every setting that differs, sorted by key;
+    a setting present on one side only (a free-form dict such as oracle.options) shows as UNSET."""
     a, b = _flatten(saved), _flatten(new)
-    missing = object()
     out = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if va != vb:
-            out.append((key, None if va is missing else va, None if vb is missing else vb))
+        va, vb = a.get(key, UNSET), b.get(key, UNSET)
+        if va is UNSET or vb is UNSET or va != vb:
+            out.append((key, va, vb))
     return out
 
 

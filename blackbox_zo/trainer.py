@@ -383,8 +383,8 @@ class Trainer:
         if self.parallel is not None:
             box = {**out, "__error__": list(error) if error else None, "__missing__": missing}
             box = parallel.share_from_main(box, self.oracle.ledger)
-            error = tuple(box.pop("__error__")) if box.get("__error__") else None
-            missing = box.pop("__missing__", None)
+            shared_error, missing = box.pop("__error__", None), box.pop("__missing__", None)
+            error = tuple(shared_error) if shared_error else None
             out = box
         if error is not None:
             raise TrainingError(f"evaluation after step {self.pos.step} (oracle {self.oracle.name!r}): {error[1]}; "

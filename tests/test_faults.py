@@ -212,6 +212,23 @@ def _no_module(name):
     return patch
 
 
+def _broken_plugin(monkeypatch, tmp):
+    """An installed distribution whose oracle entry point cannot be imported."""
+    import importlib
+
+    from blackbox_zo import oracle as oracle_module
+
+    site = tmp / "site"
+    info = site / "broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[blackbox_zo.oracles]\nbroken-v1 = no_such_module_xyz:Thing\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
+    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
+    importlib.invalidate_caches()
+
+
 def _cuda_present():
     return "this machine has CUDA" if torch.cuda.is_available() else None
 
@@ -337,6 +354,12 @@ ROWS = [
     Row("check-oracle: a bad factory option", ["check-oracle", BOWL, "--set", "oracle.options.nope=1"], 1,
         "[FAIL] construct fault-bowl-v1 with oracle.options={'nope': 1}", stream="out", err_lines=0),
     Row("check-oracle: unknown oracle", ["check-oracle", "no-such-oracle"], 2, "unknown oracle 'no-such-oracle'"),
+    Row("check-oracle: a plug-in that fails to import", ["check-oracle", "broken-v1"], 2,
+        "plug-in 'broken-v1' (blackbox_zo.oracles) failed to import: ModuleNotFoundError: No module named "
+        "'no_such_module_xyz'", patch=_broken_plugin),
+    Row("train: a plug-in that fails to import", ["train", "broken-v1"], 2,
+        "plug-in 'broken-v1' (blackbox_zo.oracles) failed to import: ModuleNotFoundError", patch=_broken_plugin,
+        absent=("runs",)),
 ]
 
 
@@ -455,8 +478,8 @@ def test_a_signal_during_training_checkpoints_and_resumes(tmp_path, sig):
 
 
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
-    proc = _start(tmp_path, *SLOW_BOWL, "--set", "oracle.options.sleep_s=1.0")  # a step takes 2 s
-    _wait_for(lambda: _metric_lines(tmp_path) >= 1, proc)  # step 1 just ended: step 2 has ~2 s to go
+    proc = _start(tmp_path, *SLOW_BOWL, "--set", "oracle.options.sleep_s=2.0")  # a step takes 4 s
+    _wait_for(lambda: _metric_lines(tmp_path) >= 1, proc)  # step 1 just ended: step 2 has ~4 s to go
     proc.send_signal(signal.SIGINT)
     time.sleep(1.2)
     proc.send_signal(signal.SIGINT)
@@ -508,7 +531,7 @@ def test_the_table_covers_every_case_of_the_issue():
                    "non-finite loss, nan_policy=stop", "budget below what setup needs",
                    "piecewise-constant loss: the zero-signal guard", "check-oracle: non-deterministic oracle, reported once",
                    "disk full while checkpointing (ENOSPC)", "missing optional extra (phiflow)",
-                   "transient errors beyond run.oracle_retries"):
+                   "transient errors beyond run.oracle_retries", "check-oracle: a plug-in that fails to import"):
         assert needed in cases, needed
     assert len(ROWS) >= 40
 
@@ -550,3 +573,10 @@ def test_under_two_ranks_a_signal_to_one_rank_stops_both_before_the_same_step(tm
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == step
     assert torch.load(run / rundir.CHECKPOINT_NAME, weights_only=True)["position"][2] == step
+
+
+def test_docs_reliability_lists_every_row():
+    """docs/reliability.md prints this table: a row added here must be documented there."""
+    doc = (TESTS.parent / "docs" / "reliability.md").read_text()
+    missing = [r.case for r in ROWS if f"| {r.case} |" not in doc]
+    assert not missing, missing
