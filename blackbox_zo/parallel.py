@@ -431,7 +431,7 @@ class PlanSharder:
         self._bounds = balanced_bounds(self._item_costs, self.world)
         return self._bounds
 
-    def coordinate_losses(self, evaluate: Callable[[Tensor], Tensor], space: ParamSpace, coords: Tensor,
+    def measure_coordinates(self, evaluate: Callable[[Tensor], Tensor], space: ParamSpace, coords: Tensor,
                           like: Tensor) -> Tensor:
         """evaluate(coords); while calibrating, block by block, each block's cost-clock time recorded."""
         if not (self._calibrating() and self._timed_now()):

@@ -442,10 +442,9 @@ def _execute_sharded(plan: QueryPlan, oracle: Oracle, batch: Any, sharder: "para
             bounds = sharder.coordinate_bounds(oracle.space, sorted_coords)
             lo, hi = bounds[rank], bounds[rank + 1]
             mine, where = sorted_coords[lo:hi], order[lo:hi]
-            values[where] = sharder.coordinate_losses(lambda c: run.coordinates(c, plan.mu), oracle.space, mine, theta).double()
-            if plan.central:
-                values[n + where] = sharder.coordinate_losses(lambda c: run.coordinates(c, -plan.mu), oracle.space,
-                                                              mine, theta).double()
+            for offset, step in ((0, plan.mu), (n, -plan.mu)) if plan.central else ((0, plan.mu),):
+                measured = sharder.measure_coordinates(lambda c: run.coordinates(c, step), oracle.space, mine, theta)
+                values[offset + where] = measured.double()
         else:
             bounds = parallel.balanced_bounds(torch.ones(n), world)  # all perturbations cost alike
             lo, hi = bounds[rank], bounds[rank + 1]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from blackbox_zo.config import TrainConfig
 from blackbox_zo.estimators import CGE, RGE, LinearInterpolation
-from blackbox_zo.plan import execute
+from blackbox_zo.plan import QueryPlan, execute
 from blackbox_zo.contrib.hzo import HZO, TorchStages
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
 from blackbox_zo.trainer import train
@@ -252,7 +252,7 @@ def timing_table(widths, reps, batch_size, mu, progress) -> list[dict[str, Any]]
         oracle = _plain_oracle(module)
         theta = oracle.initial_theta()
         d = theta.numel()
-        oracle.query(theta.repeat(2, 1), batch)  # warm-up (first vmap call)
+        execute(QueryPlan.at(theta.repeat(2, 1)), oracle, batch)  # warm-up (first vmap call)
         sums = {"cge": None, "rge": None}
         for rep in range(reps):
             for name, fn in (("cge", lambda: timed_cge(oracle, theta, batch, mu)),
