@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from .estimators import ESTIMATORS
+from .registry import ESTIMATORS
 
 try:  # Python 3.11+
     import tomllib

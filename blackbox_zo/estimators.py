@@ -32,7 +32,7 @@ from torch import Tensor
 from .oracle import Oracle
 from .parallel import PlanSharder
 from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
-from .registry import Registry
+from .registry import ESTIMATORS
 
 __all__ = [
     "Estimate",
@@ -48,7 +48,6 @@ __all__ = [
     "make_estimator",
 ]
 
-ESTIMATORS: Registry[Any] = Registry("estimator")
 register_estimator = ESTIMATORS.register
 
 

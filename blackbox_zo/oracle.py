@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .registry import Registry, UnknownNameError
+from .registry import ORACLES, UnknownNameError
 
 __all__ = [
     "Block",
@@ -332,7 +332,6 @@ class Oracle(ABC):
 # ------------------------------------------------------------------------ registry
 
 
-ORACLES: Registry[Callable[..., Oracle]] = Registry("oracle")
 ORACLE_ENTRY_POINT_GROUP = ORACLES.group  # "blackbox_zo.oracles"
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import TrainConfig
 from .oracle import Oracle, available_oracles
-from .registry import Registry, UnknownNameError
+from .registry import EXPERIMENTS, PROBLEMS, UnknownNameError
 
 __all__ = [
     "BatchSource",
@@ -118,8 +118,6 @@ class Problem(ABC):
         """Optional extra artifacts (plots, tables) after training."""
 
 
-PROBLEMS: Registry[Any] = Registry("problem")
-EXPERIMENTS: Registry[Callable[..., Any]] = Registry("experiment")
 PROBLEM_GROUP, EXPERIMENT_GROUP = PROBLEMS.group, EXPERIMENTS.group
 
 

@@ -19,10 +19,21 @@ others: its error is kept in `Registry.errors` and `blackbox-zo list` shows it.
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-__all__ = ["Registry", "UnknownNameError", "DuplicateNameError", "plugin_errors", "registries"]
+__all__ = [
+    "Registry",
+    "UnknownNameError",
+    "DuplicateNameError",
+    "plugin_errors",
+    "registries",
+    "ORACLES",
+    "PROBLEMS",
+    "EXPERIMENTS",
+    "ESTIMATORS",
+]
 
 T = TypeVar("T")
 
@@ -51,12 +62,15 @@ class Registry(Generic[T]):
     """Names -> objects of one kind, with the entry-point group ``blackbox_zo.<plural>``.
 
     `kind` is the singular used in messages ("oracle"); `plural` names the group
-    (default `kind + "s"`). Mapping-like: ``name in reg``, ``reg[name]``, ``reg.names()``.
+    (default `kind + "s"`); `builtins` names a module whose import registers the built-in
+    entries, imported at the first lookup (so that reading a config does not import torch).
+    Mapping-like: ``name in reg``, ``reg[name]``, ``reg.names()``.
     """
 
-    def __init__(self, kind: str, plural: str | None = None):
+    def __init__(self, kind: str, plural: str | None = None, builtins: str | None = None):
         self.kind = kind
         self.group = f"blackbox_zo.{plural or kind + 's'}"
+        self._builtins = builtins
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}  # name -> where it came from (for duplicate messages)
         self.errors: dict[str, str] = {}  # entry-point name -> why it did not load
@@ -91,7 +105,11 @@ class Registry(Generic[T]):
         return decorate
 
     def load_plugins(self) -> dict[str, str]:
-        """Load every entry point of this registry's group not loaded yet; returns the errors so far."""
+        """Load the built-ins and every entry point of this registry's group not loaded yet;
+        returns the errors so far."""
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None
+            import_module(module)
         for ep in entry_points(group=self.group):
             key = (ep.name, ep.value)
             if key in self._seen_entry_points:
@@ -112,7 +130,7 @@ class Registry(Generic[T]):
     # -- lookup ---------------------------------------------------------------------
 
     def __contains__(self, name: object) -> bool:
-        if name in self._entries:
+        if self._builtins is None and name in self._entries:
             return True
         self.load_plugins()
         return name in self._entries
@@ -152,3 +170,12 @@ def registries() -> list[Registry[Any]]:
 def plugin_errors() -> dict[str, str]:
     """``"group:name" -> error`` for every entry point that failed to load, over all registries."""
     return {f"{r.group}:{name}": err for r in _ALL for name, err in sorted(r.errors.items())}
+
+
+# The four registries of blackbox_zo. The engine's estimators register themselves in
+# blackbox_zo/estimators.py; this repository's oracles, problems and experiments through
+# its pyproject.toml entry points, exactly as a plug-in does.
+ORACLES: Registry[Any] = Registry("oracle")
+PROBLEMS: Registry[Any] = Registry("problem")
+EXPERIMENTS: Registry[Any] = Registry("experiment")
+ESTIMATORS: Registry[Any] = Registry("estimator", builtins="blackbox_zo.estimators")
