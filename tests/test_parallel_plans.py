@@ -9,6 +9,7 @@ through a `PlanSharder`, while this process computes the same cases without one.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,13 +40,15 @@ def launched(tmp_path_factory):
            str(_free_port()), str(HERE / "_plan_ranks.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # its own session: on a timeout the agent and both ranks are stopped together, nothing else
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     single = run_cases(lambda: None)  # the reference, computed while the ranks run
     try:
         log, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:  # ours to stop
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, log[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
