@@ -10,8 +10,9 @@ each with one intra-op thread, joined by a gloo group on localhost:
 * M independent processes: the reference in M unconnected processes at once. Their summed
   throughput is the most any M-rank scheme can get from this machine (cores that share caches,
   memory bandwidth or a physical core cost something even without communication);
-* M ranks, even split: `ParallelEstimator` with the coordinates cut into M pieces of equal count;
-* M ranks, calibrated: `ParallelEstimator` with the pieces cut by the per-block cost measured on
+* M ranks, even split: `CGE.estimate` with a `parallel.PlanSharder` cutting the coordinate plan into M
+  pieces of equal count;
+* M ranks, calibrated: the sharder cuts the pieces by the per-block cost measured on
   the first steps, kept fixed;
 * M ranks, balanced (the default): calibrated, then the cut refined every step from each rank's
   measured shard time (`parallel.refine_costs`).
@@ -127,10 +128,11 @@ def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps:
     coords = _coords(theta0.numel(), n_coords)
     drift = 1e-3 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(2))
     estimator = CGE(mu=MU)
+    sharder = None
     if mode not in ("reference", "independent"):
-        estimator = parallel.ParallelEstimator(estimator, balance_steps=3,  # the default
-                                               balance_by_cost=(mode in ("balanced", "calibrated")),
-                                               refine=(mode == "balanced"))
+        sharder = parallel.PlanSharder(balance_steps=3,  # the default
+                                       balance_by_cost=(mode in ("balanced", "calibrated")),
+                                       refine=(mode == "balanced"))
     n_batches = x.shape[0] // batch_size
     wall = cpu = shard = 0.0
     for step in range(warmup + steps):
@@ -139,11 +141,11 @@ def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps:
         theta = theta0 + (step + 1) * drift  # a new point every step, as after an optimizer step
         oracle.on_step(theta, batch)
         w0, c0 = time.perf_counter(), time.process_time()
-        est = estimator.estimate(oracle, theta, batch, coords=coords)
+        est = estimator.estimate(oracle, theta, batch, coords=coords, sharder=sharder)
         if step >= warmup:
             wall += time.perf_counter() - w0
             cpu += time.process_time() - c0
-            shard += getattr(estimator, "last_shard_seconds", 0.0)
+            shard += getattr(sharder, "last_shard_seconds", 0.0)
     queue.put({"rank": rank, "model": model_name, "ranks": world, "d": theta0.numel(),
                "coords": theta0.numel() if coords is None else coords.numel(), "steps": steps,
                "wall": wall, "cpu": cpu, "shard_cpu": shard if mode not in ("reference", "independent") else cpu,

@@ -63,9 +63,9 @@ def _resume_command(problem: str, run_dir) -> str:
 
 def _unknown_name(name: str, exc: Exception) -> int:
     """An unknown name, unless a plug-in of that name failed to import: then its import error."""
-    from .oracle import PLUGIN_ERRORS
+    from .registry import plugin_errors
 
-    for key, err in sorted(PLUGIN_ERRORS.items()):
+    for key, err in sorted(plugin_errors().items()):
         if key.split(":", 1)[-1] == name:
             return _err(f"plug-in {name!r} ({key.split(':', 1)[0]}) failed to import: {err}")
     return _err(str(exc))
@@ -92,20 +92,24 @@ def _one_line_warnings():
 
 
 def cmd_list(args) -> int:
-    from .oracle import PLUGIN_ERRORS, available_oracles
+    from .estimators import available_estimators
+    from .oracle import available_oracles
     from .problem import available_experiments, available_problems
+    from .registry import plugin_errors
 
     sections = (("oracles (each can be trained directly: blackbox-zo train NAME)", available_oracles()),
                 ("problems", available_problems()),
-                ("experiments", available_experiments()))
+                ("experiments", available_experiments()),
+                ("estimators (--set estimator.kind=NAME; autograd: the first-order reference)", available_estimators()))
     for title, items in sections:
         print(f"{title}:")
         for name, obj in items.items():
             doc = getattr(obj, "description", "") or (getattr(obj, "__doc__", "") or "").strip().split("\n")[0]
             print(f"  {name:<22} {doc}")
-    if PLUGIN_ERRORS:
+    errors = plugin_errors()
+    if errors:
         print("failed to load:")
-        for key, err in sorted(PLUGIN_ERRORS.items()):
+        for key, err in sorted(errors.items()):
             print(f"  {key:<22} {err}")
     return 0
 
@@ -264,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list oracles, problems and experiments (built-in and plug-ins)")
+    p = sub.add_parser("list", help="list oracles, problems, experiments and estimators (built-in and plug-ins)")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("train", help="train a problem by queries", description=(

@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from .registry import ESTIMATORS
 
 try:  # Python 3.11+
     import tomllib
@@ -20,6 +23,7 @@ except ModuleNotFoundError:  # pragma: no cover - 3.10
 __all__ = [
     "Strict",
     "EstimatorConfig",
+    "FIRST_ORDER_REFERENCE",
     "InterpolationConfig",
     "OptimizerConfig",
     "ScheduleConfig",
@@ -55,15 +59,27 @@ class InterpolationConfig(Strict):
     debias: bool = True
 
 
+FIRST_ORDER_REFERENCE = "autograd"  # not an estimator: the trainer's backprop reference path
+
+
 class EstimatorConfig(Strict):
-    kind: Literal["cge", "rge", "linear-interpolation", "autograd"] = Field(
-        "cge", description="cge/rge/linear-interpolation are zeroth-order; autograd is the first-order reference (not ZO)"
-    )
-    mu: float = Field(5e-3, gt=0, description="finite-difference step")
+    kind: str = Field(
+        "cge", description="an estimator registered by name (blackbox-zo list: cge, rge, linear-interpolation, "
+        "plug-ins); 'autograd' is the first-order reference (not ZO)")
+    mu: float = Field(5e-3, gt=0, description="finite-difference step, for every estimator")
     scheme: Literal["forward", "central"] = "forward"
     q: int = Field(192, ge=1, description="RGE directions")
     distribution: Literal["gaussian", "sphere"] = "gaussian"
     interp: InterpolationConfig = InterpolationConfig()
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        if kind == FIRST_ORDER_REFERENCE or kind in ESTIMATORS:
+            return kind
+        names = [repr(n) for n in [*ESTIMATORS.names(), FIRST_ORDER_REFERENCE]]
+        raise PydanticCustomError("unknown_estimator", "Input should be {expected}",
+                                  {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
 
 
 class OptimizerConfig(Strict):

@@ -1,17 +1,28 @@
-"""Finite-difference gradient estimators: CGE and RGE (DeepZero eq. (1); lecture 002).
+"""Gradient estimators: CGE, RGE (DeepZero eq. (1); lecture 002) and linear interpolation.
 
 Every estimator has one shape::
 
-    estimator.estimate(oracle, theta, batch, coords=None, seed=None) -> Estimate
+    estimator.estimate(oracle, theta, batch, coords=None, seed=None, *, sharder=None) -> Estimate
 
-`coords` restricts the estimate to a subset of coordinates (how gradient sparsity
-arrives); coordinates outside it get zero. Queries go through `oracle.query*`, so the
-ledger sees each one, and `Estimate.queries` is the exact count of this call.
+and is built from two steps on the engine's one primitive, the query plan
+(blackbox_zo/plan.py): `plan(theta, ...)` says which points to evaluate (coordinates or
+directions around theta) and `combine(plan, losses)` turns their loss values into the
+estimate. `estimate` runs the plan through `blackbox_zo.plan.execute`, which queries the
+oracle through the ledger (so `Estimate.queries` is the exact count of the call) and, given a
+`parallel.PlanSharder` under torchrun, evaluates only this rank's share: every estimator runs
+in parallel without a line of its own for it. `coords` restricts the estimate to a subset of
+coordinates (how gradient sparsity arrives); coordinates outside it get zero.
+
+Estimators are registered by name (`ESTIMATORS`, entry-point group `blackbox_zo.estimators`);
+the config's `estimator.kind` resolves through it (`make_estimator`). A registered estimator
+has a classmethod `from_config(EstimatorConfig) -> estimator`. The finite-difference step is
+called `mu` everywhere.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -19,25 +30,47 @@ import torch
 from torch import Tensor
 
 from .oracle import Oracle
+from .parallel import PlanSharder
+from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
+from .registry import ESTIMATORS
 
-__all__ = ["Estimate", "Estimator", "CGE", "RGE", "LinearInterpolation", "lasso_fista", "make_estimator"]
+__all__ = [
+    "Estimate",
+    "Estimator",
+    "PlanEstimator",
+    "CGE",
+    "RGE",
+    "LinearInterpolation",
+    "lasso_fista",
+    "ESTIMATORS",
+    "register_estimator",
+    "available_estimators",
+    "make_estimator",
+]
+
+register_estimator = ESTIMATORS.register
+
+
+def available_estimators() -> dict[str, Any]:
+    """{name: estimator class}, the engine's own and plug-ins', sorted by name."""
+    return ESTIMATORS.available()
+
+
+def make_estimator(cfg: Any) -> "PlanEstimator":
+    """The one dispatcher: an `EstimatorConfig` -> the estimator its `kind` names in the registry."""
+    return ESTIMATORS.get(cfg.kind).from_config(cfg)
 
 
 @dataclass
 class Estimate:
     grad: Tensor  # [d]
-    queries: int  # loss values requested by this estimate
+    queries: int  # loss values requested by this estimate (the job's count under torchrun)
     base_loss: float  # loss at theta (for central schemes: mean of the +/- pairs, O(mu^2) accurate)
 
 
 class Estimator(Protocol):
-    def estimate(
-        self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None, seed: int | None = None
-    ) -> Estimate: ...
-
-
-def _all_coords(theta: Tensor) -> Tensor:
-    return torch.arange(theta.numel(), device=theta.device)
+    def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None,
+                 seed: int | None = None, *, sharder: PlanSharder | None = None) -> Estimate: ...
 
 
 def _check_mu(mu: float) -> float:
@@ -46,7 +79,57 @@ def _check_mu(mu: float) -> float:
     return float(mu)
 
 
-class CGE:
+def _check_scheme(scheme: str) -> str:
+    if scheme not in ("forward", "central"):
+        raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+    return scheme
+
+
+def _draw_seed(seed: int | None) -> int:
+    return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+
+
+class PlanEstimator(ABC):
+    """An estimator as a plan builder and a combine step; `estimate` runs the plan in between.
+
+    `plan` and `combine` never query; `estimate` is the only place the plan meets an oracle
+    (through `execute`). `chunk` (None: the oracle's `chunk_size`) is how many directions are
+    drawn and evaluated at a time; it is part of a seeded plan's identity.
+    """
+
+    chunk: int | None = None
+
+    @abstractmethod
+    def plan(self, theta: Tensor, *, coords: Tensor | None = None, seed: int | None = None,
+             chunk: int = 256) -> QueryPlan:
+        """The points this estimate needs around theta (no queries)."""
+
+    @abstractmethod
+    def combine(self, plan: QueryPlan, losses: PlanLosses) -> Estimate:
+        """The estimate from the plan's losses (no queries)."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PlanEstimator":
+        raise NotImplementedError(f"{cls.__name__} has no from_config(EstimatorConfig)")
+
+    def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None,
+                 seed: int | None = None, *, sharder: PlanSharder | None = None) -> Estimate:
+        plan = self.plan(theta, coords=coords, seed=seed, chunk=self.chunk or max(1, oracle.chunk_size(theta)))
+        return self.combine(plan, execute(plan, oracle, batch, sharder=sharder))
+
+
+def _scatter(theta: Tensor, coords: Tensor | None, values: Tensor) -> Tensor:
+    """A [d] vector with `values` at `coords` (everywhere when None) and zeros elsewhere."""
+    grad = torch.zeros_like(theta)
+    if coords is None:
+        grad += values
+    else:
+        grad[coords] = values
+    return grad
+
+
+@register_estimator("cge")
+class CGE(PlanEstimator):
     """Coordinate-wise gradient estimate (DeepZero eq. (1), CGE; Sparse-CGE with `coords`).
 
     forward: g_j = (l(theta + mu e_j) - l(theta)) / mu      |S| + 1 queries, error <= L mu / 2 per coordinate
@@ -55,30 +138,26 @@ class CGE:
 
     def __init__(self, mu: float = 5e-3, scheme: Literal["forward", "central"] = "forward"):
         self.mu = _check_mu(mu)
-        if scheme not in ("forward", "central"):
-            raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
-        self.scheme = scheme
+        self.scheme = _check_scheme(scheme)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "CGE":
+        return cls(mu=cfg.mu, scheme=cfg.scheme)
 
     def __repr__(self) -> str:
         return f"CGE(mu={self.mu}, scheme={self.scheme!r})"
 
-    def estimate(self, oracle, theta, batch, coords=None, seed=None) -> Estimate:
-        coords = _all_coords(theta) if coords is None else coords.to(device=theta.device, dtype=torch.long)
-        oracle.ledger.ensure_available(coords.numel() + 1 if self.scheme == "forward" else 2 * coords.numel())
-        grad = torch.zeros_like(theta)
-        if self.scheme == "forward":
-            base = oracle.query(theta.unsqueeze(0), batch)[0]
-            plus = oracle.query_coordinates(theta, coords, self.mu, batch)
-            grad[coords] = (plus - base) / self.mu
-            return Estimate(grad, coords.numel() + 1, float(base))
-        plus = oracle.query_coordinates(theta, coords, self.mu, batch)
-        minus = oracle.query_coordinates(theta, coords, -self.mu, batch)
-        grad[coords] = (plus - minus) / (2 * self.mu)
-        base = float(0.5 * (plus + minus).mean()) if coords.numel() else float("nan")
-        return Estimate(grad, 2 * coords.numel(), base)
+    def plan(self, theta, *, coords=None, seed=None, chunk=256) -> QueryPlan:
+        return QueryPlan.coordinates(theta, self.mu, coords, self.scheme, label="CGE estimate")
+
+    def combine(self, plan, losses) -> Estimate:
+        grad = torch.zeros_like(plan.theta)
+        grad[plan.coord_indices()] = losses.differences()
+        return Estimate(grad, losses.queries, losses.base_loss())
 
 
-class RGE:
+@register_estimator("rge")
+class RGE(PlanEstimator):
     """Randomized gradient estimate with q directions (DeepZero eq. (1), RGE; lecture 002).
 
     gaussian: u ~ N(0, I),            g = (1/q) sum_i [(l(theta + mu u_i) - l(theta)) / mu] u_i
@@ -86,9 +165,9 @@ class RGE:
     (central: the difference becomes (l(theta + mu u) - l(theta - mu u)) / (2 mu).)
 
     Both are unbiased for the gradient of the mu-smoothed loss. Directions are drawn in
-    chunks from a generator seeded by `seed`, so memory is O(chunk * d), never O(q * d),
-    and the same seed reproduces the same directions. With `coords`, directions live in
-    the span of those coordinates and d becomes |coords|.
+    chunks from a generator seeded by `seed` (a `SeededDirections` plan), so memory is
+    O(chunk * d), never O(q * d), and the same seed reproduces the same directions. With
+    `coords`, directions live in the span of those coordinates and d becomes |coords|.
     """
 
     def __init__(
@@ -103,73 +182,25 @@ class RGE:
             raise ValueError(f"q must be >= 1, got {q}")
         if distribution not in ("gaussian", "sphere"):
             raise ValueError(f"distribution must be 'gaussian' or 'sphere', got {distribution!r}")
-        if scheme not in ("forward", "central"):
-            raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
-        self.q, self.mu, self.distribution, self.scheme, self.chunk = int(q), _check_mu(mu), distribution, scheme, chunk
+        self.q, self.mu, self.distribution, self.scheme, self.chunk = int(q), _check_mu(mu), distribution, _check_scheme(scheme), chunk
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RGE":
+        return cls(q=cfg.q, mu=cfg.mu, distribution=cfg.distribution, scheme=cfg.scheme)
 
     def __repr__(self) -> str:
         return f"RGE(q={self.q}, mu={self.mu}, distribution={self.distribution!r}, scheme={self.scheme!r})"
 
-    def directions(self, n: int, k: int, generator: torch.Generator, like: Tensor) -> Tensor:
-        u = torch.randn(n, k, generator=generator, dtype=like.dtype).to(like.device)
-        if self.distribution == "sphere":
-            u = u / u.norm(dim=1, keepdim=True)
-        return u
-
-    def estimate(self, oracle, theta, batch, coords=None, seed=None, *, directions_out: list | None = None) -> Estimate:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        gen = torch.Generator().manual_seed(int(seed))
-        coords = None if coords is None else coords.to(device=theta.device, dtype=torch.long)
+    def plan(self, theta, *, coords=None, seed=None, chunk=256) -> QueryPlan:
         k = theta.numel() if coords is None else coords.numel()
-        chunk = self.chunk or max(1, oracle.chunk_size(theta))
-        oracle.ledger.ensure_available(self.q + 1 if self.scheme == "forward" else 2 * self.q)
-        acc = torch.zeros(k, dtype=theta.dtype, device=theta.device)
-        queries = 0
-        base = None
-        if self.scheme == "forward":
-            base = oracle.query(theta.unsqueeze(0), batch)[0]
-            queries += 1
-        pair_means = []
-        for start in range(0, self.q, chunk):
-            n = min(chunk, self.q - start)
-            u = self.directions(n, k, gen, theta)
-            if directions_out is not None:
-                directions_out.append(u)
-            if self.scheme == "forward":
-                diffs = (oracle.query(self._perturbed(theta, u, coords, self.mu), batch) - base) / self.mu
-                queries += n
-            else:
-                plus = oracle.query(self._perturbed(theta, u, coords, self.mu), batch)
-                minus = oracle.query(self._perturbed(theta, u, coords, -self.mu), batch)
-                diffs = (plus - minus) / (2 * self.mu)
-                pair_means.append(0.5 * (plus + minus))
-                queries += 2 * n
-            acc += diffs @ u
+        directions = SeededDirections(self.q, k, _draw_seed(seed), int(self.chunk or chunk), self.distribution)
+        return QueryPlan.along(theta, directions, self.mu, self.scheme, coords, label="RGE estimate")
+
+    def combine(self, plan, losses) -> Estimate:
+        k = plan.directions.dim
         scale = (k if self.distribution == "sphere" else 1.0) / self.q
-        grad = torch.zeros_like(theta)
-        if coords is None:
-            grad += acc * scale
-        else:
-            grad[coords] = acc * scale
-        base_loss = float(base) if base is not None else float(torch.cat(pair_means).mean())
-        return Estimate(grad, queries, base_loss)
-
-    @staticmethod
-    def _perturbed(theta: Tensor, u: Tensor, coords: Tensor | None, step: float) -> Tensor:
-        thetas = theta.unsqueeze(0).repeat(u.shape[0], 1)
-        if coords is None:
-            thetas += step * u
-        else:
-            thetas[:, coords] += step * u
-        return thetas
-
-
-def make_estimator(kind: str, **kwargs: Any):
-    kinds = {"cge": CGE, "rge": RGE, "linear-interpolation": LinearInterpolation}
-    if kind not in kinds:
-        raise ValueError(f"unknown estimator {kind!r}; known: {', '.join(kinds)}")
-    return kinds[kind](**kwargs)
+        acc = losses.directions_sum(losses.differences())
+        return Estimate(_scatter(plan.theta, plan.coords, acc * scale), losses.queries, losses.base_loss())
 
 
 # ---------------------------------------------------------------- linear interpolation
@@ -208,15 +239,16 @@ def lasso_fista(
     return x, max_iters
 
 
-class LinearInterpolation:
+@register_estimator("linear-interpolation")
+class LinearInterpolation(PlanEstimator):
     """Gradient by linear interpolation with sparse recovery (lecture 002: linear interpolation, Lemma 2, LASSO).
 
-    With m directions u_1..u_m (the rows of Q) and b_i = (l(theta + tau u_i) - l(theta)) / tau
-    (central: (l(theta + tau u_i) - l(theta - tau u_i)) / (2 tau)), Taylor's formula gives
+    With m directions u_1..u_m (the rows of Q) and b_i = (l(theta + mu u_i) - l(theta)) / mu
+    (central: (l(theta + mu u_i) - l(theta - mu u_i)) / (2 mu)), Taylor's formula gives
     Q g ~= b (lecture 002, "linear interpolation").
 
     * m = k (k = d, or |coords|): Q is square and the system is solved exactly. Lemma 2,
-      ||g - grad l|| <= ||Q^{-1}|| sqrt(d) L tau / 2, says an orthonormal Q is the best choice:
+      ||g - grad l|| <= ||Q^{-1}|| sqrt(d) L mu / 2, says an orthonormal Q is the best choice:
       the default `directions="orthonormal"` draws a Haar-random orthogonal Q and g = Q^T b.
       `directions="coordinate"` (Q = I) is exactly forward/central CGE. The Haar draw costs a QR
       factorisation, O(k m^2) (seconds per step at k = m = 4000 on one core); `directions="dct"`
@@ -229,9 +261,9 @@ class LinearInterpolation:
       squares (standard in compressed sensing) when the support has at most m/2 entries; it removes
       the l1 shrinkage bias, and is skipped for dense supports where the refit would be ill-posed.
 
-    Rows of Q are unit vectors for every `directions` choice, so the perturbation tau u_i has the
+    Rows of Q are unit vectors for every `directions` choice, so the perturbation mu u_i has the
     same size as CGE's step and the finite-difference bias is comparable.
-    Queries: m + 1 (forward) or 2 m (central), through `oracle.query`.
+    Queries: m + 1 (forward) or 2 m (central): a plan of explicit directions (the rows of Q).
     """
 
     DIRECTIONS = ("orthonormal", "dct", "rademacher", "gaussian", "coordinate")
@@ -240,7 +272,7 @@ class LinearInterpolation:
     def __init__(
         self,
         m: int | None = None,
-        tau: float = 5e-3,
+        mu: float = 5e-3,
         directions: Literal["orthonormal", "dct", "rademacher", "gaussian", "coordinate"] = "orthonormal",
         scheme: Literal["forward", "central"] = "forward",
         lam: float = 0.02,
@@ -254,8 +286,7 @@ class LinearInterpolation:
             raise ValueError(f"m must be >= 1 (or None for m = d), got {m}")
         if directions not in self.DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(self.DIRECTIONS)}, got {directions!r}")
-        if scheme not in ("forward", "central"):
-            raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+        _check_scheme(scheme)
         if not 0 <= lam < 1:
             raise ValueError(f"lam must be in [0, 1) (a fraction of lambda_max = ||Q^T b||_inf), got {lam}")
         if max_iters < 1:
@@ -263,14 +294,20 @@ class LinearInterpolation:
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
         self.m = None if m is None else int(m)
-        self.tau = _check_mu(tau)
+        self.mu = _check_mu(mu)
         self.directions, self.scheme, self.lam = directions, scheme, float(lam)
         self.max_iters, self.tol, self.warm_start, self.debias, self.chunk = int(max_iters), float(tol), warm_start, debias, chunk
         self._previous: Tensor | None = None  # last solution, in the coordinates' space (warm start)
         self.last_iterations = 0  # FISTA iterations of the last call (0 for the exact solve)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LinearInterpolation":
+        i = cfg.interp
+        return cls(m=i.m, mu=cfg.mu, directions=i.directions, scheme=cfg.scheme, lam=i.lam, max_iters=i.max_iters,
+                   tol=i.tol, warm_start=i.warm_start, debias=i.debias)
+
     def __repr__(self) -> str:
-        return (f"LinearInterpolation(m={self.m}, tau={self.tau}, directions={self.directions!r}, "
+        return (f"LinearInterpolation(m={self.m}, mu={self.mu}, directions={self.directions!r}, "
                 f"scheme={self.scheme!r}, lam={self.lam})")
 
     # -- warm-start state (saved in checkpoints so a resumed run continues bitwise) --------
@@ -314,40 +351,18 @@ class LinearInterpolation:
 
     # -- the estimate -----------------------------------------------------------------
 
-    def estimate(self, oracle, theta, batch, coords=None, seed=None) -> Estimate:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        gen = torch.Generator().manual_seed(int(seed))
-        coords = None if coords is None else coords.to(device=theta.device, dtype=torch.long)
+    def plan(self, theta, *, coords=None, seed=None, chunk=256) -> QueryPlan:
+        gen = torch.Generator().manual_seed(_draw_seed(seed))
         k = theta.numel() if coords is None else coords.numel()
         m = k if self.m is None else min(self.m, k)  # more than k directions carry no information
-        oracle.ledger.ensure_available(m + 1 if self.scheme == "forward" else 2 * m)
         q = self.direction_matrix(m, k, gen, theta)
-        chunk = self.chunk or max(1, oracle.chunk_size(theta))
-        queries, base, rows, pair_means = 0, None, [], []
-        if self.scheme == "forward":
-            base = oracle.query(theta.unsqueeze(0), batch)[0]
-            queries += 1
-        for start in range(0, m, chunk):
-            u = q[start : start + chunk]
-            if self.scheme == "forward":
-                rows.append((oracle.query(RGE._perturbed(theta, u, coords, self.tau), batch) - base) / self.tau)
-                queries += u.shape[0]
-            else:
-                plus = oracle.query(RGE._perturbed(theta, u, coords, self.tau), batch)
-                minus = oracle.query(RGE._perturbed(theta, u, coords, -self.tau), batch)
-                rows.append((plus - minus) / (2 * self.tau))
-                pair_means.append(0.5 * (plus + minus))
-                queries += 2 * u.shape[0]
-        b = torch.cat(rows).to(theta.dtype)
-        g = self._solve(q, b, k)
-        grad = torch.zeros_like(theta)
-        if coords is None:
-            grad += g
-        else:
-            grad[coords] = g
-        base_loss = float(base) if base is not None else float(torch.cat(pair_means).mean())
-        return Estimate(grad, queries, base_loss)
+        return QueryPlan.along(theta, ExplicitDirections(q, int(self.chunk or chunk)), self.mu, self.scheme, coords,
+                               label="linear-interpolation estimate")
+
+    def combine(self, plan, losses) -> Estimate:
+        q = plan.directions.matrix
+        g = self._solve(q, losses.differences().to(plan.theta.dtype), q.shape[1])
+        return Estimate(_scatter(plan.theta, plan.coords, g), losses.queries, losses.base_loss())
 
     def _solve(self, q: Tensor, b: Tensor, k: int) -> Tensor:
         m = q.shape[0]

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .registry import ORACLES, UnknownNameError
+
 __all__ = [
     "Block",
     "ParamSpace",
@@ -27,6 +29,7 @@ __all__ = [
     "TransientOracleError",
     "job_ledger",
     "Oracle",
+    "ORACLES",
     "register_oracle",
     "make_oracle",
     "available_oracles",
@@ -395,62 +398,21 @@ class Oracle(ABC):
 # ------------------------------------------------------------------------ registry
 
 
-class UnknownNameError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
-
-
-_ORACLES: dict[str, Callable[..., Oracle]] = {}
-ORACLE_ENTRY_POINT_GROUP = "blackbox_zo.oracles"
+ORACLE_ENTRY_POINT_GROUP = ORACLES.group  # "blackbox_zo.oracles"
 
 
 def register_oracle(name: str):
-    """Class or factory decorator: `@register_oracle("my-sim-v1")`."""
-
-    def decorate(factory):
-        if name in _ORACLES and _ORACLES[name] is not factory:
-            raise ValueError(f"oracle name {name!r} is already registered")
-        _ORACLES[name] = factory
-        return factory
-
-    return decorate
-
-
-def _entry_points(group: str):
-    from importlib.metadata import entry_points
-
-    return list(entry_points(group=group))
-
-
-# "group:name" -> error of every plug-in that failed to load (shown by `blackbox-zo list`).
-PLUGIN_ERRORS: dict[str, str] = {}
-
-
-def load_entry_points(group: str, registry: dict[str, Any]) -> dict[str, str]:
-    """Load every entry point of `group` not yet in `registry`; returns {name: error} for failures."""
-    errors: dict[str, str] = {}
-    for ep in _entry_points(group):
-        if ep.name in registry:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not break the others
-            errors[ep.name] = PLUGIN_ERRORS[f"{group}:{ep.name}"] = f"{type(exc).__name__}: {exc}"
-            continue
-        registry.setdefault(ep.name, obj)
-    return errors
+    """Class or factory decorator: `@register_oracle("my-sim-v1")` (a different object under a
+    taken name is refused; see blackbox_zo/registry.py)."""
+    return ORACLES.register(name)
 
 
 def available_oracles() -> dict[str, Callable[..., Oracle]]:
-    load_entry_points(ORACLE_ENTRY_POINT_GROUP, _ORACLES)
-    return dict(sorted(_ORACLES.items()))
+    return ORACLES.available()
 
 
 def make_oracle(name: str, **config: Any) -> Oracle:
-    known = available_oracles()
-    if name not in known:
-        raise UnknownNameError(f"unknown oracle {name!r}; known: {', '.join(known) or '(none)'}")
-    oracle = known[name](**config)
+    oracle = ORACLES.get(name)(**config)
     if not isinstance(oracle, Oracle):
         raise TypeError(f"oracle factory {name!r} returned {type(oracle).__name__}, not an Oracle")
     return oracle

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import Strict, TrainConfig
 from .oracle import make_oracle
+from .plan import QueryPlan, execute
 from .problem import Problem, ProblemSetupError, TrainingSetup
 
 __all__ = ["OracleSection", "OracleTrainConfig", "OracleProblem", "RepeatedBatch"]
@@ -79,7 +80,7 @@ class OracleProblem(Problem):
                                     f"{type(exc).__name__}: {exc}") from exc
 
         def evaluate(module: nn.Module) -> dict[str, float]:
-            return {"eval_loss": float(oracle.query(_flat_theta(module).unsqueeze(0), batch)[0])}
+            return {"eval_loss": float(execute(QueryPlan.at(_flat_theta(module).unsqueeze(0)), oracle, batch).plus[0])}
 
         return TrainingSetup(oracle=oracle, train_batches=RepeatedBatch(batch, config.oracle.steps_per_epoch),
                              module=None, evaluate=evaluate)

@@ -1,42 +1,52 @@
 """Forward parallelism over torch.distributed (DeepZero Sec. 5, eq. (5); Algorithm 2, lines 6-10).
 
-CGE decomposes over coordinates (DeepZero eq. (5))::
+Parallelism shards query plans, not estimators. Every method of the engine builds a
+`blackbox_zo.plan.QueryPlan` and hands it to `blackbox_zo.plan.execute`; given a
+:class:`PlanSharder`, the executor evaluates only this rank's share of the plan and one
+all-reduce gives every rank the losses of the whole plan, from which each rank computes the
+method's estimate itself. CGE decomposes over coordinates (DeepZero eq. (5))::
 
     grad = sum_{i=1..M} g_i,   g_i = sum_{j in S_i} [(l(theta + mu e_j) - l(theta)) / mu] e_j
 
-so M processes can each evaluate the finite differences of their own coordinate set S_i
-and one all-reduce sums the partial estimates. How it runs here:
+and so does every plan: M processes each evaluate the losses of their piece S_i, and the sum
+of the zero-padded loss vectors is exact (x + 0 = x), so a sharded plan returns bitwise the
+losses its pieces evaluated. This module holds the process group, the cost model that cuts
+plans and the agreement checks; it knows no estimator. How it runs:
 
 * Launch with ``torchrun --nproc-per-node M -m blackbox_zo train PROBLEM ...``. The CLI
   calls :func:`init_from_env` when ``WORLD_SIZE > 1`` (gloo on CPU, NCCL on CUDA);
   without a launcher nothing here is active and training is single-process.
 * Every rank builds the same problem with the same seeds, so it draws the same batch and
   the same coordinate set (the trainer's batches and sparse sampler are pure functions of
-  seed/epoch/index). Every rank evaluates the base loss l(theta) itself (it needs it for
-  its own differences, and a feature-reuse oracle needs the unperturbed features anyway),
-  then its shard of coordinates. The partial gradients are summed by **one all-reduce**
-  per step; every rank then takes the identical optimizer step, so parameters are never
-  broadcast. :meth:`ParallelEstimator.check_agreement` compares a checksum of the
-  parameters, buffers, batch and coordinate set across ranks every
-  ``parallel.check_every_steps`` steps and raises :class:`DivergenceError` on a mismatch.
-* Shards are balanced by measured cost: during the first ``parallel.balance_steps`` steps
-  each rank times its coordinates block by block (CPU time on CPU, so that other processes
-  on a shared machine do not distort it; wall time on CUDA) (a block = one named tensor of the
-  ParamSpace, e.g. one layer's weight, so it belongs to one stage of a staged model). The
-  per-coordinate cost of every block is then agreed across ranks (one all-reduce) and the
-  sorted coordinate set is cut into M contiguous pieces of equal predicted cost. With a
-  feature-reuse oracle late stages are cheaper than early ones and the cut follows that;
-  with the plain oracle all coordinates cost alike and the cut is even. No cost table is
-  hard-coded. After that, every step refines the cut: the all-reduce also carries each
-  rank's measured seconds for its shard, and the predicted costs of each piece are scaled
-  toward what it took (:func:`refine_costs`), so a per-call overhead or a block whose cost
-  is not linear in its count stops skewing the split. The refined costs carry over, per
-  block, when the coordinate set changes. The cut changes no result: every coordinate is
-  evaluated by exactly one rank and summed with zeros.
-* RGE is sharded by directions instead: every rank draws the same direction stream (the
-  one a single process would draw, chunk for chunk) and evaluates a contiguous range of
-  the q directions. All directions perturb every block, so they cost alike and the range
-  is an even split.
+  seed/epoch/index) and builds the same plan. Every rank evaluates the base loss l(theta) of
+  a forward-difference plan itself (it needs it for its own differences, and a feature-reuse
+  oracle needs the unperturbed features anyway), then its share of the perturbations. The
+  losses are summed by **one all-reduce** per plan; every rank then computes the identical
+  estimate and takes the identical optimizer step, so parameters are never broadcast. The
+  same all-reduce carries a checksum of the plan (a rank with other coordinates, seed or step
+  raises :class:`DivergenceError` on every rank), and :meth:`PlanSharder.check_agreement`
+  compares a checksum of the parameters, buffers, batch and coordinate set across ranks
+  every ``parallel.check_every_steps`` steps.
+* Coordinate plans are balanced by measured cost: during the first ``parallel.balance_steps``
+  coordinate plans each rank times its coordinates block by block (CPU time on CPU, so that
+  other processes on a shared machine do not distort it; wall time on CUDA) (a block = one
+  named tensor of the ParamSpace, e.g. one layer's weight, so it belongs to one stage of a
+  staged model). The per-coordinate cost of every block is then agreed across ranks (one
+  all-reduce) and the sorted coordinate set is cut into M contiguous pieces of equal
+  predicted cost. With a feature-reuse oracle late stages are cheaper than early ones and the
+  cut follows that; with the plain oracle all coordinates cost alike and the cut is even. No
+  cost table is hard-coded. After that, every plan refines the cut: the all-reduce also
+  carries each rank's measured seconds for its piece, and the predicted costs of each piece
+  are scaled toward what it took (:func:`refine_costs`), so a per-call overhead or a block
+  whose cost is not linear in its count stops skewing the split. The refined costs carry
+  over, per block, when the coordinate set changes. The cut changes no result: every
+  coordinate is evaluated by exactly one rank.
+* Direction plans (RGE, linear interpolation) and point plans are split evenly into
+  contiguous ranges: every direction perturbs every block, so they cost alike. Every rank
+  draws the same seeded direction stream (the one a single process draws, chunk for chunk).
+* A rank whose shard fails (the oracle raises or returns NaN/inf) marks it in the same
+  all-reduce: that rank re-raises its error and every other rank raises one of the same kind
+  ("k of M ranks failed"), so ``run.nan_policy`` skips or stops the step on every rank alike.
 * A rank that dies or hangs: every collective runs under the process group's timeout
   (``parallel.timeout_s``); a dead peer is seen at once (connection reset), a hung one
   after the timeout, and either becomes a :class:`ParallelError` naming the rank, the
@@ -44,14 +54,15 @@ and one all-reduce sums the partial estimates. How it runs here:
 
 Query accounting (the job's ledger). Every loss value some rank evaluated is counted
 once, in the phase it was made in. Each rank's ledger holds the **job** total: after the
-all-reduce a rank charges the queries of the other ranks to its own ledger, so all ledgers
-agree, the budget check stops every rank before the same step, and the main rank's
-checkpoint and summary report the job's count. Work that really runs on every rank is
-counted on every rank: the base loss of a forward-difference step (a CGE-forward step
-with |S| coordinates costs |S| + M queries on M ranks, RGE-forward q + M) and anything a
-problem does in `setup` (e.g. ZO-GraSP pruning, summed over ranks once when training
-starts). Evaluation runs on the main rank only and is counted once. ``ledger.rate()``
-becomes job queries per second of this rank's time inside the oracle.
+all-reduce the executor charges the queries of the other ranks to this rank's ledger (the one
+place a sharded plan is charged), so all ledgers agree, the budget check stops every rank
+before the same step, and the main rank's checkpoint and summary report the job's count.
+Work that really runs on every rank is counted on every rank: the base loss of a
+forward-difference plan (a CGE-forward step with |S| coordinates costs |S| + M queries on M
+ranks, RGE-forward q + M) and anything a problem does in `setup` (e.g. ZO-GraSP pruning,
+which runs unsharded on every rank before training and is summed over ranks once when
+training starts). Evaluation runs on the main rank only and is counted once.
+``ledger.rate()`` becomes job queries per second of this rank's time inside the oracle.
 """
 
 from __future__ import annotations
@@ -65,8 +76,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .estimators import CGE, RGE, Estimate
-from .oracle import NonFiniteLossError, Oracle, OracleError, ParamSpace, QueryLedger
+from .oracle import NonFiniteLossError, OracleError, ParamSpace, QueryLedger
 
 __all__ = [
     "ParallelError",
@@ -79,7 +89,9 @@ __all__ = [
     "refine_costs",
     "BlockCosts",
     "fingerprint",
-    "ParallelEstimator",
+    "cost_clock",
+    "PlanSharder",
+    "ReducedShards",
     "sum_ledger_over_ranks",
     "share_from_main",
 ]
@@ -301,11 +313,11 @@ def fingerprint(obj: Any) -> int:
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
-# --------------------------------------------------------------------------- estimator
+# ----------------------------------------------------------------------- plan sharding
 
 
-def _cost_clock(like: Tensor) -> float:
-    """The clock block costs are measured with. CPU: this process's CPU time, so that other
+def cost_clock(like: Tensor) -> float:
+    """The clock shard costs are measured with. CPU: this process's CPU time, so that other
     processes on a shared machine do not distort the measured costs (with one intra-op thread
     it equals the wall time on an idle machine). CUDA: wall time after a synchronize."""
     if like.is_cuda:
@@ -314,48 +326,67 @@ def _cost_clock(like: Tensor) -> float:
     return time.process_time()
 
 
-# slots after the gradient in the one all-reduced tensor of a step
-_BASE_SUM, _QUERIES, _FAILED_NONFINITE, _FAILED_ORACLE = range(4)
-_SLOTS = 4
+# slots after the losses in the one all-reduced tensor of a plan; then each rank's shard seconds
+_QUERIES, _FAILED_NONFINITE, _FAILED_ORACLE, _KEY_A, _KEY_A2, _KEY_B, _KEY_B2 = range(7)
+_SLOTS = 7
+_KEY_BITS = 16  # two 16-bit keys: sums of squares stay exact in float64 up to 1024 ranks
 
 
-class ParallelEstimator:
-    """Wraps a CGE or RGE: each rank evaluates its shard, one all-reduce sums them (eq. (5)).
+class ReducedShards:
+    """The all-reduced result of one plan: every rank's losses, the job's queries, each rank's seconds."""
 
-    `estimate` has the estimators' shape and returns, on every rank, the estimate a single
-    process would compute (up to float rounding in the order of the sum) with
-    `Estimate.queries` = the queries of the whole job for this step.
+    def __init__(self, values: Tensor, queries: int, seconds: Tensor, failed_nonfinite: int, failed_oracle: int,
+                 world: int):
+        self.values, self.queries, self.seconds = values, queries, seconds
+        self.failed_nonfinite, self.failed_oracle, self.world = failed_nonfinite, failed_oracle, world
+
+    def raise_if_failed(self, own: BaseException | None) -> None:
+        """A failure on any rank fails the plan on every rank: the failing rank re-raises its own
+        error, the others an error of the same kind naming how many ranks failed."""
+        failed = self.failed_nonfinite + self.failed_oracle
+        if not failed:
+            return
+        if own is not None:
+            raise own
+        cls = OracleError if self.failed_oracle else NonFiniteLossError
+        raise cls(f"{failed} of {self.world} ranks failed to evaluate their shard (see that rank's log)")
+
+
+class PlanSharder:
+    """Splits query plans over the ranks of the process group: the cost model and the agreement checks.
+
+    `blackbox_zo.plan.execute(plan, ..., sharder=this)` asks it which part of a plan this rank
+    evaluates and hands it the losses to all-reduce; it never sees an estimator. Coordinate plans
+    are cut by measured cost (:class:`BlockCosts` during the first `balance_steps` coordinate
+    plans, then :func:`refine_costs` every plan); direction and point plans evenly.
+    `balance_by_cost=False` cuts coordinates evenly by count and `refine=False` keeps the
+    calibrated block costs (the benchmark's comparisons).
     """
 
-    def __init__(self, inner: Any, *, balance_steps: int = 3, check_every_steps: int = 50,
-                 balance_by_cost: bool = True, refine: bool = True, log: Callable[[str], None] | None = None):
-        if not isinstance(inner, (CGE, RGE)):
-            kind = "autograd (the first-order reference)" if inner is None else type(inner).__name__
-            raise ParallelError(f"estimator {kind} has no sharded form; forward parallelism supports cge and rge "
-                                "(launch without torchrun to use it on one process)")
+    def __init__(self, *, balance_steps: int = 3, check_every_steps: int = 50, balance_by_cost: bool = True,
+                 refine: bool = True, log: Callable[[str], None] | None = None):
         if not is_active():
-            raise ParallelError("ParallelEstimator needs an initialised process group of more than one rank")
+            raise ParallelError("PlanSharder needs an initialised process group of more than one rank")
         if balance_steps < 1:
             raise ValueError(f"parallel.balance_steps must be >= 1, got {balance_steps}")
-        self.inner = inner
         self.balance_steps = int(balance_steps)
-        self.balance_by_cost = bool(balance_by_cost)  # False: even split by count (the benchmark's comparison)
-        self.refine = bool(refine)  # False: keep the block costs of calibration (the benchmark's comparison)
+        self.balance_by_cost = bool(balance_by_cost)
+        self.refine = bool(refine)
         self.check_every_steps = int(check_every_steps)
         self.rank, self.world = rank(), world_size()
-        self.calls = 0
+        self.calls = 0  # coordinate plans executed
         self.costs: BlockCosts | None = None
         self.log = log
-        self.last_shard_seconds = 0.0  # cost-clock seconds this rank spent on its shard in the last estimate
-        # per-coordinate predicted costs of the current sorted coordinate set, refined every step
+        self.last_shard_seconds = 0.0  # cost-clock seconds this rank spent on its last plan
+        self.last_local_queries = 0
+        # per-coordinate predicted costs of the current sorted coordinate set, refined every plan
         self._item_costs: Tensor | None = None
         self._item_key: int | None = None
         self._item_blocks: Tensor | None = None
         self._bounds: list[int] | None = None
-        self.last_local_queries = 0
 
     def __repr__(self) -> str:
-        return f"ParallelEstimator({self.inner!r}, rank={self.rank}, world={self.world})"
+        return f"PlanSharder(rank={self.rank}, world={self.world})"
 
     # -- agreement ----------------------------------------------------------------------
 
@@ -377,36 +408,44 @@ class ParallelEstimator:
     def due_for_check(self, step: int) -> bool:
         return self.check_every_steps > 0 and step % self.check_every_steps == 0
 
-    # -- the estimate --------------------------------------------------------------------
-
-    def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None, seed: int | None = None) -> Estimate:
-        try:
-            if isinstance(self.inner, CGE):
-                return self._cge(oracle, theta, batch, coords)
-            return self._rge(oracle, theta, batch, coords, seed)
-        finally:
-            self.calls += 1
+    # -- the cost model of coordinate plans ------------------------------------------------
 
     def _calibrating(self) -> bool:
         return self.balance_by_cost and (self.costs is None or self.costs.per_coord is None)
 
     def _timed_now(self) -> bool:
-        # the first call warms up (allocations, first-touch); time the ones after it
+        # the first plan warms up (allocations, first-touch); time the ones after it
         return self.calls >= 1 or self.balance_steps == 1
 
-    def _coordinate_shard(self, space: ParamSpace, sorted_coords: Tensor) -> Tensor:
+    def coordinate_bounds(self, space: ParamSpace, sorted_coords: Tensor) -> list[int]:
+        """Every rank's piece of a sorted coordinate set: rank r evaluates [b[r], b[r + 1])."""
         if not self.balance_by_cost or self._calibrating():
             self._bounds = None
-            bounds = balanced_bounds(torch.ones(sorted_coords.numel(), dtype=torch.float64), self.world)
-        else:
-            key = fingerprint(sorted_coords)
-            if key != self._item_key:  # a new coordinate set: start from the (refined) block costs
-                self._carry_refinement_to_blocks()
-                self._item_blocks = space.block_index(sorted_coords.cpu())
-                self._item_costs = self.costs.per_coord[self._item_blocks].clone()
-                self._item_key = key
-            bounds = self._bounds = balanced_bounds(self._item_costs, self.world)
-        return sorted_coords[bounds[self.rank] : bounds[self.rank + 1]]
+            return balanced_bounds(torch.ones(sorted_coords.numel(), dtype=torch.float64), self.world)
+        key = fingerprint(sorted_coords)
+        if key != self._item_key:  # a new coordinate set: start from the (refined) block costs
+            self._carry_refinement_to_blocks()
+            self._item_blocks = space.block_index(sorted_coords.cpu())
+            self._item_costs = self.costs.per_coord[self._item_blocks].clone()
+            self._item_key = key
+        self._bounds = balanced_bounds(self._item_costs, self.world)
+        return self._bounds
+
+    def measure_coordinates(self, evaluate: Callable[[Tensor], Tensor], space: ParamSpace, coords: Tensor,
+                          like: Tensor) -> Tensor:
+        """evaluate(coords); while calibrating, block by block, each block's cost-clock time recorded."""
+        if not (self._calibrating() and self._timed_now()):
+            return evaluate(coords)
+        if self.costs is None:
+            self.costs = BlockCosts(space)
+        blocks, counts = torch.unique_consecutive(space.block_index(coords.cpu()), return_counts=True)
+        out, start = [], 0
+        for b, n in zip(blocks.tolist(), counts.tolist()):
+            t0 = cost_clock(like)
+            out.append(evaluate(coords[start : start + n]))
+            self.costs.add(b, cost_clock(like) - t0, n)
+            start += n
+        return torch.cat(out) if out else like.new_empty(0)
 
     def _carry_refinement_to_blocks(self) -> None:
         """Fold the refined per-coordinate costs back into per-block means."""
@@ -417,42 +456,12 @@ class ParallelEstimator:
         counts = torch.bincount(self._item_blocks, minlength=n).to(torch.float64)
         self.costs.per_coord = torch.where(counts > 0, sums / counts.clamp_min(1), self.costs.per_coord)
 
-    def _refine(self, seconds: Tensor) -> None:
-        """Every rank holds the same all-reduced shard times, so every rank refines alike."""
+    def learn_costs(self, space: ParamSpace, seconds: Tensor) -> None:
+        """After a coordinate plan: scale the predicted costs toward every rank's measured shard
+        seconds (identical on every rank, so every rank cuts alike), and end the calibration
+        (one all-reduce of the block costs) after `balance_steps` plans."""
         if self.refine and self._bounds is not None and self._item_costs is not None:
             self._item_costs = refine_costs(self._item_costs, self._bounds, seconds.tolist())
-
-    def _coordinate_values(self, oracle: Oracle, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
-        """Losses at theta + mu e_j for this rank's coords; block by block, timed, while calibrating."""
-        if not (self._calibrating() and self._timed_now()):
-            return oracle.query_coordinates(theta, coords, mu, batch)
-        if self.costs is None:
-            self.costs = BlockCosts(oracle.space)
-        blocks, counts = torch.unique_consecutive(oracle.space.block_index(coords.cpu()), return_counts=True)
-        out, start = [], 0
-        for b, n in zip(blocks.tolist(), counts.tolist()):
-            t0 = _cost_clock(theta)
-            out.append(oracle.query_coordinates(theta, coords[start : start + n], mu, batch))
-            self.costs.add(b, _cost_clock(theta) - t0, n)
-            start += n
-        return torch.cat(out) if out else theta.new_empty(0)
-
-    def _reduce(self, packed: Tensor, failure: BaseException | None, what: str, slots_at: int | None = None) -> Tensor:
-        _collective(what, lambda: _dist().all_reduce(packed))
-        tail = packed[-_SLOTS:] if slots_at is None else packed[slots_at : slots_at + _SLOTS]
-        failed = int(round(float(tail[_FAILED_NONFINITE]))) + int(round(float(tail[_FAILED_ORACLE])))
-        if failed:
-            if failure is not None:
-                raise failure
-            cls = OracleError if float(tail[_FAILED_ORACLE]) > 0 else NonFiniteLossError
-            raise cls(f"{failed} of {self.world} ranks failed to evaluate their shard (see that rank's log)")
-        return packed
-
-    def _after_reduce(self, oracle: Oracle, local: int, total: int) -> None:
-        """Charge the other ranks' queries, so that every ledger holds the job's count."""
-        oracle.ledger.charge(total - local)
-
-    def _maybe_finalize_costs(self, space: ParamSpace) -> None:
         if self._calibrating() and self.calls + 1 >= self.balance_steps:
             if self.costs is None:
                 self.costs = BlockCosts(space)
@@ -460,119 +469,39 @@ class ParallelEstimator:
             if self.log is not None and self.rank == 0:
                 self.log(f"forward parallelism over {self.world} ranks: shards balanced by {self.costs.describe()}")
 
-    def _cge(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None) -> Estimate:
-        """DeepZero eq. (5): this rank's g_i for j in S_i, summed over ranks by one all-reduce."""
-        mu, central = self.inner.mu, self.inner.scheme == "central"
-        d = theta.numel()
-        all_coords = torch.arange(d, device=theta.device) if coords is None else coords.to(theta.device, torch.long)
-        sorted_coords = torch.sort(all_coords).values
-        n = sorted_coords.numel()
-        total = 2 * n if central else n + self.world  # every rank evaluates the base loss itself
-        oracle.ledger.ensure_available(total)
-        mine = self._coordinate_shard(oracle.space, sorted_coords)
-        # gradient | _SLOTS | this step's shard seconds of every rank (rank r writes slot r)
-        packed = theta.new_zeros(d + _SLOTS + self.world)
-        failure, base, before = None, None, oracle.ledger.total
-        t0 = _cost_clock(theta)
-        try:
-            if central:
-                plus = self._coordinate_values(oracle, theta, mine, mu, batch)
-                minus = self._coordinate_values(oracle, theta, mine, -mu, batch)
-                packed[mine] = (plus - minus) / (2 * mu)
-                packed[d + _BASE_SUM] = (0.5 * (plus + minus)).sum()
-                t_coords = _cost_clock(theta) - t0
-            else:
-                base = oracle.query(theta.unsqueeze(0), batch)[0]
-                t1 = _cost_clock(theta)  # the base loss is every rank's, not the shard's
-                plus = self._coordinate_values(oracle, theta, mine, mu, batch)
-                t_coords = _cost_clock(theta) - t1
-                packed[mine] = (plus - base) / mu
-            packed[d + _SLOTS + self.rank] = t_coords
-        except (OracleError, NonFiniteLossError) as exc:
-            failure = exc
-            packed.zero_()
-            packed[d + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
-        local = oracle.ledger.total - before  # what this rank charged, a failed call included
-        self.last_shard_seconds, self.last_local_queries = _cost_clock(theta) - t0, local
-        packed[d + _QUERIES] = local
-        try:
-            packed = self._reduce(packed, failure, f"all-reduce of the CGE estimate ({n} coordinates)", slots_at=d)
-        except (OracleError, NonFiniteLossError):
-            self._after_reduce(oracle, local, int(round(float(packed[d + _QUERIES]))))
-            raise
-        self._after_reduce(oracle, local, total)
-        self._refine(packed[d + _SLOTS :].to(torch.float64).cpu())
-        self._maybe_finalize_costs(oracle.space)
-        grad = packed[:d].clone()
-        if central:
-            base_loss = float(packed[d + _BASE_SUM]) / n if n else float("nan")
-        else:
-            base_loss = float(base)
-        return Estimate(grad, total, base_loss)
+    def coordinate_plan_done(self) -> None:
+        self.calls += 1
 
-    def _rge(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None, seed: int | None) -> Estimate:
-        """DeepZero eq. (1) RGE with the q directions split into contiguous ranges over ranks.
+    # -- the all-reduce of a plan -----------------------------------------------------------
 
-        Every rank draws the whole direction stream chunk by chunk, exactly as RGE.estimate
-        does on one process, so rank r's directions are the ones a single process uses.
-        """
-        inner: RGE = self.inner
-        if seed is None:  # every rank must use the same directions: take them from rank 0
-            seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(_comm_device())
-            _collective("broadcast of the RGE seed", lambda: _dist().broadcast(seed_t, 0))
-            seed = int(seed_t.item())
-        gen = torch.Generator().manual_seed(int(seed))
-        coords = None if coords is None else coords.to(device=theta.device, dtype=torch.long)
-        d = theta.numel()
-        k = d if coords is None else coords.numel()
-        chunk = inner.chunk or max(1, oracle.chunk_size(theta))
-        central = inner.scheme == "central"
-        total = 2 * inner.q if central else inner.q + self.world
-        oracle.ledger.ensure_available(total)
-        bounds = balanced_bounds(torch.ones(inner.q), self.world)
-        lo, hi = bounds[self.rank], bounds[self.rank + 1]
-        packed = theta.new_zeros(k + _SLOTS)
-        failure, base, before = None, None, oracle.ledger.total
-        t0 = _cost_clock(theta)
-        try:
-            if not central:
-                base = oracle.query(theta.unsqueeze(0), batch)[0]
-            for start in range(0, inner.q, chunk):
-                n = min(chunk, inner.q - start)
-                u = inner.directions(n, k, gen, theta)  # drawn on every rank: keeps the stream identical
-                a, b = max(lo, start), min(hi, start + n)
-                if a >= b:
-                    continue
-                u = u[a - start : b - start]
-                if central:
-                    plus = oracle.query(inner._perturbed(theta, u, coords, inner.mu), batch)
-                    minus = oracle.query(inner._perturbed(theta, u, coords, -inner.mu), batch)
-                    diffs = (plus - minus) / (2 * inner.mu)
-                    packed[k + _BASE_SUM] += (0.5 * (plus + minus)).sum()
-                else:
-                    diffs = (oracle.query(inner._perturbed(theta, u, coords, inner.mu), batch) - base) / inner.mu
-                packed[:k] += diffs @ u
-        except (OracleError, NonFiniteLossError) as exc:
-            failure = exc
-            packed.zero_()
-            packed[k + (_FAILED_ORACLE if isinstance(exc, OracleError) else _FAILED_NONFINITE)] = 1
-        local = oracle.ledger.total - before  # what this rank charged, a failed call included
-        self.last_shard_seconds, self.last_local_queries = _cost_clock(theta) - t0, local
-        packed[k + _QUERIES] = local
-        try:
-            packed = self._reduce(packed, failure, f"all-reduce of the RGE estimate ({inner.q} directions)")
-        except (OracleError, NonFiniteLossError):
-            self._after_reduce(oracle, local, int(round(float(packed[k + _QUERIES]))))
-            raise
-        self._after_reduce(oracle, local, total)
-        scale = (k if inner.distribution == "sphere" else 1.0) / inner.q
-        grad = torch.zeros_like(theta)
-        if coords is None:
-            grad += packed[:k] * scale
-        else:
-            grad[coords] = packed[:k] * scale
-        base_loss = float(packed[k + _BASE_SUM]) / inner.q if central else float(base)
-        return Estimate(grad, total, base_loss)
+    def reduce(self, values: Tensor, *, local_queries: int, seconds: float, failure: BaseException | None,
+               plan_key: Any, what: str, elapsed: float) -> ReducedShards:
+        """One all-reduce (sum) of this rank's losses (zeros where another rank evaluated), its
+        queries, its failure, its seconds and a checksum of the plan it ran: a rank that built
+        another plan (other coordinates, seed or step) raises DivergenceError on every rank."""
+        self.last_shard_seconds, self.last_local_queries = elapsed, local_queries
+        width = values.numel()
+        packed = torch.zeros(width + _SLOTS + self.world, dtype=torch.float64, device=_comm_device())
+        packed[:width] = values.to(device=packed.device, dtype=torch.float64)
+        key = fingerprint(plan_key)
+        a, b = key & (2**_KEY_BITS - 1), (key >> _KEY_BITS) & (2**_KEY_BITS - 1)
+        tail = [local_queries, 0, 0, a, a * a, b, b * b]
+        if failure is not None:
+            tail[_FAILED_ORACLE if isinstance(failure, OracleError) else _FAILED_NONFINITE] = 1
+        packed[width : width + _SLOTS] = torch.tensor(tail, dtype=torch.float64)
+        packed[width + _SLOTS + self.rank] = seconds
+        _collective(what, lambda: _dist().all_reduce(packed))
+        packed = packed.cpu()
+        slots = packed[width : width + _SLOTS].tolist()
+        # all keys equal  <=>  world * sum(k^2) == (sum k)^2  (Cauchy-Schwarz; exact in float64)
+        if any(self.world * slots[sq] != slots[k] ** 2 for k, sq in ((_KEY_A, _KEY_A2), (_KEY_B, _KEY_B2))):
+            raise DivergenceError(
+                f"rank {self.rank} of {self.world}: ranks ran different query plans in the {what} (other "
+                "coordinates, directions, seed or step): every rank must build the same plan; pass the same "
+                "seed on every rank")
+        return ReducedShards(packed[:width].to(values.device), int(round(slots[_QUERIES])),
+                             packed[width + _SLOTS :], int(round(slots[_FAILED_NONFINITE])),
+                             int(round(slots[_FAILED_ORACLE])), self.world)
 
 
 # ------------------------------------------------------------------------------ ledger

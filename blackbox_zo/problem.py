@@ -1,9 +1,10 @@
 """Runnable tasks and experiments, registered by name and through entry points.
 
-The engine never imports `problems/`: the CLI finds problems through the registry,
-which is filled by `register_problem` and by the entry-point groups
-`blackbox_zo.problems` / `blackbox_zo.experiments` (this repository's own problems are
-declared there too, exactly as a third-party package would declare its own).
+The engine never imports `problems/`: the CLI finds problems through the registries
+`PROBLEMS` and `EXPERIMENTS` (blackbox_zo/registry.py), filled by `register_problem` /
+`register_experiment` and by the entry-point groups `blackbox_zo.problems` /
+`blackbox_zo.experiments` (this repository's own problems are declared there, exactly as a
+third-party package would declare its own).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .oracle import Oracle, UnknownNameError, load_entry_points
+from .oracle import Oracle, available_oracles
+from .registry import EXPERIMENTS, PROBLEMS, UnknownNameError
 
 __all__ = [
     "BatchSource",
     "TensorBatches",
     "TrainingSetup",
     "Problem",
+    "PROBLEMS",
+    "EXPERIMENTS",
     "register_problem",
     "available_problems",
     "get_problem",
@@ -115,43 +119,30 @@ class Problem(ABC):
         """Optional extra artifacts (plots, tables) after training."""
 
 
-_PROBLEMS: dict[str, Any] = {}
-_EXPERIMENTS: dict[str, Callable[..., Any]] = {}
-PROBLEM_GROUP = "blackbox_zo.problems"
-EXPERIMENT_GROUP = "blackbox_zo.experiments"
+PROBLEM_GROUP, EXPERIMENT_GROUP = PROBLEMS.group, EXPERIMENTS.group
 
 
 def register_problem(name: str):
-    def decorate(obj):
-        _PROBLEMS[name] = obj
-        return obj
-
-    return decorate
+    """Class decorator: `@register_problem("my-task")` (a different object under a taken name is refused)."""
+    return PROBLEMS.register(name)
 
 
 def register_experiment(name: str):
-    def decorate(fn):
-        _EXPERIMENTS[name] = fn
-        return fn
-
-    return decorate
+    """Decorator for an experiment function `(argv: list[str]) -> int`."""
+    return EXPERIMENTS.register(name)
 
 
 def available_problems() -> dict[str, Any]:
-    load_entry_points(PROBLEM_GROUP, _PROBLEMS)
-    return dict(sorted(_PROBLEMS.items()))
+    return PROBLEMS.available()
 
 
 def available_experiments() -> dict[str, Callable[..., Any]]:
-    load_entry_points(EXPERIMENT_GROUP, _EXPERIMENTS)
-    return dict(sorted(_EXPERIMENTS.items()))
+    return EXPERIMENTS.available()
 
 
 def get_problem(name: str) -> Problem:
-    known = available_problems()
-    if name not in known:
-        from .oracle import available_oracles
-
+    if name not in PROBLEMS:
+        known = available_problems()
         oracles = available_oracles()
         if name in oracles:  # a registered oracle with no problem of its own: train it directly
             from .oracle_problem import OracleProblem
@@ -159,7 +150,7 @@ def get_problem(name: str) -> Problem:
             return OracleProblem(name)
         raise UnknownNameError(f"unknown problem or oracle {name!r}; problems: {', '.join(known) or '(none)'}; "
                                f"oracles: {', '.join(oracles) or '(none)'}")
-    obj = known[name]
+    obj = PROBLEMS.get(name)
     problem = obj() if isinstance(obj, type) else obj
     if not isinstance(problem, Problem):
         raise TypeError(f"problem {name!r} is {type(problem).__name__}, not a Problem")
@@ -167,7 +158,4 @@ def get_problem(name: str) -> Problem:
 
 
 def get_experiment(name: str) -> Callable[..., Any]:
-    known = available_experiments()
-    if name not in known:
-        raise UnknownNameError(f"unknown experiment {name!r}; known: {', '.join(known) or '(none)'}")
-    return known[name]
+    return EXPERIMENTS.get(name)

@@ -84,21 +84,21 @@ def zo_grasp_scores(
     *,
     q: int = 192,
     mu: float = 5e-3,
-    rge_mu: float | None = None,
     seed: int = 0,
     distribution: Literal["gaussian", "sphere"] = "gaussian",
 ) -> GraspScores:
     """ZO-GraSP scores, DeepZero eq. (3): S = -theta * (g(theta + mu g) - g(theta)) / mu.
 
-    `g` is a forward RGE with q directions and finite-difference step `rge_mu` (default
-    `mu`, as in DeepZero). The two RGE calls share `seed`, hence their directions (common
-    random numbers), and the batch. All 2(q + 1) queries are charged to the `prune` phase.
+    `g` is a forward RGE with q directions; one step `mu` serves both the RGE finite
+    differences and the Hessian-gradient difference, as in DeepZero. The two RGE calls are
+    query plans with the same `seed`, hence the same directions (common random numbers), and
+    the same batch. All 2(q + 1) queries are charged to the `prune` phase.
     """
     if q < 1:
         raise ValueError(f"ZO-GraSP: q must be >= 1, got {q}")
     if not mu > 0:
         raise ValueError(f"ZO-GraSP: mu must be > 0, got {mu}")
-    rge = RGE(q=q, mu=rge_mu if rge_mu is not None else mu, distribution=distribution, scheme="forward")
+    rge = RGE(q=q, mu=mu, distribution=distribution, scheme="forward")
     with torch.no_grad(), oracle.ledger.phase("prune"):
         oracle.ledger.ensure_available(grasp_query_cost(q))
         g0 = rge.estimate(oracle, theta, batch, seed=seed)

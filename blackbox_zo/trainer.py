@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from . import parallel, rundir
-from .config import ConfigError, EstimatorConfig, OptimizerConfig, ScheduleConfig, TrainConfig, format_validation_error
-from .estimators import CGE, RGE, Estimate
+from .config import FIRST_ORDER_REFERENCE, ConfigError, OptimizerConfig, ScheduleConfig, TrainConfig, \
+    format_validation_error
+from .estimators import Estimate, make_estimator
 from .interrupts import GracefulStop, Interrupted, agreed_signal, signal_name
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded, QueryLedger, job_ledger
 from .problem import Problem, TrainingSetup
@@ -44,7 +45,6 @@ __all__ = [
     "TrainingError",
     "Trainer",
     "train",
-    "build_estimator",
     "build_optimizer",
     "build_scheduler",
     "make_run_dir",
@@ -102,24 +102,6 @@ class FlatParams(nn.Module):
 
 
 # ----------------------------------------------------------------------------- builders
-
-
-def build_estimator(cfg: EstimatorConfig):
-    if cfg.kind == "cge":
-        return CGE(mu=cfg.mu, scheme=cfg.scheme)
-    if cfg.kind == "rge":
-        return RGE(q=cfg.q, mu=cfg.mu, distribution=cfg.distribution, scheme=cfg.scheme)
-    if cfg.kind == "autograd":
-        return None  # the first-order reference path of the trainer
-    if cfg.kind == "linear-interpolation":
-        from .estimators import LinearInterpolation
-
-        i = cfg.interp
-        return LinearInterpolation(m=i.m, tau=cfg.mu, directions=i.directions, scheme=cfg.scheme, lam=i.lam,
-                                   max_iters=i.max_iters, tol=i.tol, warm_start=i.warm_start, debias=i.debias)
-    from .estimators import make_estimator  # estimators added later register there
-
-    return make_estimator(cfg.kind, mu=cfg.mu)
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
@@ -210,18 +192,19 @@ class Trainer:
             self.module = FlatParams(self.space, self.oracle.initial_theta())
             self.params = self.module.params_in_order()
         self.is_main = _is_main_process()
-        self.estimator = build_estimator(config.estimator)
+        # estimator.kind resolves through the estimator registry; None: the first-order reference path
+        self.estimator = None if config.estimator.kind == FIRST_ORDER_REFERENCE else make_estimator(config.estimator)
         if self.estimator is None and setup.fo_loss is None:
             raise TrainingError(f"estimator 'autograd' needs a differentiable fo_loss; problem {problem_name!r} has none")
-        # Forward parallelism (DeepZero eq. 5): under torchrun every rank evaluates its shard of the
-        # estimate and one all-reduce sums them, so every rank takes the same optimizer step.
-        self.parallel: parallel.ParallelEstimator | None = None
+        # Forward parallelism (DeepZero eq. 5): under torchrun the executor evaluates every rank's share of
+        # each query plan and all-reduces the losses, so every rank computes the same estimate and step.
+        self.parallel: parallel.PlanSharder | None = None
         if parallel.is_active():
             pcfg = config.parallel
             from tqdm.auto import tqdm
 
-            self.estimator = self.parallel = parallel.ParallelEstimator(
-                self.estimator, balance_steps=pcfg.balance_steps, check_every_steps=pcfg.check_every_steps,
+            self.parallel = parallel.PlanSharder(
+                balance_steps=pcfg.balance_steps, check_every_steps=pcfg.check_every_steps,
                 log=tqdm.write if config.run.progress else None)
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.optimizer = build_optimizer(config.optimizer, self.params)
@@ -411,7 +394,7 @@ class Trainer:
         try:
             self.oracle.on_step(theta, batch)
             est = self.estimator.estimate(self.oracle, theta, batch, coords=coords,
-                                          seed=_step_seed(self.config.run.seed, step))
+                                          seed=_step_seed(self.config.run.seed, step), sharder=self.parallel)
             if not torch.isfinite(est.grad).all():
                 raise NonFiniteLossError("gradient estimate has non-finite entries")
         except QueryBudgetExceeded:

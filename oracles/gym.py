@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
+from blackbox_zo.oracle import Oracle, ParamSpace
 
 __all__ = ["GymPolicyOracle", "ObsNormalizer", "mlp_policy", "episode_seeds", "VECTORIZATIONS"]
 
@@ -281,7 +281,6 @@ def _entry_point(env_id: Any) -> str | None:
 # --------------------------------------------------------------------------- oracle
 
 
-@register_oracle("gym-policy-v1")
 class GymPolicyOracle(Oracle):
     """Loss = - mean return of the policy over the batch's episodes (a batch = list of episode seeds).
 

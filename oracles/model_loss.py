@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
+from blackbox_zo.oracle import Oracle, ParamSpace
 from blackbox_zo.reuse import FeatureReuse, NotStageableError
 
 __all__ = ["ModelLossOracle"]
@@ -17,7 +17,6 @@ __all__ = ["ModelLossOracle"]
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-@register_oracle("model-loss-v1")
 class ModelLossOracle(Oracle):
     """loss_fn(module(x; theta), y) for P parameter vectors at once (functional_call + vmap).
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from blackbox_zo.oracle import Oracle, ParamSpace, register_oracle
+from blackbox_zo.oracle import Oracle, ParamSpace
 
 from .classifier import BlackBoxClassifier, TorchClassifier, log_probabilities
 
@@ -116,7 +116,6 @@ def denoised_smoothing_loss(log_probs: Tensor, labels: Tensor) -> Tensor:
     return -picked.mean(-1)
 
 
-@register_oracle("denoised-smoothing-v1")
 class DenoisedSmoothingOracle(Oracle):
     """Eq. (A2) as loss values of the denoiser's trainable part theta.
 

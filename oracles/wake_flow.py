@@ -342,11 +342,3 @@ def _example():
 
 wake_flow_sol_oracle.example = _example  # type: ignore[attr-defined]
 
-
-def _register() -> None:
-    from blackbox_zo.oracle import register_oracle
-
-    register_oracle("wake-flow-sol-v1")(wake_flow_sol_oracle)
-
-
-_register()

@@ -22,3 +22,35 @@ class QuadraticOracle(Oracle):
 
     def initial_theta(self):
         return torch.linspace(-1, 1, self.space.dim, dtype=torch.float64)
+
+
+class SmoothBlocks(Oracle):
+    """f(theta) = sum log cosh(theta - c) + 1/2 theta^T A theta in float64 over three blocks (d = 40):
+    smooth, not quadratic, with an exact gradient; every row of a batch is evaluated on its own
+    (no cross-row reduction), so a loss does not depend on which other points share its call."""
+
+    name = "smooth-blocks"
+
+    def __init__(self, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.space = ParamSpace([("w1", (4, 5)), ("b1", (4,)), ("w2", (16,))])
+        d = self.space.dim
+        m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        self.a = m @ m.T / d
+        self.c = torch.randn(d, generator=gen, dtype=torch.float64)
+        self.calls: list[tuple[str, int]] = []
+
+    def losses(self, thetas, batch):
+        self.calls.append(("losses", thetas.shape[0]))
+        z = thetas - self.c
+        return torch.log(torch.cosh(z)).sum(1) + 0.5 * ((thetas @ self.a) * thetas).sum(1)
+
+    def coordinate_losses(self, theta, coords, mu, batch):
+        self.calls.append(("coordinate_losses", coords.numel()))
+        return super().coordinate_losses(theta, coords, mu, batch)
+
+    def grad(self, theta):
+        return torch.tanh(theta - self.c) + self.a @ theta
+
+    def initial_theta(self):
+        return torch.linspace(-1, 1, self.space.dim, dtype=torch.float64)

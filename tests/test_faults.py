@@ -216,7 +216,7 @@ def _broken_plugin(monkeypatch, tmp):
     """An installed distribution whose oracle entry point cannot be imported."""
     import importlib
 
-    from blackbox_zo import oracle as oracle_module
+    from blackbox_zo.oracle import ORACLES
 
     site = tmp / "site"
     info = site / "broken_plugin-0.1.dist-info"
@@ -224,8 +224,8 @@ def _broken_plugin(monkeypatch, tmp):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[blackbox_zo.oracles]\nbroken-v1 = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
-    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
+    for attr in ("_entries", "_origins", "errors", "_seen_entry_points"):  # the registry as it was, afterwards
+        monkeypatch.setattr(ORACLES, attr, type(getattr(ORACLES, attr))(getattr(ORACLES, attr)))
     importlib.invalidate_caches()
 
 

@@ -1,4 +1,4 @@
-"""HZO (blackbox_zo.hzo) against autograd, its exact query-count formulas, and its contract."""
+"""HZO (blackbox_zo.contrib.hzo) against autograd, its exact query-count formulas, and its contract."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blackbox_zo.hzo import HZO, StagedModel, TorchStages, split_point
+from blackbox_zo.contrib.hzo import HZO, StagedModel, TorchStages, split_point
 from blackbox_zo.oracle import NonFiniteLossError
 from problems.experiments.hzo import autograd_grad, cosine, make_staged_cnn
 
@@ -37,7 +37,7 @@ def batch_for(size=6, n=3, classes=4, seed=0):
 
 @pytest.mark.parametrize("split", ["midpoint", "direct", "chain"])
 def test_hzo_equals_backprop_on_a_smooth_residual_net(split):
-    # Central differences: truncation eps^2/6 |f'''| ~ 1e-9 relative at eps = 1e-4, rounding
+    # Central differences: truncation mu^2/6 |f'''| ~ 1e-9 relative at mu = 1e-4, rounding
     # 1e-16 / 1e-4 = 1e-12; targets pass through at most log2(n) = 3 (midpoint) or n = 8 (chain)
     # finite differences, each through Jacobians of norm ~1 (the unit-Lipschitz regime), so the
     # error stays O(1e-8). Measured ~6e-10; 1e-6 fails on any wrong target or weight slice.
@@ -45,15 +45,15 @@ def test_hzo_equals_backprop_on_a_smooth_residual_net(split):
     x, y = batch_for()
     g, loss = autograd_grad(net, x, y)
     staged = TorchStages(net, radii=radii)
-    est = HZO(eps=1e-4, mu=1e-4, scheme="central", split=split).estimate(staged, staged.theta(), (x, y))
+    est = HZO(mu=1e-4, scheme="central", split=split).estimate(staged, staged.theta(), (x, y))
     assert float((est.grad - g).norm() / g.norm()) < 1e-6
     assert abs(est.base_loss - loss) < 1e-12
 
 
 def test_cosine_to_backprop_on_a_relu_residual_cnn_in_float32():
-    # The Fig. 1 setting at small size: ReLU, float32, forward differences, eps = 1e-3. ReLU is
+    # The Fig. 1 setting at small size: ReLU, float32, forward differences, mu = 1e-3. ReLU is
     # piecewise linear, so a forward difference is exact except where a pre-activation lies within
-    # ~eps of its kink (a fraction ~1e-3 of units) and for float32 rounding (6e-8 |h| / eps ~ 1e-4
+    # ~mu of its kink (a fraction ~1e-3 of units) and for float32 rounding (6e-8 |h| / mu ~ 1e-4
     # relative per entry). Both keep 1 - cos at the 1e-4..1e-3 level (measured 1 - cos < 1e-4);
     # a wrong sign, slice or scale anywhere drops it far below 0.999.
     net, radii = make_staged_cnn(depth=6, channels=2, residual=True, seed=0)
@@ -61,7 +61,7 @@ def test_cosine_to_backprop_on_a_relu_residual_cnn_in_float32():
     y = torch.arange(4)
     g, _ = autograd_grad(net, x, y)
     staged = TorchStages(net, radii=radii)
-    est = HZO(eps=1e-3, mu=1e-3).estimate(staged, staged.theta(), (x, y))
+    est = HZO(mu=1e-3).estimate(staged, staged.theta(), (x, y))
     assert cosine(est.grad, g) > 0.999
 
 
@@ -72,8 +72,8 @@ def test_spatial_parallel_perturbation_is_exact_and_cheaper():
     x, y = batch_for(size=8)
     staged = TorchStages(net, radii=radii)
     theta = staged.theta()
-    fast = HZO(eps=1e-4, mu=1e-4, spatial_parallel=True)
-    slow = HZO(eps=1e-4, mu=1e-4, spatial_parallel=False)
+    fast = HZO(mu=1e-4, spatial_parallel=True)
+    slow = HZO(mu=1e-4, spatial_parallel=False)
     a = fast.estimate(staged, theta, (x, y))
     b = slow.estimate(staged, theta, (x, y))
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
@@ -153,7 +153,7 @@ def test_hzo_on_a_custom_staged_model_matches_autograd():
     for l in range(1, 6):
         h = model.stage(l, theta[model.stage_slice(l)], h)
     (g,) = torch.autograd.grad(model.sample_losses(h, t).mean(), theta)
-    est = HZO(eps=1e-5, mu=1e-5, scheme="central").estimate(model, model.theta, (x, t))
+    est = HZO(mu=1e-5, scheme="central").estimate(model, model.theta, (x, t))
     assert float((est.grad - g).norm() / g.norm()) < 1e-6  # same error budget as the CNN test
 
 
@@ -202,7 +202,7 @@ def test_hzo_trains_digits():
     # images (0.03 = 11 of 360), never by a failed training.
     from problems.experiments.hzo import train_digits_hzo
 
-    results, _ = train_digits_hzo(depth=2, channels=4, epochs=1, batch_size=32, lr=0.05, eps=1e-3, progress=False)
+    results, _ = train_digits_hzo(depth=2, channels=4, epochs=1, batch_size=32, lr=0.05, mu=1e-3, progress=False)
     hzo, fo = results
     assert hzo["test_acc"] > 0.88 and abs(hzo["test_acc"] - fo["test_acc"]) < 0.03
     assert hzo["stage_queries"] > 0 and fo["stage_queries"] == 0

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from blackbox_zo.config import ConfigError, TrainConfig, resolve_config
-from blackbox_zo.estimators import CGE, LinearInterpolation, lasso_fista
+from blackbox_zo.estimators import CGE, LinearInterpolation, lasso_fista, make_estimator
 from blackbox_zo.oracle import Oracle, ParamSpace
-from blackbox_zo.trainer import build_estimator
 
 
 class SparseGradientQuadratic(Oracle):
@@ -54,7 +53,7 @@ def test_recovers_an_exactly_sparse_gradient_from_few_queries(directions, curvat
     # support (a missed entry costs >= min |g_j| / ||g|| ~ 1e-2).
     oracle = SparseGradientQuadratic(seed=seed, curvature=curvature)
     m = measurements()
-    li = LinearInterpolation(m=m, tau=1e-3, directions=directions, scheme=scheme, warm_start=False)
+    li = LinearInterpolation(m=m, mu=1e-3, directions=directions, scheme=scheme, warm_start=False)
     est = li.estimate(oracle, oracle.t0, None, seed=seed)
     rel = float((est.grad - oracle.g).norm() / oracle.g.norm())
     assert rel < 1e-9, rel
@@ -76,11 +75,11 @@ def test_without_the_l1_prior_m_much_less_than_d_cannot_recover():
 
 
 def test_m_equals_d_with_q_identity_is_cge(quadratic):
-    # Q = I: the perturbed points theta + tau e_j and the base point are the very ones CGE queries,
+    # Q = I: the perturbed points theta + mu e_j and the base point are the very ones CGE queries,
     # and Q^T b = b, so the estimates agree to the last bit (up to the one matmul with exact 0/1s).
     theta = quadratic.initial_theta()
     for scheme in ("forward", "central"):
-        li = LinearInterpolation(m=None, tau=1e-3, directions="coordinate", scheme=scheme).estimate(quadratic, theta, None)
+        li = LinearInterpolation(m=None, mu=1e-3, directions="coordinate", scheme=scheme).estimate(quadratic, theta, None)
         cge = CGE(mu=1e-3, scheme=scheme).estimate(quadratic, theta, None)
         torch.testing.assert_close(li.grad, cge.grad, rtol=0, atol=1e-13)
         assert li.queries == cge.queries
@@ -90,9 +89,9 @@ def test_m_equals_d_with_q_identity_is_cge(quadratic):
 def test_m_equals_d_with_orthonormal_q_equals_cge_on_a_quadratic(quadratic, directions):
     # A random orthonormal Q (Lemma 2's recommended choice): with central differences both
     # estimators are exact on a quadratic, so they agree to float64 rounding, amplified by
-    # 1/tau: |f| * 1e-16 / 1e-3 * sqrt(d) ~ 1e-11; 1e-9 tolerance.
+    # 1/mu: |f| * 1e-16 / 1e-3 * sqrt(d) ~ 1e-11; 1e-9 tolerance.
     theta = quadratic.initial_theta()
-    li = LinearInterpolation(m=None, tau=1e-3, directions=directions, scheme="central")
+    li = LinearInterpolation(m=None, mu=1e-3, directions=directions, scheme="central")
     q = li.direction_matrix(theta.numel(), theta.numel(), torch.Generator().manual_seed(0), theta)
     torch.testing.assert_close(q.T @ q, torch.eye(theta.numel(), dtype=theta.dtype), rtol=0, atol=1e-12)
     cge = CGE(mu=1e-3, scheme="central").estimate(quadratic, theta, None)
@@ -116,16 +115,16 @@ class LogCosh(Oracle):
 
 @pytest.mark.parametrize("directions", ["orthonormal", "dct", "gaussian"])
 def test_lemma_2_error_bound_and_orthonormal_is_best(directions):
-    # Lemma 2: ||g - grad f|| <= ||Q^{-1}|| sqrt(d) L tau / 2 (forward differences, L = 1 here).
-    d, tau = 30, 1e-2
+    # Lemma 2: ||g - grad f|| <= ||Q^{-1}|| sqrt(d) L mu / 2 (forward differences, L = 1 here).
+    d, mu = 30, 1e-2
     oracle = LogCosh(d)
     theta = torch.randn(d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    li = LinearInterpolation(m=None, tau=tau, directions=directions, scheme="forward")
+    li = LinearInterpolation(m=None, mu=mu, directions=directions, scheme="forward")
     est = li.estimate(oracle, theta, None, seed=5)
     q = li.direction_matrix(d, d, torch.Generator().manual_seed(5), theta)
     inv_norm = float(torch.linalg.matrix_norm(torch.linalg.inv(q), ord=2))
     err = float((est.grad - torch.tanh(theta)).norm())
-    assert err <= inv_norm * math.sqrt(d) * tau / 2
+    assert err <= inv_norm * math.sqrt(d) * mu / 2
     if directions != "gaussian":
         assert abs(inv_norm - 1.0) < 1e-12  # the smallest ||Q^{-1}|| a unit-row Q can have
     else:
@@ -151,14 +150,14 @@ def test_warm_start_saves_iterations_and_round_trips():
     # Two nearby steps: the second LASSO starts from the first solution and needs fewer iterations.
     oracle = SparseGradientQuadratic(curvature=False)
     m = measurements()
-    warm = LinearInterpolation(m=m, tau=1e-3, warm_start=True, debias=False)
-    cold = LinearInterpolation(m=m, tau=1e-3, warm_start=False, debias=False)
+    warm = LinearInterpolation(m=m, mu=1e-3, warm_start=True, debias=False)
+    cold = LinearInterpolation(m=m, mu=1e-3, warm_start=False, debias=False)
     warm.estimate(oracle, oracle.t0, None, seed=0)
     saved = warm.state_dict()
     warm.estimate(oracle, oracle.t0, None, seed=1)
     cold.estimate(oracle, oracle.t0, None, seed=1)
     assert warm.last_iterations < cold.last_iterations
-    again = LinearInterpolation(m=m, tau=1e-3, warm_start=True, debias=False)
+    again = LinearInterpolation(m=m, mu=1e-3, warm_start=True, debias=False)
     again.load_state_dict(saved)
     e1 = again.estimate(oracle, oracle.t0, None, seed=1)
     warm.load_state_dict(saved)
@@ -169,7 +168,7 @@ def test_warm_start_saves_iterations_and_round_trips():
 def test_coords_restrict_the_estimate(quadratic):
     theta = quadratic.initial_theta()
     coords = torch.tensor([1, 4, 7])
-    est = LinearInterpolation(m=None, tau=1e-3, scheme="central").estimate(quadratic, theta, None, coords=coords)
+    est = LinearInterpolation(m=None, mu=1e-3, scheme="central").estimate(quadratic, theta, None, coords=coords)
     mask = torch.zeros(theta.numel(), dtype=torch.bool)
     mask[coords] = True
     assert torch.all(est.grad[~mask] == 0)
@@ -180,8 +179,8 @@ def test_coords_restrict_the_estimate(quadratic):
 def test_selectable_from_the_config():
     cfg = resolve_config(TrainConfig, {}, overrides=["estimator=linear-interpolation", "estimator.interp.m=50",
                                                      "estimator.interp.lam=0.1", "estimator.mu=1e-3"])
-    est = build_estimator(cfg.estimator)
-    assert isinstance(est, LinearInterpolation) and est.m == 50 and est.lam == 0.1 and est.tau == 1e-3
+    est = make_estimator(cfg.estimator)
+    assert isinstance(est, LinearInterpolation) and est.m == 50 and est.lam == 0.1 and est.mu == 1e-3
     with pytest.raises(ConfigError, match=r"estimator\.interp\.lam"):
         resolve_config(TrainConfig, {}, overrides=["estimator=linear-interpolation", "estimator.interp.lam=2"])
     with pytest.raises(ConfigError, match=r"estimator\.interp\.m"):

@@ -151,18 +151,18 @@ ESTIMATORS = {
 TRAIN_STEPS, TRAIN_COORDS = 6, 150
 
 
-def _estimates(wrap) -> dict:
-    """Every estimator on the float64 MLP; `wrap` makes the parallel version (or not)."""
+def _estimates(make_sharder=lambda: None) -> dict:
+    """Every estimator on the float64 MLP; with a `parallel.PlanSharder` from `make_sharder`, in parallel."""
     out = {}
     for name, (make, n_coords) in ESTIMATORS.items():
         setup = _mlp_setup()
         oracle = setup.oracle
         theta = oracle.initial_theta()
         coords = _spread_coords(theta.numel(), n_coords) if n_coords else None
-        est = wrap(make())
+        est, sharder = make(), make_sharder()
         batch = setup.train_batches.batch(0, 0)
         # three calls: the estimate must not change when the shards are re-balanced (balance_steps=2)
-        runs = [est.estimate(oracle, theta, batch, coords=coords, seed=7) for _ in range(3)]
+        runs = [est.estimate(oracle, theta, batch, coords=coords, seed=7, sharder=sharder) for _ in range(3)]
         out[name] = {"grads": torch.stack([r.grad for r in runs]), "queries": [r.queries for r in runs],
                      "base_loss": runs[-1].base_loss, "ledger": oracle.ledger.total}
     return out
@@ -178,7 +178,7 @@ def _single_process_training() -> torch.Tensor:
 
 
 def _scenario_healthy(rank: int, out: Path, options: dict) -> dict:
-    result = {"estimates": _estimates(lambda e: parallel.ParallelEstimator(e, balance_steps=2))}
+    result = {"estimates": _estimates(lambda: parallel.PlanSharder(balance_steps=2))}
     # training: CGE on a fixed coordinate subset, SGD with momentum, as the CLI would run it
     setup = _mlp_setup(TRAIN_COORDS)
     run_dir = None
@@ -341,7 +341,7 @@ def healthy(tmp_path_factory):
     here while the ranks run."""
     tmp = tmp_path_factory.mktemp("healthy")
     procs = _start(tmp, "healthy")
-    single = {"estimates": _estimates(lambda e: e), "params": _single_process_training()}
+    single = {"estimates": _estimates(), "params": _single_process_training()}
     ranks = _collect(tmp, procs, deadline_s=120)
     for r in ranks:
         assert "error" not in r, r.get("trace", r)

@@ -118,13 +118,13 @@ def plugin_on_path(site, monkeypatch):
     """In-process discovery of the plug-ins, with the registries restored afterwards."""
     import importlib
 
-    from blackbox_zo import oracle as oracle_module
+    from blackbox_zo.oracle import ORACLES
 
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(oracle_module, "_ORACLES", dict(oracle_module._ORACLES))
-    monkeypatch.setattr(oracle_module, "PLUGIN_ERRORS", dict(oracle_module.PLUGIN_ERRORS))
+    for attr in ("_entries", "_origins", "errors", "_seen_entry_points"):  # the registry as it was, afterwards
+        monkeypatch.setattr(ORACLES, attr, type(getattr(ORACLES, attr))(getattr(ORACLES, attr)))
     importlib.invalidate_caches()
-    yield oracle_module
+    yield ORACLES
     for module in ("my_zo_sims", "broken_sims"):
         sys.modules.pop(module, None)
 
@@ -179,7 +179,7 @@ def test_a_contract_breaking_plugin_fails_check_oracle(plugin_on_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "plug-in 'missing-sim-v1'" in err and "failed to import: ModuleNotFoundError" in err
     assert "broken_sims.nowhere" in err and len(err.splitlines()) == 1
-    assert "ModuleNotFoundError" in plugin_on_path.PLUGIN_ERRORS["blackbox_zo.oracles:missing-sim-v1"]
+    assert "ModuleNotFoundError" in plugin_on_path.errors["missing-sim-v1"]
 
 
 def test_train_oracle_directly_in_process_and_eval_the_run(plugin_on_path, tmp_path, capsys):

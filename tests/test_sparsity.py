@@ -85,9 +85,8 @@ def test_zo_grasp_is_the_crn_hessian_gradient_product_on_a_quadratic():
     oracle = RecordingQuadratic(ParamSpace([("w", (3, 4))]))
     theta, q, mu, seed = oracle.initial_theta(), 40, 5e-3, 7
     res = zo_grasp_scores(oracle, theta, None, q=q, mu=mu, seed=seed)
-    dirs = []
-    RGE(q=q, mu=mu).estimate(oracle, theta, None, seed=seed, directions_out=dirs)
-    u = torch.cat(dirs)
+    plan = RGE(q=q, mu=mu).plan(theta, seed=seed, chunk=oracle.chunk_size(theta))  # the plan zo_grasp_scores ran
+    u = torch.cat(list(plan.directions.chunks(theta)))
     m = u.T @ u / q
     assert torch.allclose(res.hessian_grad, m @ oracle.a @ res.grad, rtol=0, atol=1e-8)
     assert torch.equal(res.scores, -theta * res.hessian_grad)

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from blackbox_zo.config import TrainConfig
 from blackbox_zo.estimators import CGE, RGE, LinearInterpolation
-from blackbox_zo.hzo import HZO, TorchStages
+from blackbox_zo.plan import QueryPlan, execute
+from blackbox_zo.contrib.hzo import HZO, TorchStages
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
 from blackbox_zo.trainer import train
 from oracles.model_loss import ModelLossOracle
@@ -211,64 +212,32 @@ def _plain_oracle(module: nn.Module) -> ModelLossOracle:
     return ModelLossOracle(module)
 
 
-class _Clock:
-    def __init__(self):
-        self.t = {"direction_generation": 0.0, "weight_perturbation": 0.0, "model_inference": 0.0, "arithmetic": 0.0}
+_STAGES = ("direction_generation", "weight_perturbation", "model_inference", "arithmetic")
 
-    def run(self, stage: str, fn):
-        start = time.perf_counter()
-        out = fn()
-        self.t[stage] += time.perf_counter() - start
-        return out
+
+def _timed_estimate(estimator, oracle, theta: Tensor, batch, seed: int | None) -> tuple[Tensor, dict[str, float]]:
+    """One estimate split into DeepZero's four stages: the executor times the first three on its
+    reference path (perturbed vectors built here, then batched `query`, also for coordinates), and
+    combining the losses is the arithmetic. Same plan, same losses, same estimate as `estimate`."""
+    t = dict.fromkeys(_STAGES, 0.0)
+    start = time.perf_counter()
+    plan = estimator.plan(theta, seed=seed, chunk=max(1, oracle.chunk_size(theta)))
+    t["direction_generation"] += time.perf_counter() - start  # CGE: e_i is an index ('free')
+    losses = execute(plan, oracle, batch, profile=t, fast_path=False)
+    start = time.perf_counter()
+    grad = estimator.combine(plan, losses).grad
+    t["arithmetic"] += time.perf_counter() - start
+    return grad, t
 
 
 def timed_cge(oracle, theta: Tensor, batch, mu: float) -> tuple[Tensor, dict[str, float]]:
-    """Forward CGE (DeepZero eq. (1)) split into the four stages; equals `CGE(mu).estimate`."""
-    clock = _Clock()
-    d = theta.numel()
-    coords = clock.run("direction_generation", lambda: torch.arange(d))  # e_i is an index: 'free'
-    base = clock.run("model_inference", lambda: oracle.query(theta.unsqueeze(0), batch)[0])
-    grad = torch.zeros_like(theta)
-    chunk = max(1, oracle.chunk_size(theta))
-    for start in range(0, d, chunk):
-        c = coords[start : start + chunk]
-
-        def perturb():
-            thetas = theta.unsqueeze(0).repeat(c.numel(), 1)
-            thetas[torch.arange(c.numel()), c] += mu
-            return thetas
-
-        thetas = clock.run("weight_perturbation", perturb)
-        values = clock.run("model_inference", lambda: oracle.query(thetas, batch))
-
-        def arithmetic():
-            grad[c] = (values - base) / mu
-
-        clock.run("arithmetic", arithmetic)
-    return grad, clock.t
+    """Forward CGE (DeepZero eq. (1)) split into the four stages; equals `CGE(mu).estimate` on the plain oracle."""
+    return _timed_estimate(CGE(mu=mu), oracle, theta, batch, seed=None)
 
 
 def timed_rge(oracle, theta: Tensor, batch, q: int, mu: float, seed: int) -> tuple[Tensor, dict[str, float]]:
     """Forward Gaussian RGE with q directions split into the four stages; equals `RGE(q, mu).estimate(seed=seed)`."""
-    clock = _Clock()
-    rge = RGE(q=q, mu=mu)
-    gen = torch.Generator().manual_seed(int(seed))
-    d = theta.numel()
-    chunk = max(1, oracle.chunk_size(theta))
-    base = clock.run("model_inference", lambda: oracle.query(theta.unsqueeze(0), batch)[0])
-    acc = torch.zeros(d, dtype=theta.dtype)
-    for start in range(0, q, chunk):
-        n = min(chunk, q - start)
-        u = clock.run("direction_generation", lambda: rge.directions(n, d, gen, theta))
-        thetas = clock.run("weight_perturbation", lambda: RGE._perturbed(theta, u, None, mu))
-        values = clock.run("model_inference", lambda: oracle.query(thetas, batch))
-
-        def arithmetic():
-            acc.add_(((values - base) / mu) @ u)
-
-        clock.run("arithmetic", arithmetic)
-    grad = clock.run("arithmetic", lambda: acc * (1.0 / q))
-    return grad, clock.t
+    return _timed_estimate(RGE(q=q, mu=mu), oracle, theta, batch, seed=seed)
 
 
 def timing_table(widths, reps, batch_size, mu, progress) -> list[dict[str, Any]]:
@@ -283,7 +252,7 @@ def timing_table(widths, reps, batch_size, mu, progress) -> list[dict[str, Any]]
         oracle = _plain_oracle(module)
         theta = oracle.initial_theta()
         d = theta.numel()
-        oracle.query(theta.repeat(2, 1), batch)  # warm-up (first vmap call)
+        execute(QueryPlan.at(theta.repeat(2, 1)), oracle, batch)  # warm-up (first vmap call)
         sums = {"cge": None, "rge": None}
         for rep in range(reps):
             for name, fn in (("cge", lambda: timed_cge(oracle, theta, batch, mu)),
@@ -377,8 +346,8 @@ def cosine_table(width, fractions, seeds, batch_size, mu, progress) -> tuple[lis
         k = max(1, int(round(frac * d)))  # Q = k + 1 loss queries (forward schemes), 2 (k//2) central
         half = max(1, k // 2)
         coords = torch.randperm(d, generator=torch.Generator().manual_seed(seed))
-        interp = (LinearInterpolation(m=None, tau=mu, directions="orthonormal") if k >= d else
-                  LinearInterpolation(m=k, tau=mu, directions="dct", warm_start=False, max_iters=300))
+        interp = (LinearInterpolation(m=None, mu=mu, directions="orthonormal") if k >= d else
+                  LinearInterpolation(m=k, mu=mu, directions="dct", warm_start=False, max_iters=300))
         estimators = {
             "CGE forward (random coords)": lambda: CGE(mu=mu).estimate(oracle, theta, batch, coords=coords[:k]),
             "CGE central (random coords)": lambda: CGE(mu=mu, scheme="central").estimate(oracle, theta, batch, coords=coords[:half]),
@@ -394,7 +363,7 @@ def cosine_table(width, fractions, seeds, batch_size, mu, progress) -> tuple[lis
     module.eval()
     staged = TorchStages(module)
     g_eval = _autograd_eval(module, staged.theta(), staged.space, batch)
-    e = HZO(eps=mu, mu=mu).estimate(staged, staged.theta(), batch)
+    e = HZO(mu=mu).estimate(staged, staged.theta(), batch)
     hzo_row = {"estimator": "HZO (BN in eval mode)", "fraction": e.queries / (staged.num_stages + 1) / d,
                "budget_Q": round(e.queries / (staged.num_stages + 1)), "seed": 0, "cos": _cos(e.grad, g_eval)}
     raw.append(hzo_row)

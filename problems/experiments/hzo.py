@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blackbox_zo.estimators import RGE
-from blackbox_zo.hzo import HZO, TorchStages
+from blackbox_zo.contrib.hzo import HZO, TorchStages
 from blackbox_zo.problem import TensorBatches
 from oracles.model_loss import ModelLossOracle
 
@@ -112,7 +112,7 @@ def digits_batch(n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor,
 # ---------------------------------------------------------------------- 1. cosine vs depth
 
 
-def cosine_vs_depth(depths: Sequence[int], channels: int, batch: int, eps: float, seeds: Sequence[int],
+def cosine_vs_depth(depths: Sequence[int], channels: int, batch: int, mu: float, seeds: Sequence[int],
                     with_direct: bool, progress: bool = True) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -129,7 +129,7 @@ def cosine_vs_depth(depths: Sequence[int], channels: int, batch: int, eps: float
                "grad_norm": float(g.norm())}
         splits = ["midpoint", "chain"] + (["direct"] if with_direct else [])
         for split in splits:
-            est = HZO(eps=eps, mu=eps, split=split)
+            est = HZO(mu=mu, split=split)
             start = time.perf_counter()
             e = est.estimate(staged, theta, (x, y))
             name = "hzo" if split == "midpoint" else split
@@ -139,7 +139,7 @@ def cosine_vs_depth(depths: Sequence[int], channels: int, batch: int, eps: float
         # "Standard ZO" at equal cost: weight-space RGE with as many full passes as HZO used.
         q = max(1, row["queries_hzo"] // stages - 1)
         oracle = ModelLossOracle(net)
-        e = RGE(q=q, mu=eps).estimate(oracle, theta, (x, y), seed=seed)
+        e = RGE(q=q, mu=mu).estimate(oracle, theta, (x, y), seed=seed)
         row["cos_rge_equal_cost"], row["rge_q"] = cosine(e.grad, g), q
         rows.append(row)
     return rows
@@ -237,7 +237,7 @@ def plot_queries(rows, path: Path) -> None:
 # -------------------------------------------------------------------------- 3. training
 
 
-def train_digits_hzo(depth: int, channels: int, epochs: int, batch_size: int, lr: float, eps: float,
+def train_digits_hzo(depth: int, channels: int, epochs: int, batch_size: int, lr: float, mu: float,
                      methods: Sequence[str] = ("hzo", "fo"), seed: int = 0, progress: bool = True) -> tuple[list, list]:
     """Train the residual staged CNN on digits with HZO (queries only) and with backprop; same recipe."""
     from tqdm.auto import tqdm
@@ -252,7 +252,7 @@ def train_digits_hzo(depth: int, channels: int, epochs: int, batch_size: int, lr
         batches = TensorBatches(x_tr, y_tr, batch_size=batch_size, seed=seed)
         steps = epochs * batches.num_batches(0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        est = HZO(eps=eps, mu=eps)
+        est = HZO(mu=mu)
         start = time.perf_counter()
         bar = tqdm(total=steps, desc=f"digits {method}", disable=not progress, dynamic_ncols=True)
         for epoch in range(epochs):
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-depths", type=int_list, default=[2, 4, 8, 16, 32, 64], help="depths for the query counts")
     p.add_argument("--channels", type=positive(int), default=4, help="channels C of every body block (width M = 64 C)")
     p.add_argument("--batch", type=positive(int), default=16, help="batch size of the cosine study")
-    p.add_argument("--eps", type=positive(float), default=1e-3, help="finite-difference step (activations and weights)")
+    p.add_argument("--mu", type=positive(float), default=1e-3, help="finite-difference step (activations and weights)")
     p.add_argument("--seeds", type=int_list, default=[1], help="seeds of the cosine study (nets and batches)")
     p.add_argument("--with-direct", action="store_true", help="also the O(M L^2) direct scheme (slow at depth 64)")
     p.add_argument("--train-depth", type=positive(int), default=4)
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     summary = [f"# HZO study\n\ncommand: `blackbox-zo experiment hzo {' '.join(argv or [])}`\n"]
     if "cosine" not in skip:
-        rows = cosine_vs_depth(args.depths, args.channels, args.batch, args.eps, args.seeds, args.with_direct, progress)
+        rows = cosine_vs_depth(args.depths, args.channels, args.batch, args.mu, args.seeds, args.with_direct, progress)
         cols = ["depth", "network", "seed", "d", "loss", "grad_norm"] + [k for k in rows[0] if k.startswith(("cos_", "queries_", "rge_q"))]
         summary.append("## Cosine similarity to backprop (float32)\n\n" + write_table(rows, out / "cosine", cols))
         plot_cosine(rows, out / "cosine.png")
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_queries(rows, out / "queries.png")
     if "train" not in skip:
         results, curves = train_digits_hzo(args.train_depth, args.train_channels, args.train_epochs, args.train_batch,
-                                           args.train_lr, args.eps, progress=progress)
+                                           args.train_lr, args.mu, progress=progress)
         summary.append("## Digits training\n\n" + write_table(results, out / "train"))
         write_table(curves, out / "train_curves")
         plot_training(curves, out / "train_curves.png")

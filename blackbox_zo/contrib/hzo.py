@@ -1,5 +1,13 @@
 """Hierarchical zeroth-order (HZO) gradient estimation for staged models (Cao, Ma, Tian; paper 003).
 
+NOT PART OF THE ENGINE. HZO perturbs the *activations* between the stages of a white-box
+staged model and reads the stages' outputs back; the engine's contract (`Oracle`: parameter
+vectors in, loss values out) gives neither, so HZO cannot be written as a query plan. It
+therefore lives in `blackbox_zo.contrib`: not in the estimator registry (no
+`estimator.kind=hzo`), not run by `blackbox_zo.plan.execute`, not sharded under torchrun, and
+its ledger counts *stage* queries, a unit of its own. `blackbox-zo experiment hzo` and the
+estimator study use it directly.
+
 WHAT IS OUR RECONSTRUCTION. Only HZO's abstract, TL;DR and figure captions were available
 (`shared/papers/003_*.txt`). They state: the depth of the network is split at the midpoint
 recursively ("divide-and-conquer ... decomposes the depth dimension"); "recursive
@@ -15,9 +23,9 @@ L_lip ~ 1 (Theorem 3), most reliably in residual networks (Fig. 1); convolutiona
   activation unit j is applied to every sample of the batch at once and read back per sample.
 * Targets are vector-Jacobian products. For a segment (a, b] of stages with known target
   delta_b = d loss / d h_b, the midpoint m = (a + b) // 2 gets
-      delta_m[s, j] = sum_o delta_b[s, o] (F_{m->b}(h_m + eps e_j)[s, o] - h_b[s, o]) / eps,
+      delta_m[s, j] = sum_o delta_b[s, o] (F_{m->b}(h_m + mu_a e_j)[s, o] - h_b[s, o]) / mu_a,
   a forward finite difference on the ACTIVATION UNIT j of h_m (not on weights) through the
-  right half F_{m->b} = f_b o ... o f_{m+1} (central: +/- eps, twice the cost). Then the
+  right half F_{m->b} = f_b o ... o f_{m+1} (central: +/- mu_a, twice the cost; mu_a = `activation_mu`, default mu). Then the
   segment splits into (a, m] with target delta_m and (m, b] with target delta_b, recursively
   ("targets propagated down the recursion"). The top segment is (0, L+1] with delta_{L+1} = 1/B.
 * Local weight updates. A single-stage segment (l-1, l] turns its target into the weight
@@ -58,8 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .estimators import Estimate
-from .oracle import DEFAULT_MEMORY_CAP_BYTES, NonFiniteLossError, ParamSpace, QueryLedger
+from ..estimators import Estimate
+from ..oracle import DEFAULT_MEMORY_CAP_BYTES, NonFiniteLossError, ParamSpace, QueryLedger
 
 __all__ = ["StagedModel", "TorchStages", "HZO", "HZOCounts", "split_point"]
 
@@ -230,22 +238,24 @@ class HZO:
 
     def __init__(
         self,
-        eps: float = 1e-3,
         mu: float = 1e-3,
+        activation_mu: float | None = None,
         scheme: Literal["forward", "central"] = "forward",
         split: Literal["midpoint", "direct", "chain"] = "midpoint",
         spatial_parallel: bool = True,
     ):
-        if not eps > 0 or not mu > 0:
-            raise ValueError(f"eps and mu must be > 0, got eps={eps}, mu={mu}")
+        activation_mu = mu if activation_mu is None else activation_mu
+        if not mu > 0 or not activation_mu > 0:
+            raise ValueError(f"mu and activation_mu must be > 0, got mu={mu}, activation_mu={activation_mu}")
         if scheme not in ("forward", "central"):
             raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
         split_point(0, 2, split)  # validates the name
-        self.eps, self.mu, self.scheme, self.split, self.spatial_parallel = float(eps), float(mu), scheme, split, spatial_parallel
+        self.mu, self.activation_mu = float(mu), float(activation_mu)
+        self.scheme, self.split, self.spatial_parallel = scheme, split, spatial_parallel
         self.last_counts = HZOCounts()
 
     def __repr__(self) -> str:
-        return f"HZO(eps={self.eps}, mu={self.mu}, scheme={self.scheme!r}, split={self.split!r}, spatial_parallel={self.spatial_parallel})"
+        return f"HZO(mu={self.mu}, activation_mu={self.activation_mu}, scheme={self.scheme!r}, split={self.split!r}, spatial_parallel={self.spatial_parallel})"
 
     def estimate(self, model: StagedModel, theta: Tensor, batch: Any, coords: Tensor | None = None, seed=None) -> Estimate:
         counts = self.last_counts = HZOCounts()
@@ -332,9 +342,9 @@ class HZO:
                 return self._right_half(model, ws, targets, mid, b, perturbed, copies).view(copies, *base_out.shape)
 
             if self.scheme == "forward":
-                diff = (run(self.eps) - base_out.unsqueeze(0)) / self.eps
+                diff = (run(self.activation_mu) - base_out.unsqueeze(0)) / self.activation_mu
             else:
-                diff = (run(self.eps) - run(-self.eps)) / (2 * self.eps)
+                diff = (run(self.activation_mu) - run(-self.activation_mu)) / (2 * self.activation_mu)
             prod = diff * delta_b.unsqueeze(0)  # [G, B, *out]
             if k is None:
                 contributions.append(prod.reshape(copies, n_batch, -1).sum(-1))  # [G, B]
