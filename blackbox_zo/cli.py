@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -71,6 +72,41 @@ def _unknown_name(name: str, exc: Exception) -> int:
     return _err(str(exc))
 
 
+def _one_line_errors(command):
+    """Every command (`args.fn`) ends a fault in one line and an exit code, called from main() or not."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from .interrupts import Interrupted
+        from .problem import ProblemSetupError
+        from .rundir import RunDirError
+        from .runtime import DeviceError
+
+        try:
+            return command(args)
+        except Interrupted as exc:
+            print(f"{PROG}: {exc.describe()}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted by SIGINT", file=sys.stderr)
+            return 130
+        except (ConfigError, RunDirError, DeviceError, ProblemSetupError) as exc:
+            if _debug():
+                raise
+            return _err(str(exc))
+        except ImportError as exc:  # an optional extra that is not installed (phiflow, gymnasium, onnxruntime)
+            if _debug():
+                raise
+            return _err(f"a package this needs is not installed: {exc}")
+        except OSError as exc:  # the environment: a full disk, a missing or unwritable path
+            if _debug():
+                raise
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            return _err(f"{exc.strerror or exc}{where}")
+
+    return run
+
+
 @contextlib.contextmanager
 def _one_line_warnings():
     """Warnings as `blackbox-zo: warning: ...`, one line each, above a progress bar if one is drawn."""
@@ -91,6 +127,7 @@ def _one_line_warnings():
         yield
 
 
+@_one_line_errors
 def cmd_list(args) -> int:
     from .estimators import available_estimators
     from .oracle import available_oracles
@@ -129,6 +166,7 @@ def _resolve_device(problem, config) -> None:
                                        f"problem {problem.name!r}")
 
 
+@_one_line_errors
 def cmd_train(args) -> int:
     from . import rundir
     from .interrupts import Interrupted
@@ -188,6 +226,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_eval(args) -> int:
     from . import rundir
     from .oracle import UnknownNameError
@@ -218,6 +257,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_check_oracle(args) -> int:
     from .oracle import UnknownNameError, available_oracles, check_oracle
     from .oracle_problem import OracleTrainConfig
@@ -250,6 +290,7 @@ def cmd_check_oracle(args) -> int:
     return 0 if report.ok else EXIT_FAULT
 
 
+@_one_line_errors
 def cmd_experiment(args) -> int:
     from .oracle import UnknownNameError
     from .problem import get_experiment
@@ -305,33 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_allocator()  # experiments and eval allocate like training does
-    from .interrupts import Interrupted, raise_on_signals
-    from .problem import ProblemSetupError
-    from .rundir import RunDirError
-    from .runtime import DeviceError
+    from .interrupts import raise_on_signals
 
+    # SIGTERM raises like Ctrl-C does, so every command ends a signal in one line (see _one_line_errors)
     with _one_line_warnings(), raise_on_signals():
-        try:
-            return args.fn(args)
-        except Interrupted as exc:
-            print(f"{PROG}: {exc.describe()}", file=sys.stderr)
-            return exc.exit_code
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted by SIGINT", file=sys.stderr)
-            return 130
-        except (ConfigError, RunDirError, DeviceError, ProblemSetupError) as exc:
-            if _debug():
-                raise
-            return _err(str(exc))
-        except ImportError as exc:  # an optional extra that is not installed (phiflow, gymnasium, onnxruntime)
-            if _debug():
-                raise
-            return _err(f"a package this needs is not installed: {exc}")
-        except OSError as exc:  # the environment: a full disk, a missing or unwritable path
-            if _debug():
-                raise
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            return _err(f"{exc.strerror or exc}{where}")
+        return args.fn(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
