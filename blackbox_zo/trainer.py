@@ -488,11 +488,12 @@ class Trainer:
                     signum = 0
                     bar.write(f"stopping: {exc}", file=sys.stderr)
                 if signum:
+                    stop.repeat_stops_at_once = False  # stopping already: a repeat must not cut the writing short
                     self._stopped("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
                                   self.pos.step)
                     self.stop_signal = signum
                     self.save_checkpoint()
-                    summary = self.finish()
+                    summary = self.finish(plots=False)  # quick: the plots come with the resumed run's end
                     self._barrier()  # the main rank has written before any rank exits
                     raise Interrupted(signum, step=self.pos.step, checkpoint_step=self.checkpoint_step,
                                       run_dir=self.run_dir, summary=summary)

@@ -480,8 +480,11 @@ def test_a_signal_during_training_checkpoints_and_resumes(tmp_path, sig):
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     proc = _start(tmp_path, *SLOW_BOWL, "--set", "oracle.options.sleep_s=2.0")  # a step takes 4 s
     _wait_for(lambda: _metric_lines(tmp_path) >= 1, proc)  # step 1 just ended: step 2 has ~4 s to go
+    time.sleep(0.5)  # into step 2 (a signal before it starts would stop before it, gracefully)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.2)
+    # the handler of the first signal ran at once (the process sleeps in the oracle, and a sleep is
+    # interrupted by a signal), so this one is 1.2 s after it: a repeat, which stops at once
     proc.send_signal(signal.SIGINT)
     code, out, err = _finish(proc)
     assert code == 130
