@@ -111,11 +111,20 @@ class RunConfig(Strict):
     eval_every_epochs: int = Field(1, ge=1)
     checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="default: once per epoch")
     out_dir: str = "runs"
-    query_budget: Optional[int] = Field(None, ge=1)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    query_budget: Optional[int] = Field(None, ge=1, description="loss values for the whole job: setup (pruning), "
+                                        "training and evaluation queries charged to the oracle")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss (in training or evaluation): stop the run, or skip that step / "
+        "record that metric as missing and go on")
     progress: bool = True
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^\s*(auto|cpu|cuda(:\d+)?|mps)\s*$",
+                        description="auto (CUDA if the problem supports it and one is there, else cpu), cpu, "
+                        "cuda, cuda:N, mps; an explicit device never falls back")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
+    oracle_retries: int = Field(3, ge=0, le=100, description="retries of a query that failed with "
+                                "TransientOracleError (other errors stop the run at once)")
+    oracle_retry_backoff_s: float = Field(1.0, ge=0, le=600, description="wait before retry k is this x 2^(k-1) s "
+                                          "(at most 60 s)")
 
 
 class SparsityConfig(Strict):

@@ -7,6 +7,7 @@ built on `Oracle.losses` / `Oracle.coordinate_losses` and never sees a gradient.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import time
 from abc import ABC, abstractmethod
@@ -25,6 +26,8 @@ __all__ = [
     "QueryBudgetExceeded",
     "NonFiniteLossError",
     "OracleError",
+    "TransientOracleError",
+    "job_ledger",
     "Oracle",
     "ORACLES",
     "register_oracle",
@@ -161,7 +164,15 @@ class ParamSpace:
 
 
 class QueryBudgetExceeded(RuntimeError):
-    """Raised *before* a request for loss values that would exceed the ledger's budget."""
+    """Raised *before* a request for loss values that would exceed the ledger's budget.
+
+    `budget`, `used`, `requested` and `phase` say by how much (None when raised by hand).
+    """
+
+    def __init__(self, message: str, *, budget: int | None = None, used: int | None = None,
+                 requested: int | None = None, phase: str | None = None):
+        super().__init__(message)
+        self.budget, self.used, self.requested, self.phase = budget, used, requested, phase
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -172,19 +183,38 @@ class OracleError(RuntimeError):
     """An oracle raised or broke its contract; wraps the original exception."""
 
 
+class TransientOracleError(Exception):
+    """Raise this from `losses` / `coordinate_losses` for a failure worth retrying: a timeout,
+    a dropped connection, a busy server. The engine retries the same request up to
+    `run.oracle_retries` times, waiting `run.oracle_retry_backoff_s` x 2^k seconds before
+    retry k + 1; any other exception is permanent and stops the run at once. A retried
+    request is charged to the ledger once; its retries are counted in `ledger.retried`.
+    """
+
+
 PHASES = ("train", "prune", "eval")
 
 
 class QueryLedger:
-    """Counts every loss value requested from an oracle, by phase, with an optional hard budget."""
+    """Counts every loss value requested from an oracle, by phase, with an optional hard budget.
 
-    def __init__(self, budget: int | None = None):
+    A request is charged once, before it is sent. `max_retries` / `retry_backoff_s` is the
+    job's policy for requests that fail with TransientOracleError; re-sent loss values are
+    counted in `retried`, not charged again (so a flaky oracle leaves the counts, the budget
+    and the trajectory of a run exactly as a reliable one would).
+    """
+
+    def __init__(self, budget: int | None = None, max_retries: int = 0, retry_backoff_s: float = 1.0):
         if budget is not None and budget < 0:
             raise ValueError(f"query budget must be >= 0, got {budget}")
+        if max_retries < 0 or retry_backoff_s < 0:
+            raise ValueError("max_retries and retry_backoff_s must be >= 0")
         self.budget = budget
         self.counts: dict[str, int] = {p: 0 for p in PHASES}
         self.phase_name = "train"
         self.busy_seconds = 0.0
+        self.max_retries, self.retry_backoff_s = int(max_retries), float(retry_backoff_s)
+        self.retried = 0  # loss values re-sent after a transient failure (not in counts)
 
     @property
     def total(self) -> int:
@@ -209,28 +239,51 @@ class QueryLedger:
             raise ValueError("cannot charge a negative number of queries")
         if self.budget is not None and self.total + n > self.budget:
             raise QueryBudgetExceeded(
-                f"query budget {self.budget} would be exceeded: {self.total} used, {n} more requested"
-            )
+                f"query budget {self.budget} would be exceeded: {self.total} used, {n} more requested",
+                budget=self.budget, used=self.total, requested=n, phase=self.phase_name)
         self.counts[self.phase_name] = self.counts.get(self.phase_name, 0) + n
 
     def ensure_available(self, n: int) -> None:
         """Raise before starting work that needs n more queries than the budget has left."""
         if self.budget is not None and self.total + n > self.budget:
             raise QueryBudgetExceeded(
-                f"query budget {self.budget} would be exceeded: {self.total} used, {n} more needed"
-            )
+                f"query budget {self.budget} would be exceeded: {self.total} used, {n} more needed",
+                budget=self.budget, used=self.total, requested=n, phase=self.phase_name)
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry `attempt` + 1 (exponential, at most 60 s)."""
+        return min(60.0, self.retry_backoff_s * 2.0 ** attempt)
 
     def rate(self) -> float:
         """Queries per second of time spent inside the oracle."""
         return self.total / self.busy_seconds if self.busy_seconds > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "counts": dict(self.counts), "busy_seconds": self.busy_seconds}
+        return {"budget": self.budget, "counts": dict(self.counts), "busy_seconds": self.busy_seconds,
+                "retried": self.retried}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.budget = state["budget"]
         self.counts = dict(state["counts"])
         self.busy_seconds = float(state["busy_seconds"])
+        self.retried = int(state.get("retried", 0))
+
+
+# The ledger of the job being set up: an oracle created while one is active (inside
+# `with job_ledger(l):`) starts with it, so a problem's setup queries (ZO-GraSP pruning)
+# are counted and budgeted before the trainer exists.
+_JOB_LEDGER: contextvars.ContextVar[QueryLedger | None] = contextvars.ContextVar("blackbox_zo_job_ledger",
+                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def job_ledger(ledger: QueryLedger):
+    """Oracles whose ledger is first used inside this block use `ledger` (budget and retries included)."""
+    token = _JOB_LEDGER.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _JOB_LEDGER.reset(token)
 
 
 # -------------------------------------------------------------------------- oracle
@@ -294,7 +347,7 @@ class Oracle(ABC):
     def ledger(self) -> QueryLedger:
         ledger = self.__dict__.get("_ledger")
         if ledger is None:
-            ledger = self.__dict__["_ledger"] = QueryLedger()
+            ledger = self.__dict__["_ledger"] = _JOB_LEDGER.get() or QueryLedger()
         return ledger
 
     @ledger.setter
@@ -310,17 +363,30 @@ class Oracle(ABC):
         return self._accounted(coords.numel(), lambda: self.coordinate_losses(theta, coords, mu, batch))
 
     def _accounted(self, n: int, call: Callable[[], Tensor]) -> Tensor:
-        self.ledger.charge(n)
+        ledger = self.ledger
+        ledger.charge(n)
         start = time.perf_counter()
+        attempt = 0
         try:
-            with torch.no_grad():
-                values = call()
-        except (QueryBudgetExceeded, KeyboardInterrupt):
+            while True:
+                try:
+                    with torch.no_grad():
+                        values = call()
+                    break
+                except TransientOracleError as exc:
+                    if attempt >= ledger.max_retries:
+                        raise OracleError(
+                            f"oracle {self.name!r} failed {attempt + 1} time(s) in a row with a transient error "
+                            f"(run.oracle_retries={ledger.max_retries}): {exc}") from exc
+                    time.sleep(ledger.retry_delay(attempt))
+                    attempt += 1
+                    ledger.retried += n
+        except (QueryBudgetExceeded, KeyboardInterrupt, OracleError):
             raise
         except Exception as exc:  # the oracle is a black box: wrap and name it
             raise OracleError(f"oracle {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         finally:
-            self.ledger.busy_seconds += time.perf_counter() - start
+            ledger.busy_seconds += time.perf_counter() - start
         if values.shape != (n,):
             raise OracleError(f"oracle {self.name!r} returned shape {tuple(values.shape)}, expected ({n},)")
         if not torch.isfinite(values).all():
@@ -360,6 +426,7 @@ class CheckResult:
     name: str
     passed: bool
     reason: str
+    skipped: bool = False  # not run, because an earlier failure makes it meaningless (passed stays True)
 
 
 @dataclass
@@ -374,7 +441,8 @@ class CheckReport:
     def __str__(self) -> str:
         lines = [f"check_oracle({self.oracle})"]
         for r in self.results:
-            lines.append(f"  [{'PASS' if r.passed else 'FAIL'}] {r.name}: {r.reason}")
+            tag = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
+            lines.append(f"  [{tag}] {r.name}: {r.reason}")
         lines.append("  OK" if self.ok else "  FAILED")
         return "\n".join(lines)
 
@@ -393,9 +461,16 @@ def check_oracle(
     rtol: float = 1e-5,
     atol: float = 1e-6,
     seed: int = 0,
+    fd_mu: float | None = None,
 ) -> CheckReport:
     """Conformance checks every registered oracle passes (cf. gymnasium's `check_env`).
 
+    With `fd_mu` (the estimator's finite-difference step), one more check: moving a
+    coordinate by fd_mu changes the loss for at least one of the `n_coords` coordinates
+    tried. If none does, every finite difference a CGE step computes is exactly zero
+    (mu below the loss's resolution: a quantized or piecewise-constant loss).
+    A non-deterministic oracle fails `deterministic` once; the checks that compare two
+    evaluations (coordinate_losses against losses, the change at fd_mu) are then skipped.
     Queries made here are not charged to the oracle's ledger.
     """
     report = CheckReport(getattr(oracle, "name", type(oracle).__name__))
@@ -434,12 +509,15 @@ def check_oracle(
 
     with torch.no_grad():
         again, err = call(lambda: oracle.losses(thetas, batch))
+    deterministic = False
     if err:
         add("deterministic", False, err)
     else:
-        same = torch.equal(out, again)
-        add("deterministic", same, "identical values for the same batch" if same else
-            f"max difference {float((out - again).abs().max()):.3g} between two calls on the same batch")
+        deterministic = torch.equal(out, again)
+        add("deterministic", deterministic, "identical values for the same batch" if deterministic else
+            f"max difference {float((out - again).abs().max()):.3g} between two calls on the same batch: the loss "
+            "must be a function of (theta, batch); draw any noise from a seed carried in the batch (common random "
+            "numbers), or finite differences measure the noise")
 
     with torch.enable_grad():
         graphed, err = call(lambda: oracle.losses(thetas.clone(), batch))
@@ -450,6 +528,12 @@ def check_oracle(
         add("no autograd", not builds, "builds an autograd graph (grad_fn set)" if builds else "no graph built")
 
     coords = torch.randperm(d, generator=gen)[: min(n_coords, d)]
+    if not deterministic:
+        why = "not checked: the oracle is not deterministic (see above)"
+        report.results.append(CheckResult("coordinate_losses agrees with losses", True, why, skipped=True))
+        if fd_mu is not None:
+            report.results.append(CheckResult(f"loss changes at mu={fd_mu:g}", True, why, skipped=True))
+        return report
     with torch.no_grad():
         fast, err = call(lambda: oracle.coordinate_losses(theta, coords, mu, batch))
         if err is None:
@@ -464,4 +548,21 @@ def check_oracle(
         gap = float((fast - ref).abs().max())
         tol = atol + rtol * float(ref.abs().max())
         add("coordinate_losses agrees with losses", gap <= tol, f"max |difference| {gap:.3g} (tolerance {tol:.3g})")
+    if fd_mu is not None:
+        with torch.no_grad():
+            base, err = call(lambda: oracle.losses(theta.unsqueeze(0), batch))
+            if err is None:
+                moved = theta.unsqueeze(0).repeat(coords.numel(), 1)
+                moved[torch.arange(coords.numel()), coords] += fd_mu
+                shifted, err = call(lambda: oracle.losses(moved, batch))
+        name = f"loss changes at mu={fd_mu:g}"
+        if err:
+            add(name, False, err)
+        else:
+            changed = int((shifted != base[0]).sum())
+            add(name, changed > 0,
+                f"{changed} of {coords.numel()} coordinates change the loss when moved by {fd_mu:g}" if changed else
+                f"none of {coords.numel()} coordinates changes the loss when moved by {fd_mu:g}: every finite "
+                "difference would be exactly 0 (mu is below the loss's resolution, e.g. a quantized or "
+                "piecewise-constant loss); raise estimator.mu or use estimator=rge")
     return report

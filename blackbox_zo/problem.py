@@ -106,6 +106,7 @@ class Problem(ABC):
     description: str = ""
     config_model: type[TrainConfig] = TrainConfig
     headline_metric: str = "test_acc"
+    devices: tuple[str, ...] = ("cpu",)  # device types `setup` honours run.device with (see runtime.resolve_device)
 
     @abstractmethod
     def default_config(self) -> dict[str, Any]:

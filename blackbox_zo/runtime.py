@@ -1,4 +1,10 @@
-"""Process-level settings that make CPU finite differences fast: the allocator.
+"""Process-level settings: the device a run uses, and the allocator that makes CPU finite differences fast.
+
+`resolve_device(requested, supported)` turns `run.device` into the device a run really
+uses, before anything is written: `auto` picks CUDA when the problem supports it and a
+device is there, else the CPU; an explicit device that is not there (or that the problem
+cannot use) is a one-line DeviceError, never a silent fallback. The resolved name is what
+config.json records.
 
 A ZO step allocates and frees the same large tensors (perturbed activations, chunks of
 P·N samples) thousands of times. glibc's malloc hands blocks above its mmap threshold
@@ -27,7 +33,7 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["tune_allocator", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES"]
+__all__ = ["tune_allocator", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "DeviceError", "resolve_device"]
 
 MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 256 << 20
@@ -51,3 +57,39 @@ def tune_allocator() -> bool:
             ok = False
     _state["done"] = ok
     return ok
+
+
+class DeviceError(RuntimeError):
+    """`run.device` names a device this machine or this problem cannot use (one line)."""
+
+
+def resolve_device(requested: str, supported: tuple[str, ...] = ("cpu",), problem: str = "this problem") -> str:
+    """The device a run with `run.device = requested` uses, or DeviceError.
+
+    `supported` lists the device types the problem moves its tensors to (Problem.devices).
+    """
+    import torch
+
+    req = str(requested).strip().lower()
+    if req == "auto":
+        if "cuda" in supported and torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    try:
+        dev = torch.device(req)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"run.device={requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in supported:
+        raise DeviceError(f"run.device={requested!r}: {problem} runs on {' or '.join(supported)} only "
+                          "(use run.device=cpu or auto)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"run.device={requested!r} but this torch ({torch.__version__}) sees no CUDA device; "
+                              "use run.device=cpu (or auto, which picks CUDA only where there is one), "
+                              "or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"run.device={requested!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                              f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"run.device={requested!r} but MPS is not available on this machine; use run.device=cpu")
+    return str(dev)

@@ -3,6 +3,13 @@
 Per step: flatten theta, let the oracle see the unperturbed point once (`on_step`),
 estimate the gradient from loss values only, write it into `p.grad`, step the optimizer
 and the scheduler. Checkpoints hold everything a bitwise-identical resume needs.
+
+Every way a run ends goes through one path (docs/reliability.md): the state is
+checkpointed at a step boundary (for a failed step: the state before it, parameters
+untouched), `summary.json` says why (`stopped`: completed, query budget, interrupted,
+non-finite, oracle error, error) and at which step (numbered as in metrics.jsonl), and the
+run can be resumed. Files are handled by `blackbox_zo.rundir`, signals by
+`blackbox_zo.interrupts`.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ import random
 import sys
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,12 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import FIRST_ORDER_REFERENCE, OptimizerConfig, ScheduleConfig, TrainConfig
-from . import parallel
+from . import parallel, rundir
+from .config import FIRST_ORDER_REFERENCE, ConfigError, OptimizerConfig, ScheduleConfig, TrainConfig, \
+    format_validation_error
 from .estimators import Estimate, make_estimator
-from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded
+from .interrupts import GracefulStop, Interrupted, agreed_signal, signal_name
+from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded, QueryLedger, job_ledger
 from .problem import Problem, TrainingSetup
-from .runtime import tune_allocator
+from .rundir import CHECKPOINT_NAME, atomic_write_bytes, atomic_write_text, make_run_dir
+from .runtime import resolve_device, tune_allocator
 
 __all__ = [
     "FlatParams",
@@ -41,13 +51,40 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "CHECKPOINT_NAME",
+    "RunWarning",
+    "ZeroSignalWarning",
+    "ZERO_SIGNAL_WINDOW",
+    "ZERO_SIGNAL_FRACTION",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+# The zero-signal guard: warn once when every finite difference of a step is exactly 0, or
+# when at least this fraction of them is, on average over this many consecutive steps.
+ZERO_SIGNAL_WINDOW = 5
+ZERO_SIGNAL_FRACTION = 0.95
+
+
+class RunWarning(RuntimeWarning):
+    """Something a user of a run should know that does not stop it (the CLI prints one line)."""
+
+
+class ZeroSignalWarning(RunWarning):
+    """The finite differences of a step were (nearly) all exactly zero: mu is below the loss's resolution."""
 
 
 class TrainingError(RuntimeError):
-    """A run stopped: names the step and the oracle; the parameters were not touched."""
+    """A run stopped on a fault: names the step (numbered as in metrics.jsonl) and the oracle.
+
+    `reason` is what summary.json records ("non-finite", "oracle error"); `step` the step
+    that failed; after `Trainer.fit`, `checkpoint_step` is the step the kept checkpoint
+    holds (a failed step leaves the parameters untouched) and `run_dir` where it is.
+    """
+
+    def __init__(self, message: str, *, reason: str = "error", step: int | None = None):
+        super().__init__(message)
+        self.reason, self.step = reason, step
+        self.checkpoint_step: int | None = None
+        self.run_dir: Path | None = None
+        self.summary: dict[str, Any] | None = None
 
 
 class FlatParams(nn.Module):
@@ -95,38 +132,6 @@ def build_scheduler(cfg: ScheduleConfig, optimizer, total_steps: int, steps_per_
 
 
 # ------------------------------------------------------------------------------ files
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temp file in the same directory and rename: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
-
-
-def make_run_dir(out_dir: str | Path, problem: str) -> Path:
-    base = Path(out_dir) / problem
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for k in range(1000):
-        run_dir = base / (stamp if k == 0 else f"{stamp}-{k}")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a fresh run directory under {base}")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -211,20 +216,32 @@ class Trainer:
         self.elapsed = 0.0  # wall seconds of training so far, across resumes
         self.metrics_lines = 0
         self.last_eval: dict[str, float] = {}
+        self.eval_missing: str | None = None  # why the last evaluation's metrics are missing (nan_policy=skip)
         self.skipped_steps = 0
         self.stopped_reason = "completed"
-        if self.oracle.ledger.budget is None and config.run.query_budget is not None:
-            self.oracle.ledger.budget = config.run.query_budget
+        self.stop_detail: str | None = None
+        self.stop_step: int | None = None
+        self.stop_signal: int | None = None
+        self.checkpoint_step: int | None = None  # the step the newest checkpoint holds
+        self.warnings: list[str] = []
+        self.summary_error: str | None = None  # why summary.json could not be written on a fault path
+        self._zero_fractions: deque[float] = deque(maxlen=ZERO_SIGNAL_WINDOW)
+        self._zero_warned = False
+        self._torch_rng_at_step_start: Tensor | None = None
+        ledger = self.oracle.ledger
+        if ledger.budget is None and config.run.query_budget is not None:
+            ledger.budget = config.run.query_budget
+        ledger.max_retries, ledger.retry_backoff_s = config.run.oracle_retries, config.run.oracle_retry_backoff_s
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         state = {
             "format": 1,
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng if rng is not None else _rng_state(),
             "ledger": self.oracle.ledger.state_dict(),
             "position": [self.pos.epoch, self.pos.index, self.pos.step],
             "elapsed": self.elapsed,
@@ -238,14 +255,39 @@ class Trainer:
             state["estimator"] = self.estimator.state_dict()
         return state
 
-    def save_checkpoint(self) -> None:
-        if self.run_dir is None or not self.is_main:
-            return
-        state = self.state_dict()
-        atomic_write_bytes(self.run_dir / CHECKPOINT_NAME, lambda fh: torch.save(state, fh))
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
+        """checkpoint.pt, atomically; the one it replaces is kept as checkpoint.prev.pt."""
+        if self.run_dir is not None and self.is_main:
+            rundir.save_checkpoint(self.run_dir, self.state_dict(rng=rng))
+        self.checkpoint_step = self.pos.step
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Continue from the checkpoint file `path` (see `resume_from` for a run directory)."""
+        self.load_state(rundir._load_one(Path(path)))
+
+    def resume_from(self, run_dir: Path) -> str | None:
+        """Continue from the newest usable checkpoint of `run_dir`; returns a note when it had
+        to fall back to the previous one (the damaged file is kept as checkpoint.damaged.pt)."""
+        run_dir = Path(run_dir)
+        loaded = rundir.load_checkpoint(run_dir)
+        self.load_state(loaded.state)
+        if self.is_main:
+            rundir.remove_stale_temporaries(run_dir)
+            if loaded.damaged is not None and loaded.damaged.exists():
+                try:
+                    os.replace(loaded.damaged, run_dir / rundir.DAMAGED_CHECKPOINT_NAME)
+                except OSError as exc:
+                    raise rundir.WriteError(f"cannot move the damaged {loaded.damaged} aside: {exc}") from exc
+        return loaded.note
+
+    def start_over(self) -> None:
+        """A run directory with no checkpoint yet (stopped during setup or its first epoch): from step 0."""
+        self.metrics_lines = 0
+        if self.run_dir is not None and self.is_main:
+            rundir.remove_stale_temporaries(self.run_dir)
+            rundir.truncate_lines(self.run_dir / rundir.METRICS_NAME, 0)
+
+    def load_state(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -256,15 +298,17 @@ class Trainer:
         self.metrics_lines = int(state["metrics_lines"])
         self.last_eval = dict(state["last_eval"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.checkpoint_step = self.pos.step
         if "coord_sampler" in state and self.setup.coord_sampler is not None:
             self.setup.coord_sampler.load_state_dict(state["coord_sampler"])
         if "estimator" in state and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(state["estimator"])
+        # the budget, the retry policy and the other resumable settings come from this run's config
+        ledger, run = self.oracle.ledger, self.config.run
+        ledger.budget, ledger.max_retries, ledger.retry_backoff_s = run.query_budget, run.oracle_retries, \
+            run.oracle_retry_backoff_s
         if self.run_dir is not None and self.is_main:  # drop metrics written after the checkpoint
-            mfile = self.run_dir / "metrics.jsonl"
-            if mfile.exists():
-                lines = mfile.read_text().splitlines(keepends=True)[: self.metrics_lines]
-                atomic_write_text(mfile, "".join(lines))
+            rundir.truncate_lines(self.run_dir / rundir.METRICS_NAME, self.metrics_lines)
 
     # -- logging ---------------------------------------------------------------------
 
@@ -273,24 +317,67 @@ class Trainer:
             cb(self, record)
         if self.run_dir is None or not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        rundir.append_line(self.run_dir / rundir.METRICS_NAME, json.dumps(record))
         self.metrics_lines += 1
 
+    def _warn(self, message: str, category: type[Warning] = RunWarning) -> None:
+        """Once per run, on the main rank; recorded in summary.json's `warnings`."""
+        self.warnings.append(message)
+        if self.is_main:
+            warnings.warn(message, category, stacklevel=3)
+
     def evaluate(self) -> dict[str, float]:
+        """The problem's metrics at the current parameters (main rank; shared under torchrun).
+
+        nan_policy applies: a non-finite loss or metric stops the run (stop) or leaves the
+        metric out of this evaluation and of summary.json (skip; `eval_missing` says why).
+        An evaluation the query budget cannot pay for is left out the same way.
+        """
         if self.setup.evaluate is None:
             return {}
         out: dict[str, float] = {}
+        error: tuple[str, str] | None = None
+        missing: str | None = None
+        skip = self.config.run.nan_policy == "skip"
         if self.is_main:  # under torchrun only the main rank evaluates; the others receive its results
             was_training = self.module.training
             self.module.eval()
             try:
                 with torch.no_grad(), self.oracle.ledger.phase("eval"):
                     out = {k: float(v) for k, v in self.setup.evaluate(self.module).items()}
+            except QueryBudgetExceeded as exc:
+                missing = f"evaluation not run: {exc}"
+            except NonFiniteLossError as exc:
+                if skip:
+                    missing = f"evaluation skipped (run.nan_policy=skip): {exc}"
+                else:
+                    error = ("non-finite", str(exc))
+            except OracleError as exc:
+                error = ("oracle error", str(exc))
             finally:
                 self.module.train(was_training)
+            bad = sorted(k for k, v in out.items() if not math.isfinite(v))
+            if bad and error is None:
+                if skip:
+                    out = {k: v for k, v in out.items() if k not in bad}
+                    missing = f"non-finite {', '.join(bad)} left out (run.nan_policy=skip)"
+                else:
+                    error = ("non-finite", f"evaluation gave non-finite {', '.join(bad)}")
         if self.parallel is not None:
-            out = parallel.share_from_main(out, self.oracle.ledger)
+            box = {**out, "__error__": list(error) if error else None, "__missing__": missing}
+            box = parallel.share_from_main(box, self.oracle.ledger)
+            shared_error, missing = box.pop("__error__", None), box.pop("__missing__", None)
+            error = tuple(shared_error) if shared_error else None
+            out = box
+        if error is not None:
+            raise TrainingError(f"evaluation after step {self.pos.step} (oracle {self.oracle.name!r}): {error[1]}; "
+                                "set run.nan_policy=skip to record such metrics as missing and go on"
+                                if error[0] == "non-finite" else
+                                f"evaluation after step {self.pos.step} (oracle {self.oracle.name!r}): {error[1]}",
+                                reason=error[0], step=self.pos.step)
+        if missing is not None:
+            self._warn(f"step {self.pos.step}: {missing}")
+        self.eval_missing = missing
         self.last_eval = out
         return out
 
@@ -298,7 +385,7 @@ class Trainer:
 
     def _zo_step(self, batch: Any) -> Estimate | None:
         theta = self.space.flatten(self.params)
-        epoch, step = self.pos.epoch, self.pos.step
+        epoch, step = self.pos.epoch, self.pos.step  # `step` is 0-based here; messages say step + 1
         sampler = self.setup.coord_sampler
         coords = sampler.coords(epoch) if sampler is not None else None
         if self.parallel is not None and self.parallel.due_for_check(step):
@@ -313,14 +400,41 @@ class Trainer:
         except QueryBudgetExceeded:
             raise
         except (OracleError, NonFiniteLossError) as exc:
-            msg = f"step {step} (epoch {epoch}) of oracle {self.oracle.name!r}: {exc}"
-            if self.config.run.nan_policy == "skip":
-                warnings.warn(f"skipping {msg}", RuntimeWarning, stacklevel=2)
+            msg = f"step {step + 1} (epoch {epoch}) of oracle {self.oracle.name!r}: {exc}"
+            non_finite = isinstance(exc, NonFiniteLossError)
+            if non_finite and self.config.run.nan_policy == "skip":
+                self._warn(f"skipping {msg}")
                 self.skipped_steps += 1
                 return None
-            raise TrainingError(msg + " (parameters left unchanged)") from exc
+            raise TrainingError(msg + " (parameters left unchanged)", reason="non-finite" if non_finite else
+                                "oracle error", step=step + 1) from exc
+        self._watch_signal(est, coords, step + 1)
         self.space.write_grad(self.params, est.grad)
         return est
+
+    def _watch_signal(self, est: Estimate, coords, step: int) -> None:
+        """The zero-signal guard: warn once when (nearly) every finite difference is exactly 0."""
+        if self._zero_warned:
+            return
+        # estimators leave the coordinates outside `coords` exactly 0, so the non-zeros are all inside it
+        n = est.grad.numel() if coords is None else int(coords.numel())
+        if n == 0:
+            return
+        zero = max(0.0, 1.0 - int(torch.count_nonzero(est.grad)) / n)
+        self._zero_fractions.append(zero)
+        window = self._zero_fractions
+        mean = sum(window) / len(window)
+        if zero < 1.0 and not (len(window) == window.maxlen and mean >= ZERO_SIGNAL_FRACTION):
+            return
+        self._zero_warned = True
+        est_cfg = self.config.estimator
+        what = (f"every finite difference of step {step} was exactly 0" if zero == 1.0 else
+                f"{mean:.0%} of the finite differences of steps {step - len(window) + 1}-{step} were exactly 0")
+        fix = (f"raise estimator.mu (now {est_cfg.mu:g}; e.g. --set estimator.mu={est_cfg.mu * 10:g})"
+               + ("" if est_cfg.kind == "rge" else " or use estimator=rge (its directions move every parameter)"))
+        self._warn(f"{what}: the loss does not change when a parameter moves by estimator.mu={est_cfg.mu:g}, "
+                   f"so those coordinates get no gradient (mu is below the loss's resolution: a quantized or "
+                   f"piecewise-constant loss?); {fix}", ZeroSignalWarning)
 
     def _optimizer_step(self) -> None:
         """optimizer.step(); with `sparsity.freeze_unselected` the coordinates outside this
@@ -345,6 +459,12 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end (or the budget); returns the summary, also written to summary.json.
+
+        Raises, after a checkpoint and summary.json are written: Interrupted (SIGINT/SIGTERM,
+        stopped before the next step), TrainingError (a non-finite loss under
+        nan_policy=stop, an oracle error). Under torchrun every rank takes the same path.
+        """
         cfg = self.config.run
         tune_allocator()
         if cfg.threads:
@@ -355,64 +475,147 @@ class Trainer:
                    desc=self.problem_name, dynamic_ncols=True, leave=True,
                    # in a log file (CI, nohup) every redraw is a new line: redraw every 10 s there
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        self.module.train()
+        # a repeated signal stops a single process at once; under torchrun the launcher repeats
+        # the user's signal itself, so only the first one counts there
+        stop = GracefulStop(repeat_stops_at_once=self.parallel is None)
+        try:
+            with stop:
+                try:
+                    signum = self._loop(bar, stop)
+                except QueryBudgetExceeded as exc:
+                    self._stopped("query budget", str(exc), self.pos.step)
+                    signum = 0
+                    bar.write(f"stopping: {exc}", file=sys.stderr)
+                if signum:
+                    stop.repeat_stops_at_once = False  # stopping already: a repeat must not cut the writing short
+                    self._stopped("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
+                                  self.pos.step)
+                    self.stop_signal = signum
+                    self.save_checkpoint()
+                    summary = self.finish(plots=False)  # quick: the plots come with the resumed run's end
+                    self._barrier()  # the main rank has written before any rank exits
+                    raise Interrupted(signum, step=self.pos.step, checkpoint_step=self.checkpoint_step,
+                                      run_dir=self.run_dir, summary=summary)
+                bar.close()
+                if self.stopped_reason != "completed" or (not self.last_eval and self.eval_missing is None):
+                    self.evaluate()
+                self.save_checkpoint()
+                return self.finish()
+        except TrainingError as exc:  # a failed step or evaluation: the state before it is kept
+            self._stopped(exc.reason, str(exc), exc.step)
+            rng = None
+            if exc.step == self.pos.step + 1 and self._torch_rng_at_step_start is not None:
+                rng = {**_rng_state(), "torch": self._torch_rng_at_step_start}
+            self.save_checkpoint(rng=rng)
+            exc.summary = self._finish_quietly()
+            exc.checkpoint_step, exc.run_dir = self.checkpoint_step, self.run_dir
+            self._barrier()
+            raise
+        except Interrupted as exc:
+            if exc.summary is None:  # a second signal cut the step in flight short: keep the last checkpoint
+                exc.step, exc.checkpoint_step, exc.run_dir = self.pos.step, self.checkpoint_step, self.run_dir
+                self._stopped("interrupted", exc.describe(), self.pos.step)
+                self.stop_signal = exc.signum
+                exc.summary = self._finish_quietly()
+            raise
+        except parallel.ParallelError as exc:
+            self._stopped("parallel error", str(exc), self.pos.step + 1)
+            self._finish_quietly()
+            raise
+        except rundir.RunDirError as exc:  # a file of the run cannot be written (disk full, ...)
+            self._stopped("write error", str(exc), self.pos.step)
+            self._finish_quietly()
+            raise
+        except Exception as exc:  # a file that cannot be written, a bug: say so in summary.json if it can be
+            self._stopped("error", f"{type(exc).__name__}: {exc}", self.pos.step + 1)
+            self._finish_quietly()
+            raise
+        finally:
+            bar.close()
+
+    def _loop(self, bar, stop: GracefulStop) -> int:
+        """The steps and epoch ends; returns the signal number that stopped it (0: ran to the end)."""
+        cfg = self.config.run
         session_start = time.perf_counter()
         session_queries = self.oracle.ledger.total
         start_elapsed = self.elapsed
         batches = self.setup.train_batches
-        self.module.train()
-        try:
-            while self.pos.epoch < cfg.epochs and self.pos.step < self.total_steps:
-                nb = batches.num_batches(self.pos.epoch)
-                while self.pos.index < nb and self.pos.step < self.total_steps:
-                    batch = batches.batch(self.pos.epoch, self.pos.index)
-                    if self.estimator is None:
-                        loss, queries = self._fo_step(batch), 0
-                        ok = True
-                    else:
-                        est = self._zo_step(batch)
-                        ok = est is not None
-                        loss, queries = (est.base_loss, est.queries) if ok else (float("nan"), 0)
-                    if ok:
-                        self._optimizer_step()
-                    self.scheduler.step()
-                    self.pos.index += 1
-                    self.pos.step += 1
-                    self.elapsed = start_elapsed + time.perf_counter() - session_start
-                    record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
-                              "queries": self.oracle.ledger.total, "step_queries": queries,
-                              "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
-                    self._log(record)
-                    rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
-                    # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
-                    bar.set_postfix({"loss": f"{loss:.4f}", "queries": _human(self.oracle.ledger.total),
-                                     "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
-                                    refresh=False)  # update() redraws, at most every mininterval
-                    bar.update(1)
-                    if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
-                        self.save_checkpoint()
-                if self.pos.index >= nb:  # epoch finished
-                    done_epoch = self.pos.epoch
-                    self.pos.epoch += 1
-                    self.pos.index = 0
-                    last = self.pos.epoch >= cfg.epochs or self.pos.step >= self.total_steps
-                    if (done_epoch + 1) % cfg.eval_every_epochs == 0 or last:
-                        metrics = self.evaluate()
-                        if metrics:
-                            self._log({"step": self.pos.step, "epoch": done_epoch, "queries": self.oracle.ledger.total,
-                                       "wall_s": round(self.elapsed, 4), **{f"eval/{k}": v for k, v in metrics.items()}})
-                    if not cfg.checkpoint_every_steps:
-                        self.save_checkpoint()
-        except QueryBudgetExceeded as exc:
-            self.stopped_reason = f"query budget: {exc}"
-            bar.write(f"stopping: {exc}")
-        finally:
-            bar.close()
-        if self.stopped_reason != "completed" or not self.last_eval:
-            self.evaluate()
-        self.save_checkpoint()
-        return self.finish()
+        while self.pos.epoch < cfg.epochs and self.pos.step < self.total_steps:
+            nb = batches.num_batches(self.pos.epoch)
+            while self.pos.index < nb and self.pos.step < self.total_steps:
+                # one agreed decision per step: every rank stops before the same step
+                signum = agreed_signal(stop.requested) if self.parallel is not None else stop.requested
+                if signum:
+                    return signum
+                # torch's generator as the step found it (dropout in a model draws from it): a failed step's
+                # checkpoint restarts the step from there (numpy's and Python's, 100x dearer to copy, are
+                # left to the engine-free parts of a problem and saved as they are at the stop)
+                self._torch_rng_at_step_start = torch.get_rng_state()
+                batch = batches.batch(self.pos.epoch, self.pos.index)
+                if self.estimator is None:
+                    loss, queries = self._fo_step(batch), 0
+                    ok = True
+                else:
+                    est = self._zo_step(batch)
+                    ok = est is not None
+                    loss, queries = (est.base_loss, est.queries) if ok else (float("nan"), 0)
+                if ok:
+                    self._optimizer_step()
+                self.scheduler.step()
+                self.pos.index += 1
+                self.pos.step += 1
+                self.elapsed = start_elapsed + time.perf_counter() - session_start
+                record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
+                          "queries": self.oracle.ledger.total, "step_queries": queries,
+                          "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
+                self._log(record)
+                rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
+                # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
+                bar.set_postfix({"loss": f"{loss:.4f}", "queries": _human(self.oracle.ledger.total),
+                                 "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
+                                refresh=False)  # update() redraws, at most every mininterval
+                bar.update(1)
+                if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+            if self.pos.index >= nb:  # epoch finished
+                done_epoch = self.pos.epoch
+                last = done_epoch + 1 >= cfg.epochs or self.pos.step >= self.total_steps
+                if (done_epoch + 1) % cfg.eval_every_epochs == 0 or last:
+                    # evaluated before the epoch counter moves on: a failed evaluation leaves a checkpoint
+                    # that evaluates again on resume
+                    metrics = self.evaluate()
+                    if metrics or self.eval_missing:
+                        extra = {"eval_missing": self.eval_missing} if self.eval_missing else {}
+                        self._log({"step": self.pos.step, "epoch": done_epoch, "queries": self.oracle.ledger.total,
+                                   "wall_s": round(self.elapsed, 4), **{f"eval/{k}": v for k, v in metrics.items()},
+                                   **extra})
+                self.pos.epoch += 1
+                self.pos.index = 0
+                if not cfg.checkpoint_every_steps:
+                    self.save_checkpoint()
+        return 0
 
-    def finish(self) -> dict[str, Any]:
+    def _stopped(self, reason: str, detail: str | None, step: int | None) -> None:
+        self.stopped_reason, self.stop_detail, self.stop_step = reason, detail, step
+
+    def _barrier(self) -> None:
+        """Under torchrun: wait until every rank (the main one writing its files) got here."""
+        if self.parallel is not None:
+            try:
+                agreed_signal(0)
+            except parallel.ParallelError:
+                pass  # a rank is gone; nothing left to wait for
+
+    def _finish_quietly(self) -> dict[str, Any] | None:
+        """finish() on a fault path: a second failure (e.g. the disk is still full) must not hide the first."""
+        try:
+            return self.finish(plots=False)
+        except Exception as exc:  # noqa: BLE001 - kept, never raised over the original error
+            self.summary_error = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def finish(self, plots: bool = True) -> dict[str, Any]:
         ledger = self.oracle.ledger
         summary = {
             "problem": self.problem_name,
@@ -420,20 +623,32 @@ class Trainer:
             "zeroth_order": self.estimator is not None,
             **self.last_eval,
             "queries": {**ledger.counts, "total": ledger.total},
+            "queries_retried": ledger.retried,
             "wall_s": round(self.elapsed, 3),
             "oracle_queries_per_s": round(ledger.rate(), 1),
             "steps": self.pos.step,
             "epochs_completed": self.pos.epoch,
             "skipped_steps": self.skipped_steps,
             "stopped": self.stopped_reason,
+            "stop_step": self.pos.step if self.stop_step is None else self.stop_step,
+            "checkpoint_step": self.checkpoint_step,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.stop_detail:
+            summary["stop_detail"] = self.stop_detail
+        if self.stop_signal:
+            summary["signal"] = signal_name(self.stop_signal)
+        if self.eval_missing:
+            summary["eval_missing"] = self.eval_missing
+        if self.warnings:
+            summary["warnings"] = list(self.warnings)
         if self.run_dir is not None and self.is_main:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            try:
-                plot_metrics(self.run_dir)
-            except Exception as exc:  # a plot must never lose a finished run
-                warnings.warn(f"could not write plots: {exc}", RuntimeWarning, stacklevel=2)
+            rundir.write_summary(self.run_dir, summary)
+            if plots:
+                try:
+                    plot_metrics(self.run_dir)
+                except Exception as exc:  # a plot must never lose a finished run
+                    warnings.warn(f"could not write plots: {exc}", RunWarning, stacklevel=2)
         return summary
 
 
@@ -494,29 +709,95 @@ def train(
     resume: Path | None = None,
     callbacks: Sequence[Callable[[Trainer, dict], None]] = (),
 ) -> dict[str, Any]:
-    """Set up `problem` with `config` and train; `resume` continues the run in that directory."""
+    """Set up `problem` with `config` and train; `resume` continues the run in that directory.
+
+    In this order, so that a refusal leaves nothing behind: the device is resolved
+    (`run.device`; DeviceError), a resume is checked against the run's config.json (only
+    rundir.RESUMABLE_SETTINGS may differ; ResumeError), config.json of a new run is written,
+    the problem is set up under the job's ledger (so `run.query_budget` covers its queries:
+    a budget below what setup needs is a ConfigError before any query), the checkpoint is
+    loaded (CheckpointError; a damaged newest one falls back to the previous), and only then
+    does a resume record its changed settings in config.json. A setup that fails or is
+    interrupted removes the new run directory it was given (if it holds nothing else).
+    """
     tune_allocator()  # once per process; see blackbox_zo/runtime.py (BLACKBOX_ZO_MALLOC_TUNING=0 opts out)
+    config = config.model_copy(deep=True)  # the resolved device and problem are recorded in it
+    config.run.device = resolve_device(config.run.device, tuple(getattr(problem, "devices", ("cpu",))),
+                                       f"problem {problem.name!r}")
+    if not config.problem:
+        config.problem = problem.name
+    main = _is_main_process()
+    if resume is not None:
+        run_dir = Path(resume)
+        check_resume_config(run_dir, problem, config)
     torch.manual_seed(config.run.seed)
     np.random.seed(config.run.seed % 2**32)
     random.seed(config.run.seed)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    if resume is not None:
-        run_dir = Path(resume)
-    if run_dir is not None and _is_main_process():
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(run_dir) / "config.json", config.model_dump_json(indent=2) + "\n")
-    setup = problem.setup(config)
+    fresh = run_dir is not None and main and resume is None
+    if fresh:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise rundir.WriteError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
+        try:
+            rundir.write_config(Path(run_dir), config)
+        except rundir.WriteError:
+            rundir.discard_if_unused(Path(run_dir))
+            raise
+    ledger = QueryLedger(budget=config.run.query_budget, max_retries=config.run.oracle_retries,
+                         retry_backoff_s=config.run.oracle_retry_backoff_s)
+    try:
+        with job_ledger(ledger):
+            setup = problem.setup(config)
+    except QueryBudgetExceeded as exc:
+        if fresh:
+            rundir.discard_if_unused(Path(run_dir))
+        phase = f"its {exc.phase!r} phase" if exc.phase else "it"
+        needs = f"{exc.requested} queries" if exc.requested is not None else "more queries"
+        raise ConfigError(f"run.query_budget={config.run.query_budget} is too small for this job's setup: "
+                          f"{phase} needs {needs} before training starts ({exc.used or 0} used so far); "
+                          f"set run.query_budget above {(exc.used or 0) + (exc.requested or 0)}") from None
+    except BaseException as exc:
+        if fresh:
+            rundir.discard_if_unused(Path(run_dir))
+        if isinstance(exc, KeyboardInterrupt):
+            signum = getattr(exc, "signum", 2)
+            raise Interrupted(signum, during="setup (nothing was kept)" if resume is None else
+                              f"setup ({run_dir} is unchanged)") from None
+        raise
     trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks)
     if resume is not None:
-        ckpt = Path(resume) / CHECKPOINT_NAME
-        if not ckpt.exists():
-            raise TrainingError(f"no checkpoint to resume from: {ckpt}")
-        trainer.load_checkpoint(ckpt)
+        if rundir.find_checkpoint(run_dir):
+            note = trainer.resume_from(run_dir)
+        else:  # stopped (or killed) before its first checkpoint
+            note = f"no checkpoint in {run_dir} yet: starting it from step 0"
+            trainer.start_over()
+        if note and main:
+            warnings.warn(note, RunWarning, stacklevel=2)
+        if main:  # the resume is on: record the settings it changed (RESUMABLE_SETTINGS only)
+            rundir.write_config(run_dir, config)
     summary = trainer.fit()
-    if run_dir is not None and _is_main_process():
+    if run_dir is not None and main:
         try:
             problem.report(Path(run_dir), summary)
         except Exception as exc:
-            warnings.warn(f"problem report failed: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"problem report failed: {exc}", RunWarning, stacklevel=2)
     return summary
+
+
+def check_resume_config(run_dir: Path, problem: Problem, config: TrainConfig) -> None:
+    """Refuse (ResumeError, one line) to resume `run_dir` as another problem or with changed settings."""
+    from pydantic import ValidationError
+
+    raw = rundir.read_run_config(run_dir)
+    rundir.check_same_problem(run_dir, raw, problem.name)
+    try:
+        saved = problem.config_model.model_validate(raw)
+    except ValidationError as exc:
+        raise rundir.ResumeError(f"{run_dir}/config.json does not fit problem {problem.name!r} (is it a run of "
+                                 f"another problem?): {format_validation_error(exc)}") from None
+    if not saved.problem:
+        saved.problem = problem.name
+    rundir.check_resume(run_dir, saved.model_dump(), config.model_dump())

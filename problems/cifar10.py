@@ -212,6 +212,7 @@ class Cifar10Problem(Problem):
     name = "cifar10"
     description = "ResNet-20 on CIFAR-10, DeepZero's recipe (Sparse-CGE 90%, ZO-GraSP, feature reuse); a GPU job"
     config_model = Cifar10Config
+    devices = ("cpu", "cuda")
 
     def default_config(self) -> dict[str, Any]:
         return {

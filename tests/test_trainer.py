@@ -86,13 +86,18 @@ class NaNProblem(Problem):
 
 
 def test_non_finite_loss_never_reaches_parameters(tmp_path):
-    # CGE forward makes 2 oracle calls per step (base + coordinates); NaN from call 5 = step index 2.
+    # CGE forward makes 2 oracle calls per step (base + coordinates); NaN from call 5 = the 3rd step
+    # (step 3 in metrics.jsonl's 1-based numbering, which every message uses).
     prob = NaNProblem(bad_from=5)
     cfg = resolve_config(prob.config_model, prob.default_config(), overrides=["run.checkpoint_every_steps=1"])
-    with pytest.raises(TrainingError, match=r"step 2 .*nan-after.*non-finite.*unchanged"):
+    with pytest.raises(TrainingError, match=r"step 3 .*nan-after.*non-finite.*unchanged") as info:
         train(prob, cfg, run_dir=tmp_path)
+    assert info.value.checkpoint_step == 2 and info.value.reason == "non-finite"
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert state["position"][2] == 2 and not (tmp_path / "summary.json").exists()
+    assert state["position"][2] == 2  # the state before the failed step
+    summary = json.loads((tmp_path / "summary.json").read_text())  # every stop writes one
+    assert summary["stopped"] == "non-finite" and summary["stop_step"] == 3 and summary["steps"] == 2
+    assert "step 3" in summary["stop_detail"]
     # two good SGD steps on |w|^2 from w = 1 with lr 0.1: w = 0.8^2 = 0.64 up to the O(mu) forward bias
     w = state["module"]["blocks.w"]
     assert torch.all(torch.isfinite(w)) and torch.allclose(w, torch.full((3,), 0.64), atol=0.01)
