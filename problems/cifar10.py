@@ -4,7 +4,7 @@ Sparse-CGE (mu 5e-3) with 90% gradient sparsity from ZO-GraSP (q 192, layer-wise
 coordinates resampled every 5 epochs), SGD lr 0.1 / momentum 0.9 / weight decay 5e-4,
 cosine schedule with a 3-epoch warm-up (DeepZero's code), 50 epochs, batch 256; every
 coordinate query goes through exact feature reuse (blackbox_zo.reuse). A GPU job:
-`blackbox-zo train cifar10 --set run.device=cuda`; the README says what it costs.
+`blackbox-zo train cifar10 --set run.device=cuda`; docs/cifar10.md says what it costs.
 
 CIFAR-10 is read from a local directory in the standard python-pickle layout
 (`<data.root>/cifar-10-batches-py/data_batch_1..5, test_batch`, as torchvision's

@@ -107,7 +107,7 @@ class PendulumProblem(_GymControlProblem):
     # -895 / -992 / -337, RGE mu 0.1 at -274 (2 episodes/step and lr 0.05: CGE stayed at -1250).
     # A Gaussian RGE direction moves theta by ~sqrt(d) mu = 0.64 against CGE's mu, a wider
     # smoothing of a return that is rugged at small scales. On 3 seeds x 400 steps
-    # (`blackbox-zo experiment gym`, README) the two are about even: each left one seed of
+    # (`blackbox-zo experiment gym`, docs/control.md) the two are about even: each left one seed of
     # three without a swing-up.
     defaults = {
         "problem": "pendulum",

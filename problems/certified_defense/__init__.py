@@ -230,7 +230,7 @@ class CertifiedDefenseProblem(Problem):
         # and the lr is scaled to this task: Adam at 3e-4 on the 289 parameters of the last layer of a
         # width-32 DnCNN (CGE takes all of them: 290 queries per step). 3e-4 was picked among
         # {1e-4, 3e-4, 1e-3} by a Monte-Carlo estimate of certified accuracy on the *training* images
-        # (200 noise draws each, first-order fine-tune), never on the test split; see the README.
+        # (200 noise draws each, first-order fine-tune), never on the test split; see docs/certified-defense.md.
         return {
             "problem": "certified-defense",
             "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},

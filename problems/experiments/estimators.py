@@ -56,7 +56,7 @@ __all__ = ["make_simple_cnn", "timed_cge", "timed_rge", "fig2", "timing_table", 
 
 METHODS = ("fo", "cge", "rge")
 LABELS = {"fo": "FO SGD (backprop)", "cge": "ZO CGE", "rge": "ZO RGE (q = d)"}
-DEFAULT_LRS = {"fo": 0.2, "cge": 0.2, "rge": 0.05}  # chosen by `--tune` at width 4, 6 epochs, batch 32 (README)
+DEFAULT_LRS = {"fo": 0.2, "cge": 0.2, "rge": 0.05}  # chosen by `--tune` at width 4, 6 epochs, batch 32 (docs/estimators.md)
 REFERENCE_LRS = {"fo": 0.1, "cge": 1e-3, "rge": 1e-4}  # DeepZero's reference discussion for CGE / RGE
 
 

@@ -114,7 +114,7 @@ class WakeFlowProblem(Problem):
             "schedule": {"name": "cosine", "min_lr_ratio": 0.1},
             # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
             # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
-            # (keep 0 of 200 weights), so Sparse-CGE could never train it; see the README.
+            # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
             "sparsity": {"enabled": True, "method": "random", "sparsity": 0.95, "q": 64,
                          "resample_every_epochs": 1},
             "run": {"epochs": 80, "seed": 0, "threads": 2, "eval_every_epochs": 80},
