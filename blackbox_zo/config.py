@@ -25,6 +25,7 @@ __all__ = [
     "EstimatorConfig",
     "FIRST_ORDER_REFERENCE",
     "InterpolationConfig",
+    "EvolutionConfig",
     "OptimizerConfig",
     "ScheduleConfig",
     "DataConfig",
@@ -59,18 +60,30 @@ class InterpolationConfig(Strict):
     debias: bool = True
 
 
+class EvolutionConfig(Strict):
+    """Evolution strategies (blackbox_zo.evolution): ES and Guided ES use estimator.q antithetic pairs and
+    sigma = estimator.mu; sep-CMA-ES / CMA-ES start from sigma = estimator.mu."""
+
+    shaping: Literal["centered-ranks", "nes", "none"] = Field(
+        "centered-ranks", description="fitness shaping of ES / Guided ES: ranks in [-0.5, 0.5], NES utilities, or raw losses")
+    popsize: Optional[int] = Field(None, ge=2, description="CMA-ES population lambda; None: 4 + floor(3 ln d)")
+    guide_k: int = Field(1, ge=1, le=64, description="Guided ES: the last k estimates span the guiding subspace")
+    guide_alpha: float = Field(0.5, gt=0, le=1, description="Guided ES: weight of the isotropic part (1: plain ES)")
+
+
 FIRST_ORDER_REFERENCE = "autograd"  # not an estimator: the trainer's backprop reference path
 
 
 class EstimatorConfig(Strict):
     kind: str = Field(
-        "cge", description="an estimator registered by name (blackbox-zo list: cge, rge, linear-interpolation, "
-        "plug-ins); 'autograd' is the first-order reference (not ZO)")
+        "cge", description="an estimator registered by name (blackbox-zo list: cge, rge, linear-interpolation, es, "
+        "guided-es, sep-cma-es, cma-es, plug-ins); 'autograd' is the first-order reference (not ZO)")
     mu: float = Field(5e-3, gt=0, description="finite-difference step, for every estimator")
     scheme: Literal["forward", "central"] = "forward"
-    q: int = Field(192, ge=1, description="RGE directions")
+    q: int = Field(192, ge=1, description="RGE directions; ES / Guided ES antithetic pairs (2q queries a step)")
     distribution: Literal["gaussian", "sphere"] = "gaussian"
     interp: InterpolationConfig = InterpolationConfig()
+    es: EvolutionConfig = EvolutionConfig()
 
     @field_validator("kind")
     @classmethod

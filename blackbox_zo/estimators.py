@@ -382,3 +382,8 @@ class LinearInterpolation(PlanEstimator):
         if self.warm_start:
             self._previous = g.detach().clone()
         return g
+
+
+# The evolution strategies (ES, Guided ES, sep-CMA-ES, CMA-ES) register themselves in their own module;
+# imported here so that the registry's built-ins (this module) include them.
+from . import evolution as _evolution  # noqa: E402,F401
