@@ -314,7 +314,7 @@ class _CMABase(Search):
         ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + cs
         cc = (4 + mueff / n) / (n + 4 + 2 * mueff / n)
         c1 = 2 / ((n + 1.3) ** 2 + mueff)
-        cmu = min(1 - c1, 2 * (mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
+        cmu = min(1 - c1, 2 * (0.25 + mueff + 1 / mueff - 2) / ((n + 2) ** 2 + mueff))
         if self.diagonal:  # Ros & Hansen 2008: the diagonal learns (n + 2) / 3 times faster
             c1, cmu = c1 * (n + 2) / 3, cmu * (n + 2) / 3
             if c1 + cmu > 1:

@@ -241,4 +241,9 @@ class PopulationForward:
     def losses(self, thetas: Tensor, x: Tensor, y: Any, loss_fn: Callable[[Tensor, Any], Tensor]) -> Tensor:
         """[P]: loss_fn(member's output, y) for each member."""
         out = self.forward(thetas, x)
+        p, n = out.shape[:2]
+        if loss_fn is F.cross_entropy and out.dim() == 3 and isinstance(y, Tensor) and y.dim() == 1:
+            # the common case without vmap's decomposition (several times faster); mean over the batch as
+            # cross_entropy's default reduction
+            return F.cross_entropy(out.reshape(p * n, -1), y.repeat(p), reduction="none").view(p, n).mean(1)
         return torch.vmap(lambda o: loss_fn(o, y))(out)

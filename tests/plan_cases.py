@@ -12,6 +12,7 @@ import torch
 
 from blackbox_zo.config import EstimatorConfig
 from blackbox_zo.estimators import available_estimators, make_estimator
+from blackbox_zo.evolution import Search
 from blackbox_zo.plan import QueryPlan, execute
 from helpers import SmoothBlocks
 
@@ -27,7 +28,10 @@ def subset(d: int) -> torch.Tensor:
 def cases() -> list[tuple[str, dict[str, Any], bool, int | None]]:
     """(case name, EstimatorConfig fields, restrict to a coordinate subset, oracle memory cap)."""
     out = []
-    for kind in available_estimators():  # every registered estimator, plug-ins included
+    for kind, cls in available_estimators().items():  # every registered estimator, plug-ins included
+        if isinstance(cls, type) and issubclass(cls, Search):  # a search: one population plan, all coordinates
+            out.append((f"{kind}-points", {"kind": kind, "mu": MU, "es": {"popsize": 9}}, False, None))
+            continue
         for scheme in ("forward", "central"):
             for sub in (False, True):
                 out.append((f"{kind}-{scheme}{'-subset' if sub else ''}",
@@ -51,9 +55,19 @@ def run_cases(make_sharder: Callable[[], Any]) -> dict[str, dict[str, Any]]:
         coords = subset(theta.numel()) if sub else None
         estimator = make_estimator(EstimatorConfig.model_validate(fields))
         estimator.chunk = estimator.chunk or 7  # several chunks per plan, cut across by the shards
-        runs = [estimator.estimate(oracle, theta, None, coords=coords, seed=SEED, sharder=sharder) for _ in range(CALLS)]
-        results[name] = {"grads": torch.stack([r.grad for r in runs]), "queries": [r.queries for r in runs],
-                         "base_loss": runs[-1].base_loss, "ledger": oracle.ledger.total}
+        has_base = estimator.plan(theta, coords=coords, seed=SEED, chunk=7).has_base
+        if isinstance(estimator, Search):  # three generations; the proposals stand in for the estimates
+            runs, point = [], theta
+            for _ in range(CALLS):
+                runs.append(estimator.step(oracle, point, None, seed=SEED, sharder=sharder))
+                point = runs[-1].theta
+            vectors = [r.theta for r in runs]
+        else:
+            runs = [estimator.estimate(oracle, theta, None, coords=coords, seed=SEED, sharder=sharder)
+                    for _ in range(CALLS)]
+            vectors = [r.grad for r in runs]
+        results[name] = {"grads": torch.stack(vectors), "queries": [r.queries for r in runs],
+                         "base_loss": runs[-1].base_loss, "ledger": oracle.ledger.total, "has_base": has_base}
     oracle = SmoothBlocks()
     points = oracle.initial_theta() + 0.1 * torch.randn(9, oracle.space.dim, generator=torch.Generator().manual_seed(3),
                                                          dtype=torch.float64)
