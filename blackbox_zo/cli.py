@@ -1,4 +1,4 @@
-"""The `blackbox-zo` command: list, train, eval, check-oracle, experiment.
+"""The `blackbox-zo` command: list, train, eval, check-oracle, experiment (and init-ask, ask, tell).
 
 Every way a command can fail ends in one line on stderr and an exit code
 (docs/reliability.md): 0 done (a run stopped by its query budget is done too), 1 a run
@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_experiment)
+
+    from .asktell_cli import add_commands  # init-ask, ask, tell: a run driven from outside
+
+    add_commands(sub)
     return parser
 
 
