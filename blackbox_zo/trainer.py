@@ -605,7 +605,8 @@ class Trainer:
         the periodic checkpoint. `elapsed()` gives the run's training seconds so far."""
         if ok:
             self._optimizer_step()
-        self.scheduler.step()
+        if not is_search(self.estimator):  # a search takes no optimizer step: its lr schedule would not apply
+            self.scheduler.step()
         self.pos.index += 1
         self.pos.step += 1
         self.elapsed = elapsed()
