@@ -44,6 +44,9 @@ def make_digits_cnn(width: int = 8) -> nn.Sequential:
     )
 
 
+SPARSE_KINDS = ("cge", "es", "guided-es")  # estimators that take the sparse coordinate set on digits
+
+
 class DigitsModelConfig(Strict):
     width: int = 8
 
@@ -99,9 +102,10 @@ class DigitsProblem(Problem):
             return nn.functional.cross_entropy(m(x), y)
 
         coord_sampler, extras = None, {}
-        if config.sparsity.enabled and config.estimator.kind == "cge":
+        if config.sparsity.enabled and config.estimator.kind in SPARSE_KINDS:
             # DeepZero: ZO-GraSP on a balanced batch at init (queries charged to `prune`) -> LPRs -> Sparse-CGE.
-            # Gradient sparsity is a CGE feature (Sparse-CGE); other estimators run dense.
+            # Gradient sparsity is a CGE feature (Sparse-CGE), and ES / Guided ES can sample in the same
+            # ZO-GraSP subspace (a hybrid, docs/efficiency.md); the other estimators run dense.
             from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 
             idx = balanced_indices(y_tr, config.sparsity.samples_per_class, seed=config.run.seed)
