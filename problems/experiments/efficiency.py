@@ -87,7 +87,7 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02,
                                                 "es": {"guide_k": 4, "guide_alpha": 0.5}},
                       "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0}},
-        "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.05, "es": {"popsize": 28}}},
+        "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "es": {"popsize": 28}}},
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
