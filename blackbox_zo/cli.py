@@ -63,7 +63,7 @@ def _maybe_init_distributed(config) -> None:
             _JOINED_GROUP.append(True)
 
 
-def _leave_distributed(code: int) -> int:
+def _leave_distributed(code: int, unwinding: BaseException | None = None) -> int:
     """End the process group this command joined, before main() returns, on every exit path.
 
     Not left to interpreter exit: a gloo worker thread still alive during finalization can
@@ -77,7 +77,7 @@ def _leave_distributed(code: int) -> int:
     from . import parallel
 
     try:
-        parallel.shutdown(barrier=code == 0)
+        parallel.shutdown(barrier=code == 0, unwinding=unwinding)
     except parallel.ParallelError as exc:
         print(f"blackbox-zo: parallel teardown failed: {exc}", file=sys.stderr)
         return code or 1
@@ -235,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()  # experiments and eval allocate like training does
     try:
         code = args.fn(args)
-    except BaseException:
-        _leave_distributed(1)
+    except BaseException as exc:
+        _leave_distributed(1, exc)
         raise
     return _leave_distributed(code)
 

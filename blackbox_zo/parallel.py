@@ -65,6 +65,7 @@ import hashlib
 import importlib
 import os
 import time
+import traceback
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -186,7 +187,7 @@ def init_from_env(config: Any = None) -> bool:
     return True
 
 
-def shutdown(*, barrier: bool = True) -> None:
+def shutdown(*, barrier: bool = True, unwinding: BaseException | None = None) -> None:
     """Leave and free the process group (its backend threads included) now, not at interpreter exit.
 
     Why this exists (issue 13: a rank of a finished torchrun job died with SIGABRT,
@@ -220,30 +221,40 @@ def shutdown(*, barrier: bool = True) -> None:
     Use ``barrier=False`` on error paths: a failed or interrupted rank must not wait
     ``parallel.timeout_s`` for peers that may be gone. A failed barrier still destroys the
     group and then raises ParallelError. Does nothing when no group is initialised.
+    ``unwinding``: the exception the process is ending with, if any; the local variables of
+    its finished frames (and of the exceptions chained to it) are cleared, because the frames
+    of a failed collective hold the group. The traceback still prints.
     """
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return
-    failure: ParallelError | None = None
+    seen: set[int] = set()
+    while unwinding is not None and id(unwinding) not in seen:
+        seen.add(id(unwinding))
+        traceback.clear_frames(unwinding.__traceback__)  # skips frames still executing (the caller's)
+        unwinding = unwinding.__cause__ or unwinding.__context__
+    # Failures are kept as messages only: an exception's traceback holds the frames of the
+    # collective, whose locals hold the group, and would keep it alive.
+    failure: str | None = None
     if barrier and dist.get_world_size() > 1:
         try:
             _collective("the final barrier", dist.barrier)
         except ParallelError as exc:
-            failure = exc
+            failure = str(exc)
     group = weakref.ref(dist.group.WORLD)
     try:
         dist.destroy_process_group()
     except Exception as exc:  # nothing left to free in a group that is already broken
-        failure = failure or ParallelError(f"destroying the process group failed: {type(exc).__name__}: {exc}")
+        failure = failure or f"destroying the process group failed: {type(exc).__name__}: {exc}"
     if group() is not None:
-        gc.collect()  # a reference cycle would free it here
-    if failure is None and group() is not None:
-        failure = ParallelError(
+        gc.collect()  # frames of a failed collective (reference cycles through their exception) go here
+    if group() is not None:
+        failure = failure or (
             "the process group is still referenced after destroy_process_group(), so its backend threads "
             "would outlive this process's teardown (they can abort the interpreter at exit); something "
             "imported after init_from_env() or a plug-in holds torch.distributed.group.WORLD")
     if failure is not None:
-        raise failure
+        raise ParallelError(failure)
 
 
 def _shutdown_at_exit() -> None:

@@ -334,12 +334,25 @@ def _scenario_teardown(rank: int, out: Path, options: dict) -> dict:
     trainer.fit()  # ends with the main rank's evaluation shared by broadcast_object_list
     group = weakref.ref(dist.group.WORLD)
     threads_before = _backend_threads()
-    held = [dist.group.WORLD] if options.get("hold") else []
+    case = options["case"]
+    held = [dist.group.WORLD] if case == "still-referenced" else []
     result = {"threads_before": threads_before}
-    try:
-        parallel.shutdown()
-    except parallel.ParallelError as exc:
-        result["error_message"] = str(exc)
+    start = time.perf_counter()
+    if case == "failed-collective" and rank == 0:  # rank 1 has left; the CLI's exception path tears down
+        try:
+            parallel._collective("an all-reduce after the peer left", lambda: dist.all_reduce(torch.ones(3)))
+        except parallel.ParallelError as exc:  # its traceback's frames hold the group
+            result["collective_error"] = str(exc)
+            try:
+                parallel.shutdown(barrier=False, unwinding=exc)
+            except parallel.ParallelError as exc2:
+                result["error_message"] = str(exc2)
+    else:  # "peer-left": rank 1 fails and leaves at once (as the CLI does on an error), rank 0 succeeded
+        try:
+            parallel.shutdown(barrier=not (case in ("peer-left", "failed-collective") and rank == 1))
+        except parallel.ParallelError as exc:
+            result["error_message"] = str(exc)
+    result["seconds"] = time.perf_counter() - start
     result.update(freed=group() is None, initialized=dist.is_initialized(), threads_after=_backend_threads(),
                   held=len(held))
     return result
@@ -488,21 +501,28 @@ def test_failed_rank_gives_clear_error_within_timeout(tmp_path, mode):
         assert ranks[1] == {"exitcode": 17} and waited < timeout
 
 
-@pytest.mark.parametrize("hold", [False, True], ids=["released", "still-referenced"])
-def test_shutdown_frees_the_group_and_its_threads_before_exit(tmp_path, hold):
-    ranks = _collect(tmp_path, _start(tmp_path, "teardown", hold=hold), deadline_s=300)
-    for r in ranks:
+@pytest.mark.parametrize("case", ["released", "still-referenced", "peer-left", "failed-collective"])
+def test_shutdown_frees_the_group_and_its_threads_before_exit(tmp_path, case):
+    ranks = _collect(tmp_path, _start(tmp_path, "teardown", case=case, timeout_s=120), deadline_s=300)
+    for rank, r in enumerate(ranks):
         assert "error" not in r, r.get("trace", r)
         assert not r["initialized"]
         if r["threads_before"] is not None:
             assert r["threads_before"]  # the check below can see gloo's threads
-        if not hold:  # freed now, threads joined: nothing of the group is left for finalization
-            assert r["freed"] and "error_message" not in r, r
-            assert r["threads_after"] in ([], None), r["threads_after"]
-        else:  # a group someone still holds cannot be freed: said, not left to abort at exit
+        if case == "still-referenced":  # a group someone still holds cannot be freed: said, not left to abort at exit
             assert not r["freed"] and "still referenced" in r["error_message"], r
             if r["threads_after"] is not None:
                 assert r["threads_after"], r
+            continue
+        # freed now, threads joined: nothing of the group is left for interpreter finalization
+        assert r["freed"], r
+        assert r["threads_after"] in ([], None), r["threads_after"]
+        if case == "peer-left" and rank == 0:  # its barrier sees the peer gone at once, not after timeout_s
+            assert "the final barrier failed" in r["error_message"] and r["seconds"] < 60, r
+        elif case == "failed-collective" and rank == 0:
+            assert "died or hung" in r["collective_error"] and "error_message" not in r, r
+        else:
+            assert "error_message" not in r, r
 
 
 TORCHRUN_TIMEOUT_S = 300  # a job takes ~20 s on 2 idle cores; bounded, so a hang fails instead of stalling CI
