@@ -151,12 +151,37 @@ def cmd_list(args) -> int:
     return 0
 
 
+_JOINED_GROUP: list[bool] = []  # non-empty when this command joined a process group; main() leaves it
+
+
 def _maybe_init_distributed(config) -> None:
     """Under torchrun (WORLD_SIZE > 1) join the process group before anything else."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from . import parallel
 
-        parallel.init_from_env(config)
+        if parallel.init_from_env(config):
+            _JOINED_GROUP.append(True)
+
+
+def _leave_distributed(code: int, unwinding: BaseException | None = None) -> int:
+    """End the process group this command joined, before main() returns, on every exit path.
+
+    Not left to interpreter exit: a gloo worker thread still alive during finalization can
+    abort the process (see parallel.shutdown). A successful command meets its peers at a
+    barrier first; a failing one (non-zero code, exception) leaves at once, since a peer may
+    be gone and must not be waited for up to parallel.timeout_s.
+    """
+    if not _JOINED_GROUP:
+        return code
+    _JOINED_GROUP.clear()
+    from . import parallel
+
+    try:
+        parallel.shutdown(barrier=code == 0, unwinding=unwinding)
+    except parallel.ParallelError as exc:
+        print(f"blackbox-zo: parallel teardown failed: {exc}", file=sys.stderr)
+        return code or 1
+    return code
 
 
 def _resolve_device(problem, config) -> None:
@@ -350,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # SIGTERM raises like Ctrl-C does, so every command ends a signal in one line (see _one_line_errors)
     with _one_line_warnings(), raise_on_signals():
-        return args.fn(args)
+        try:
+            code = args.fn(args)
+        except BaseException as exc:
+            _leave_distributed(1, exc)
+            raise
+        return _leave_distributed(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
