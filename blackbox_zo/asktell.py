@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
-import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,21 +52,23 @@ from pydantic import Field
 from torch import Tensor
 
 from . import rundir
-from .config import ConfigError, Strict, TrainConfig, resolve_config
-from .evolution import SearchStep, is_search
+from .config import ConfigError, Strict, TrainConfig, deep_merge, resolve_config
+from .evolution import is_search
 from .oracle import Oracle, OracleError, ParamSpace, QueryBudgetExceeded, QueryLedger, job_ledger
-from .problem import Problem, TrainingSetup
+from .problem import Problem, TrainingSetup, get_problem
+from .rng import seed_everything
 from .runtime import resolve_device, tune_allocator
+from .trainer import RunWarning, Trainer
 
-__all__ = ["Ask", "AskTellError", "RunComplete", "AskTellRun", "ExternalProblem", "ExternalConfig", "ASK_NAME",
+__all__ = ["Ask", "AskTellError", "RunComplete", "AskTellRun", "ExternalProblem", "ExternalConfig", "ExternalSection", "ASK_NAME",
            "read_answer", "write_points"]
 
 ASK_NAME = "ask.json"
 _LOCK_NAME = ".asktell.lock"
 
 
-class AskTellError(ValueError):
-    """Bad input to ask/tell (a wrong count, a NaN, a stale ask, a wrong file): one line, nothing changed."""
+class AskTellError(ConfigError):
+    """Bad input to ask/tell (a wrong count, a NaN, a stale ask, a wrong file): one line, exit 2, nothing changed."""
 
 
 class RunComplete(Exception):
@@ -207,12 +210,7 @@ def _digest(points: Tensor) -> str:
 
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
-    """One ask or tell at a time on a run directory (another process waits)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
+    """One ask or tell at a time on a run directory (another process waits; POSIX file lock)."""
     try:
         fh = open(run_dir / _LOCK_NAME, "a")
     except OSError as exc:
@@ -244,18 +242,12 @@ class AskTellRun:
             return problem
         if problem == "external":
             return ExternalProblem()
-        from .problem import get_problem
-
         return get_problem(problem)
 
     @classmethod
     def _build(cls, problem: Problem, config: TrainConfig, run_dir: Path):
-        from .trainer import Trainer
-
         tune_allocator()
-        torch.manual_seed(config.run.seed)  # as train() does before setup: the same model and data
-        np.random.seed(config.run.seed % 2**32)
-        random.seed(config.run.seed)
+        seed_everything(config.run.seed)  # as train() does before setup: the same model and data
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         ledger = QueryLedger(budget=config.run.query_budget, max_retries=config.run.oracle_retries,
@@ -281,10 +273,10 @@ class AskTellRun:
         """
         problem = cls._resolve_problem(problem)
         if not isinstance(config, TrainConfig):
-            base = rundir_deep_merge(problem.default_config(), config or {})
-            config = resolve_config(problem.config_model, base, None, overrides)
+            base = deep_merge(problem.default_config(), config or {})
+            config = resolve_config(problem.config_model, base, None, overrides, name=problem.name)
         elif overrides:
-            config = resolve_config(problem.config_model, config.model_dump(), None, overrides)
+            config = resolve_config(problem.config_model, config.model_dump(), None, overrides, name=problem.name)
         config = config.model_copy(deep=True)
         config.run.device = resolve_device(config.run.device, tuple(getattr(problem, "devices", ("cpu",))),
                                            f"problem {problem.name!r}")
@@ -325,17 +317,13 @@ class AskTellRun:
         raw = rundir.read_run_config(run_dir)
         problem = cls._resolve_problem(problem or raw.get("problem", ""))
         rundir.check_same_problem(run_dir, raw, problem.name)
-        config = resolve_config(problem.config_model, raw)
+        config = resolve_config(problem.config_model, raw, name=problem.name)
         if not rundir.find_checkpoint(run_dir):
             raise AskTellError(f"{run_dir} has no checkpoint: it is not an ask/tell run (make one with "
                                "blackbox-zo init-ask)")
         trainer = cls._build(problem, config, run_dir)
         note = trainer.resume_from(run_dir)
         if note:
-            import warnings
-
-            from .trainer import RunWarning
-
             warnings.warn(note, RunWarning, stacklevel=2)
         return cls(run_dir, problem, config, trainer)
 
@@ -374,10 +362,6 @@ class AskTellRun:
         try:
             self.problem.report(self.run_dir, summary)
         except Exception as exc:  # noqa: BLE001 - a report must never lose a finished run
-            import warnings
-
-            from .trainer import RunWarning
-
             warnings.warn(f"problem report failed: {exc}", RunWarning, stacklevel=2)
         return summary
 
@@ -387,7 +371,7 @@ class AskTellRun:
         """The next step's plan, exactly as the trainer's step builds it: (plan, coords, batch)."""
         t = self.trainer
         batch = t.setup.train_batches.batch(t.pos.epoch, t.pos.index)
-        theta, coords, seed = t._step_inputs(batch)
+        theta, coords, seed = t.step_inputs(batch)
         t.oracle.on_step(theta, batch)
         method = t.estimator
         chunk = method.chunk or max(1, t.oracle.chunk_size(theta))
@@ -474,7 +458,7 @@ class AskTellRun:
             kept = copy.deepcopy(method.state_dict()) if hasattr(method, "state_dict") else None
             try:
                 result = method.tell(plan, split) if is_search(method) else method.combine(plan, split)
-                t._check_result(result)
+                t.check_result(result)
             except Exception as exc:  # noqa: BLE001 - e.g. a non-finite update from finite losses: nothing applied
                 if kept is not None:
                     method.load_state_dict(kept)
@@ -482,13 +466,13 @@ class AskTellRun:
                                    "nothing was applied") from None
             with t.oracle.ledger.phase("train"):
                 t.oracle.ledger.charge(plan.num_queries)
-            t._apply_result(result, coords)
+            t.apply_result(result, coords)
             engine_s = float(pending.get("engine_s", 0.0)) + time.perf_counter() - started
             base = t.elapsed
-            record = t._advance(True, result.base_loss, result.queries, lambda: base + engine_s)
+            record = t.advance(True, result.base_loss, result.queries, lambda: base + engine_s)
             nb = t.setup.train_batches.num_batches(t.pos.epoch)
             if t.pos.index >= nb:
-                t._end_epoch()
+                t.end_epoch()
             if t.done:
                 record["summary"] = self._complete()
             else:
@@ -517,8 +501,3 @@ class AskTellRun:
                                "finite loss (re-evaluate those points, or give a large finite penalty)")
         return values
 
-
-def rundir_deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    from .config import deep_merge
-
-    return deep_merge(base, update)

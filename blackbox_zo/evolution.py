@@ -61,16 +61,22 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from .estimators import Estimate, PlanEstimator, _check_mu, _draw_seed, _scatter, register_estimator
+from .config import EstimatorSettings
+from .estimators import Estimate, PlanEstimator, register_estimator
 from .parallel import PlanSharder
 from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
 
 __all__ = [
+    "ESConfig",
+    "GuidedESConfig",
+    "CMAConfig",
+    "SepCMAConfig",
     "SHAPINGS",
     "shape_losses",
     "centered_ranks",
@@ -86,6 +92,30 @@ __all__ = [
 
 Shaping = Literal["centered-ranks", "nes", "none"]
 SHAPINGS = ("centered-ranks", "nes", "none")
+
+
+# ----------------------------------------------------------------------- small helpers
+
+
+def _check_mu(mu: float) -> float:
+    if not mu > 0:
+        raise ValueError(f"mu (sigma) must be > 0, got {mu}")
+    return float(mu)
+
+
+def _draw_seed(seed: int | None) -> int:
+    """The step's seed, or a fresh one from torch's generator (as the estimators of estimators.py)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+
+
+def _scatter(theta: Tensor, coords: Tensor | None, values: Tensor) -> Tensor:
+    """A [d] vector with `values` at `coords` (everywhere when None) and zeros elsewhere."""
+    grad = torch.zeros_like(theta)
+    if coords is None:
+        grad += values
+    else:
+        grad[coords] = values
+    return grad
 
 
 # ----------------------------------------------------------------------- fitness shaping
@@ -138,12 +168,52 @@ def _shaped_differences(losses: PlanLosses, shaping: str) -> Tensor:
     return (shaped[:q] - shaped[q:]) / (2 * losses.plan.mu)
 
 
+# ------------------------------------------------------------------------------ settings
+
+
+class ESConfig(EstimatorSettings):
+    """kind=es: q antithetic Gaussian pairs (2q queries a step), sigma = mu, fitness shaping."""
+
+    uses_sparsity: ClassVar[bool] = True  # samples in the step's coordinate subset when sparsity is on
+    kind: Literal["es"] = Field("es", description="OpenAI-style evolution strategy (antithetic, rank-shaped)")
+    mu: float = Field(0.02, gt=0, description="sigma: the scale of the Gaussian perturbations")
+    q: int = Field(16, ge=1, description="antithetic pairs per step (2q queries)")
+    shaping: Literal["centered-ranks", "nes", "none"] = Field(
+        "centered-ranks", description="losses -> ranks in [-0.5, 0.5], minus NES utilities, or raw losses "
+        "(none: central Gaussian RGE)")
+
+
+class GuidedESConfig(ESConfig):
+    """kind=guided-es: ES whose samples lean towards the span of its last k estimates."""
+
+    uses_sparsity: ClassVar[bool] = False  # its guiding subspace lives in one fixed coordinate space
+    kind: Literal["guided-es"] = Field("guided-es", description="Guided ES (Maheswaranathan et al. 2019)")
+    guide_k: int = Field(1, ge=1, le=64, description="the last k estimates span the guiding subspace")
+    guide_alpha: float = Field(0.5, gt=0, le=1, description="weight of the isotropic part (1: plain ES)")
+
+
+class SepCMAConfig(EstimatorSettings):
+    """kind=sep-cma-es: a distribution-adapting search (diagonal covariance) that moves theta itself."""
+
+    kind: Literal["sep-cma-es"] = Field("sep-cma-es", description="CMA-ES with a diagonal covariance (O(d))")
+    mu: float = Field(0.02, gt=0, description="sigma_0: the initial step size")
+    popsize: Optional[int] = Field(None, ge=2, description="lambda, queries per step (none: 4 + floor(3 ln d))")
+
+
+class CMAConfig(SepCMAConfig):
+    """kind=cma-es: CMA-ES with the full covariance (d^2 memory; small d)."""
+
+    kind: Literal["cma-es"] = Field("cma-es", description="CMA-ES with the full covariance (small d)")
+
+
 # ------------------------------------------------------------------------- ES (estimator)
 
 
 @register_estimator("es")
 class ES(PlanEstimator):
     """Antithetic Gaussian ES with fitness shaping; q pairs (2q queries), sigma = mu (see the module doc)."""
+
+    config_model = ESConfig
 
     def __init__(self, q: int = 16, mu: float = 0.02, shaping: Shaping = "centered-ranks", chunk: int | None = None):
         if q < 1:
@@ -152,7 +222,7 @@ class ES(PlanEstimator):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ES":
-        return cls(q=cfg.q, mu=cfg.mu, shaping=cfg.es.shaping)
+        return cls(q=cfg.q, mu=cfg.mu, shaping=cfg.shaping)
 
     def __repr__(self) -> str:
         return f"ES(q={self.q}, mu={self.mu}, shaping={self.shaping!r})"
@@ -176,6 +246,8 @@ class GuidedES(PlanEstimator):
     """Guided ES: antithetic samples from N(0, sigma^2 ((alpha/d) I + ((1-alpha)/k) U U^T)), U spanning
     the last k estimates (Maheswaranathan et al. 2019, Algorithm 1); fitness shaping as `ES`."""
 
+    config_model = GuidedESConfig
+
     def __init__(self, q: int = 16, mu: float = 0.02, k: int = 1, alpha: float = 0.5,
                  shaping: Shaping = "centered-ranks", chunk: int | None = None):
         if q < 1 or k < 1:
@@ -188,7 +260,7 @@ class GuidedES(PlanEstimator):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "GuidedES":
-        return cls(q=cfg.q, mu=cfg.mu, k=cfg.es.guide_k, alpha=cfg.es.guide_alpha, shaping=cfg.es.shaping)
+        return cls(q=cfg.q, mu=cfg.mu, k=cfg.guide_k, alpha=cfg.guide_alpha, shaping=cfg.shaping)
 
     def __repr__(self) -> str:
         return f"GuidedES(q={self.q}, mu={self.mu}, k={self.k}, alpha={self.alpha}, shaping={self.shaping!r})"
@@ -296,7 +368,7 @@ class _CMABase(Search):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "_CMABase":
-        return cls(popsize=cfg.es.popsize, sigma=cfg.mu)
+        return cls(popsize=cfg.popsize, sigma=cfg.mu)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(popsize={self.popsize}, sigma={self.sigma0})"
@@ -417,6 +489,7 @@ class _CMABase(Search):
 class SepCMAES(_CMABase):
     """sep-CMA-ES: CMA-ES with a diagonal covariance, O(d) per sample (Ros & Hansen 2008)."""
 
+    config_model = SepCMAConfig
     diagonal = True
 
 
@@ -424,4 +497,5 @@ class SepCMAES(_CMABase):
 class CMAES(_CMABase):
     """CMA-ES with the full covariance (Hansen's tutorial): O(d^2) memory, for small d."""
 
+    config_model = CMAConfig
     diagonal = False

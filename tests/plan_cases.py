@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from blackbox_zo.config import EstimatorConfig
+from blackbox_zo.config import EstimatorConfig, EstimatorSettings
 from blackbox_zo.estimators import available_estimators, make_estimator
 from blackbox_zo.evolution import Search
 from blackbox_zo.plan import QueryPlan, execute
@@ -29,13 +29,15 @@ def cases() -> list[tuple[str, dict[str, Any], bool, int | None]]:
     """(case name, EstimatorConfig fields, restrict to a coordinate subset, oracle memory cap)."""
     out = []
     for kind, cls in available_estimators().items():  # every registered estimator, plug-ins included
+        takes = EstimatorSettings.variant(kind).model_fields  # the settings of this kind (q: RGE's)
         if isinstance(cls, type) and issubclass(cls, Search):  # a search: one population plan, all coordinates
-            out.append((f"{kind}-points", {"kind": kind, "mu": MU, "es": {"popsize": 9}}, False, None))
+            out.append((f"{kind}-points", {"kind": kind, "mu": MU, "popsize": 9}, False, None))
             continue
-        for scheme in ("forward", "central"):
+        for scheme in ("forward", "central") if "scheme" in takes else ("central",):  # ES: always antithetic
             for sub in (False, True):
-                out.append((f"{kind}-{scheme}{'-subset' if sub else ''}",
-                            {"kind": kind, "mu": MU, "scheme": scheme, "q": 24}, sub, None))
+                fields = {"kind": kind, "mu": MU, **({"scheme": scheme} if "scheme" in takes else {}),
+                          **({"q": 24} if "q" in takes else {})}
+                out.append((f"{kind}-{scheme}{'-subset' if sub else ''}", fields, sub, None))
     # the direction stream redrawn by combine (a memory cap too small to keep it), chunks of 3
     out.append(("rge-sphere-central-redrawn", {"kind": "rge", "mu": MU, "scheme": "central", "q": 24,
                                                "distribution": "sphere"}, False, 1000))

@@ -12,7 +12,8 @@ from blackbox_zo import rundir
 from blackbox_zo.asktell import AskTellError, AskTellRun, ExternalProblem, RunComplete, read_answer, write_points
 from blackbox_zo.cli import main
 from blackbox_zo.config import resolve_config
-from blackbox_zo.trainer import read_metrics, train
+from blackbox_zo.plots import read_metrics
+from blackbox_zo.trainer import train
 
 DIM = 6
 CENTER = torch.linspace(-1.0, 1.0, DIM)
@@ -26,7 +27,7 @@ def black_box(points: torch.Tensor) -> torch.Tensor:
 
 METHODS = {
     "es": {"estimator": {"kind": "es", "q": 3, "mu": 0.05}, "optimizer": {"name": "adam", "lr": 0.1}},
-    "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 0.3, "es": {"popsize": 6}}},
+    "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 0.3, "popsize": 6}},
     "cma-es": {"estimator": {"kind": "cma-es", "mu": 0.3}},
     "cge": {"estimator": {"kind": "cge", "mu": 1e-3, "scheme": "central"}, "optimizer": {"name": "sgd", "lr": 0.05}},
     "rge": {"estimator": {"kind": "rge", "q": 4, "mu": 1e-3}, "optimizer": {"name": "sgd", "lr": 0.02}},

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from blackbox_zo.config import EstimatorConfig
+from blackbox_zo.config import EstimatorSettings, resolve_config
 from blackbox_zo.estimators import RGE, make_estimator
 from blackbox_zo.evolution import CMAES, ES, GuidedES, SepCMAES, centered_ranks, is_search, nes_utilities, \
     shape_losses
 from blackbox_zo.oracle import Oracle, ParamSpace
 from blackbox_zo.plan import PlanLosses, QueryPlan
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import train
+from problems.digits import DigitsProblem
 
 
 class Linear(Oracle):
@@ -258,7 +261,7 @@ def test_sigma_grows_on_a_linear_function_and_shrinks_on_the_sphere(cls):
 
 @pytest.mark.parametrize("kind", ["sep-cma-es", "cma-es"])
 def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadratic):
-    search = make_estimator(EstimatorConfig(kind=kind, mu=0.3, es={"popsize": 6}))
+    search = make_estimator(EstimatorSettings.model_validate({"kind": kind, "mu": 0.3, "popsize": 6}))
     assert is_search(search)
     theta = quadratic.initial_theta()
     for s in range(3):
@@ -266,7 +269,7 @@ def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadra
     buf = io.BytesIO()
     torch.save(search.state_dict(), buf)
     buf.seek(0)
-    twin = make_estimator(EstimatorConfig(kind=kind, mu=0.3, es={"popsize": 6}))
+    twin = make_estimator(EstimatorSettings.model_validate({"kind": kind, "mu": 0.3, "popsize": 6}))
     twin.load_state_dict(torch.load(buf, weights_only=True))
     a, b = search.step(quadratic, theta, None, seed=7), twin.step(quadratic, theta, None, seed=7)
     assert torch.equal(a.theta, b.theta) and a.queries == b.queries == 6
@@ -281,12 +284,10 @@ def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadra
 def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
     """A digits run stopped after 7 steps and resumed ends bitwise where the uninterrupted run ends:
     the search's state (mean, sigma, paths, diagonal) and Guided ES's history ride in the checkpoint."""
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import CHECKPOINT_NAME, train
-    from problems.digits import DigitsProblem
-
-    fast = ["model.width=2", "data.batch_size=64", f"estimator={kind}", "estimator.q=4", "estimator.mu=0.05",
-            "estimator.es.popsize=8", "estimator.es.guide_k=2", "sparsity.enabled=false", "optimizer.name=adam",
+    takes = {"es": ["estimator.q=4"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
+             "sep-cma-es": ["estimator.popsize=8"]}[kind]
+    fast = ["model.width=2", "data.batch_size=64", f"estimator={kind}", *takes, "estimator.mu=0.05",
+            "sparsity.enabled=false", "optimizer.name=adam",
             "optimizer.lr=0.01", "run.progress=false", "run.epochs=1", "run.checkpoint_every_steps=1"]
 
     def config(*extra):

@@ -81,13 +81,13 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "sparse-cge": {},  # the DeepZero recipe: ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
         "cge": {**_DENSE64},
         "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
-                "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0}},
+                "optimizer": {"name": "adam", "lr": 0.01}},
         "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
-               "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0}},
-        "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02,
-                                                "es": {"guide_k": 4, "guide_alpha": 0.5}},
-                      "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0}},
-        "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "es": {"popsize": 28}}},
+               "optimizer": {"name": "adam", "lr": 0.01}},
+        "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
+                                                "guide_alpha": 0.5},
+                      "optimizer": {"name": "adam", "lr": 0.01}},
+        "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28}},
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
@@ -96,13 +96,13 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
                "optimizer": {"name": "adam", "lr": 1e-3}},
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
-                                                                     "es": {"popsize": 16}}},
+                                                                     "popsize": 16}},
     },
     "certified-defense": {
         "cge": {},  # the problem's default: CGE over the 289 parameters of the denoiser's last layer
         "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}},
         "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}},
-        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "es": {"popsize": 16}}},
+        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}},
     },
 }
 
