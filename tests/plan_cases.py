@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from blackbox_zo.config import EstimatorConfig, EstimatorSettings
+from blackbox_zo.config import EstimatorSettings
 from blackbox_zo.estimators import available_estimators, make_estimator
 from blackbox_zo.evolution import Search
 from blackbox_zo.plan import QueryPlan, execute
@@ -55,7 +55,7 @@ def run_cases(make_sharder: Callable[[], Any]) -> dict[str, dict[str, Any]]:
             oracle.memory_cap_bytes = cap
         theta = oracle.initial_theta()
         coords = subset(theta.numel()) if sub else None
-        estimator = make_estimator(EstimatorConfig.model_validate(fields))
+        estimator = make_estimator(EstimatorSettings.model_validate(fields))
         estimator.chunk = estimator.chunk or 7  # several chunks per plan, cut across by the shards
         has_base = estimator.plan(theta, coords=coords, seed=SEED, chunk=7).has_base
         if isinstance(estimator, Search):  # three generations; the proposals stand in for the estimates

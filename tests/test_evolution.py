@@ -284,10 +284,10 @@ def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadra
 def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
     """A digits run stopped after 7 steps and resumed ends bitwise where the uninterrupted run ends:
     the search's state (mean, sigma, paths, diagonal) and Guided ES's history ride in the checkpoint."""
-    takes = {"es": ["estimator.q=4"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
+    takes = {"es": ["estimator.q=4", "sparsity.enabled=false"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
              "sep-cma-es": ["estimator.popsize=8"]}[kind]
     fast = ["model.width=2", "data.batch_size=64", f"estimator={kind}", *takes, "estimator.mu=0.05",
-            "sparsity.enabled=false", "optimizer.name=adam",
+            "optimizer.name=adam",
             "optimizer.lr=0.01", "run.progress=false", "run.epochs=1", "run.checkpoint_every_steps=1"]
 
     def config(*extra):
