@@ -242,7 +242,7 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
         "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
-        "settings": settings,
+        "settings": config.model_dump(mode="json"),  # exactly as run (defaults that do not apply dropped)
     }
     atomic_write_text(path, json.dumps(result) + "\n")
     return result
