@@ -307,3 +307,22 @@ def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
     assert full["steps"] == 22 and resumed["steps"] == 22  # 1,437 images, batches of 64
     if kind == "sep-cma-es":
         assert a["estimator"]["generation"] == 22 and a["estimator"]["sigma"] == b["estimator"]["sigma"]
+
+
+def test_es_samples_in_the_zo_grasp_subspace_when_sparsity_is_on(tmp_path):
+    """The hybrid: on digits ES takes the sparsity section like Sparse-CGE (ZO-GraSP at init, charged
+    to `prune`), and every step moves only the coordinates of that step's set."""
+    p = DigitsProblem()
+    cfg = resolve_config(p.config_model, p.default_config(), overrides=[
+        "model.width=2", "data.batch_size=64", "estimator=es", "estimator.q=3", "optimizer.name=sgd",
+        "optimizer.momentum=0", "run.max_steps=1", "run.progress=false", "sparsity.q=4"])
+    assert cfg.sparsity.enabled
+    before = torch.cat([v.reshape(-1) for v in p.setup(cfg).module.state_dict().values()])
+    summary = train(p, cfg, tmp_path)
+    after = torch.cat([v.reshape(-1) for v in torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+                       ["module"].values()])
+    moved = int((after != before).sum())
+    assert summary["queries"]["prune"] > 0 and summary["queries"]["train"] == 6
+    assert 0 < moved < 0.3 * before.numel()  # 90% sparsity on the weights; biases are always in the set
+    dense = resolve_config(p.config_model, p.default_config(), overrides=["estimator=es", "sparsity.enabled=false"])
+    assert dense.sparsity is None or not dense.sparsity.enabled
