@@ -84,9 +84,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                 "optimizer": {"name": "adam", "lr": 0.01}},
         "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
                "optimizer": {"name": "adam", "lr": 0.01}},
-        # the hybrid: ES in the step's ZO-GraSP coordinate set (the digits sparsity defaults, 90%)
+        # the hybrid: ES in the step's ZO-GraSP coordinate set (half the weights, redrawn every epoch)
         "es-grasp": {"data": {"batch_size": 64}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
-                     "optimizer": {"name": "adam", "lr": 0.01}},
+                     "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
+                                                                            "resample_every_epochs": 1}},
         "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
                                                 "guide_alpha": 0.5},
                       "optimizer": {"name": "adam", "lr": 0.01}},
