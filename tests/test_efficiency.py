@@ -77,6 +77,10 @@ def test_a_tiny_study_fits_its_budget_caches_and_resumes(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["budgets"] == {"digits-w8": 300} and summary["winners"]["digits-w8"]["method"] == "es"
+    # --report tabulates what is cached and runs nothing (seed 1 and rge are not cached: left out)
+    report = ["--tasks", "digits-w8", "--methods", "es,rge", "--seeds", "0,1", "--budget", "300", "--out", str(tmp_path)]
+    assert main([*report, "--report"]) == 0
+    assert "seed 1" not in capsys.readouterr().out and not (tmp_path / "runs" / "digits-w8__rge__s0.json").exists()
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -409,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-points", type=int, default=40, help="evaluations along each run (budget / this apart)")
     p.add_argument("--out", default=None, help="output folder (default runs/experiments/efficiency/<timestamp>); "
                    "give the same folder again to resume")
+    p.add_argument("--report", action="store_true", help="write the tables and plots from the runs already in "
+                   "OUT/runs (needs --out); run nothing")
     p.add_argument("--estimate", action="store_true", help="time two steps of each method and print the cost; "
                    "run nothing long")
     return p
@@ -461,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{len(seeds)} seed(s)")
         print(f"total ~{total / 60:.1f} min (training only; setup and evaluations extra)")
         return 0
+    if args.report and not args.out:
+        print("error: --report needs --out (the folder of an earlier study)", file=sys.stderr)
+        return 2
     out = experiment_dir(args.out, "efficiency")
     cache = out / "runs"
     cache.mkdir(parents=True, exist_ok=True)
@@ -468,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     for i, (task, method, seed) in enumerate(jobs, 1):
         cached = (cache / f"{task.name}__{method}__s{seed}.json").exists()
+        if args.report and not cached:
+            continue
         t0 = time.perf_counter()
         r = run_one(task, method, seed, args.eval_points, cache)
         results.append(r)
@@ -476,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     f"train {r['train_wall_s']:.1f} s")
         print(f"[{i}/{len(jobs)}] {task.name} {method} seed {seed}: {note}"
               f"{' (cached)' if cached else f' ({time.perf_counter() - t0:.0f} s)'}", flush=True)
+    if not results:
+        print(f"error: no finished runs in {cache}", file=sys.stderr)
+        return 1
     used = {"tasks": [t.name for t in tasks], "methods": methods, "seeds": seeds, "budgets": {
         t.name: t.budget for t in tasks}, "eval_points": args.eval_points,
         "wall_s": round(time.perf_counter() - started, 1)}
