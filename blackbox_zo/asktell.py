@@ -83,12 +83,15 @@ class RunComplete(Exception):
 
 
 class ExternalSection(Strict):
+    """The `external` section: a black box known only by its number of parameters."""
+
     dim: int = Field(1, ge=1, le=100_000_000, description="number of parameters of the black box")
     steps_per_epoch: int = Field(10, ge=1, description="steps between metrics summaries (there is no data)")
 
 
 class ExternalConfig(TrainConfig):
-    external: ExternalSection = ExternalSection()
+    external: ExternalSection = Field(default_factory=ExternalSection,
+                                      description="the black box outside Python: its dimension, steps per epoch")
 
 
 class _NoPythonOracle(Oracle):

@@ -176,8 +176,9 @@ class ESConfig(EstimatorSettings):
 
     uses_sparsity: ClassVar[bool] = True  # samples in the step's coordinate subset when sparsity is on
     kind: Literal["es"] = Field("es", description="OpenAI-style evolution strategy (antithetic, rank-shaped)")
-    mu: float = Field(0.02, gt=0, description="sigma: the scale of the Gaussian perturbations")
-    q: int = Field(16, ge=1, description="antithetic pairs per step (2q queries)")
+    mu: float = Field(0.02, gt=0, description="finite-difference step, for every estimator; here sigma, the scale of "
+                      "the Gaussian perturbations")
+    q: int = Field(16, ge=1, description="random directions per step; here antithetic pairs (2q queries)")
     shaping: Literal["centered-ranks", "nes", "none"] = Field(
         "centered-ranks", description="losses -> ranks in [-0.5, 0.5], minus NES utilities, or raw losses "
         "(none: central Gaussian RGE)")
@@ -196,7 +197,8 @@ class SepCMAConfig(EstimatorSettings):
     """kind=sep-cma-es: a distribution-adapting search (diagonal covariance) that moves theta itself."""
 
     kind: Literal["sep-cma-es"] = Field("sep-cma-es", description="CMA-ES with a diagonal covariance (O(d))")
-    mu: float = Field(0.02, gt=0, description="sigma_0: the initial step size")
+    mu: float = Field(0.02, gt=0, description="finite-difference step, for every estimator; here sigma_0, the "
+                      "initial step size of the search")
     popsize: Optional[int] = Field(None, ge=2, description="lambda, queries per step (none: 4 + floor(3 ln d))")
 
 

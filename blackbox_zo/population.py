@@ -112,6 +112,7 @@ class PopulationForward:
             raise NotBatchableError(f"population forward needs an nn.Sequential, got {type(module).__name__}")
         self.module, self.space = module, space
         self.layers: list[tuple[str, nn.Module]] = []
+        self._seen: set[int] = set()
         self._flatten(module, "")
         owned = {f"{prefix}{n}" for prefix, m in self.layers for n, _ in m.named_parameters(recurse=False)}
         missing = [n for n in space.names if n not in owned]
@@ -128,7 +129,11 @@ class PopulationForward:
                                     "layer is not supported")
 
     def _flatten(self, seq: nn.Sequential, prefix: str) -> None:
-        for name, child in seq.named_children():
+        children = list(seq.named_children())  # each module once, even where the Sequential uses it twice
+        if len(children) != len(seq) or any(id(child) in self._seen for _, child in children):
+            raise NotBatchableError("a module used twice in the Sequential (shared parameters) is not supported")
+        self._seen.update(id(child) for _, child in children)
+        for name, child in children:
             if isinstance(child, nn.Sequential):
                 self._flatten(child, f"{prefix}{name}.")
             else:
