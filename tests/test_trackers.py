@@ -210,6 +210,7 @@ def test_a_logger_added_on_resume_is_filled_from_metrics_jsonl(tmp_path, client)
     assert json.loads((run_dir / "config.json").read_text())["run"]["loggers"] == ["jsonl", "tensorboard", "mlflow"]
 
 
+@pytest.mark.slow  # ~15-40 s: a fresh interpreter imports torch and mlflow; the crash test above covers the rest
 def test_kill_9_between_checkpoints_then_resume_leaves_each_point_once(tmp_path, client, mlflow_store):
     """A real kill: nothing flushed or closed. TensorBoard may miss its unflushed tail and hold points
     past the checkpoint; MLflow holds what a checkpoint held. The resume reconciles both."""
