@@ -219,7 +219,7 @@ class TensorBoardLogger:
                 purge = x
                 replay[axis] = [r for r in records if scalar_points(r)[axis][0] >= x]
             self.writers[axis] = SummaryWriter(str(self.logdir / axis), purge_step=purge, flush_secs=30)
-        if not existed:
+        if not existed or kept == 0:  # (a purge from 0 hides the hparams written before)
             params = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                       for k, v in _flat(history.config).items()}
             exp, ssi, sei = hparams(params, {})

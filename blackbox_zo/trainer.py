@@ -649,14 +649,14 @@ def train(
         run_dir = Path(resume)
         check_resume_config(run_dir, problem, config)
     wants_trackers = any(name in TRACKERS for name in config.run.loggers)
-    if wants_trackers and main:  # a missing package is one line before anything is written or queried
+    if wants_trackers:  # a missing package is one line before anything is written or queried, on every rank
         try:
-            if run_dir is None:
+            if run_dir is None and main:
                 raise ConfigError(f"run.loggers={config.run.loggers}: a tracker logs a run directory; "
                                   "give train() a run_dir (the CLI always does)")
             check_loggers(config.run.loggers, config.run.out_dir)
         except ConfigError:
-            if run_dir is not None and resume is None:
+            if run_dir is not None and resume is None and main:
                 rundir.discard_if_unused(Path(run_dir))
             raise
     seed_everything(config.run.seed)

@@ -196,6 +196,25 @@ def test_a_crash_and_a_resume_that_changes_the_schedule_leave_each_point_once(tm
     assert run.data.params["run.epochs"] == "3"  # MLflow params are written once
 
 
+def test_a_resume_from_the_previous_checkpoint_moves_mlflow_to_a_new_run_and_purges_tensorboard(tmp_path, client):
+    """The newest checkpoint (step 9) is damaged: the resume starts from step 6, behind what MLflow holds."""
+    problem, cfg = config("run.loggers=tensorboard,mlflow", "run.checkpoint_every_steps=3")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(problem, cfg, run_dir=run_dir, callbacks=[crash_at(11)])
+    old_run = mlflow_run_id(run_dir)
+    assert mlflow_points(client, old_run)["by_step/loss"][-1][0] == 9
+    newest = run_dir / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(Warning, match="new MLflow run, filled from metrics.jsonl"):
+        train(problem, cfg, resume=run_dir)
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(1, 13))
+    assert mlflow_run_id(run_dir) != old_run
+    assert client.get_run(old_run).data.tags["blackbox_zo.superseded"] == "true"
+    assert_mlflow_equals_jsonl(client, run_dir)
+    assert_tensorboard_equals_jsonl(run_dir)
+
+
 def test_a_logger_added_on_resume_is_filled_from_metrics_jsonl(tmp_path, client):
     problem, cfg = config("run.checkpoint_every_steps=3")
     run_dir = tmp_path / "run"
