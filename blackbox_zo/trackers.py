@@ -59,6 +59,7 @@ __all__ = [
     "TensorBoardLogger",
     "MlflowLogger",
     "open_trackers",
+    "note_resume",
 ]
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -399,6 +400,19 @@ class MlflowLogger:
 
     def close(self) -> None:
         """Nothing held open (each call of the client is complete)."""
+
+
+def note_resume(run_dir: Path, kept: int) -> None:
+    """Every resume, whichever loggers it has: TensorBoard holds at most `kept` records that are still
+    the run's (so a TensorBoard left out now and added back later purges what this resume takes back)."""
+    path = Path(run_dir) / STATE_NAME
+    if not path.is_file():
+        return
+    data = _read_state(run_dir)
+    board = data.get("tensorboard")
+    if isinstance(board, dict) and int(board.get("records", 0)) > kept:
+        data["tensorboard"] = {**board, "records": kept}
+        rundir.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def open_trackers(history: RunHistory, loggers: Sequence[str]) -> list[Any]:

@@ -42,7 +42,7 @@ from .progress import human, progress_bar, write
 from .rng import rng_state, seed_everything, set_rng_state, step_seed
 from .runtime import resolve_device, tune_allocator
 from .sparsity import freeze_unselected
-from .trackers import TRACKERS, RunHistory, check_loggers, open_trackers
+from .trackers import TRACKERS, RunHistory, check_loggers, note_resume, open_trackers
 
 __all__ = [
     "FlatParams",
@@ -705,6 +705,7 @@ def train(
             warnings.warn(note, RunWarning, stacklevel=2)
         if main:  # the resume is on: record the settings it changed (RESUMABLE_SETTINGS only)
             rundir.write_config(run_dir, config)
+            note_resume(run_dir, trainer.metrics_lines)  # for a tracker left out now and added back later
     trackers: list[Any] = []
     if wants_trackers and main and run_dir is not None:  # TensorBoard, MLflow: continued from what metrics.jsonl keeps
         history = RunHistory(run_dir=Path(run_dir), problem=problem.name, config=config.model_dump(mode="json"),

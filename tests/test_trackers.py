@@ -215,6 +215,23 @@ def test_a_resume_from_the_previous_checkpoint_moves_mlflow_to_a_new_run_and_pur
     assert_tensorboard_equals_jsonl(run_dir)
 
 
+def test_tensorboard_left_out_on_one_resume_and_added_back_on_the_next_shows_the_run_that_went_on(tmp_path):
+    """Step 10 reached TensorBoard, then the run crashed; a resume without TensorBoard redid step 10 (with
+    another schedule); a later resume with TensorBoard again must not keep the first step 10."""
+    problem, cfg = config("run.loggers=tensorboard", "run.checkpoint_every_steps=3")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(problem, cfg, run_dir=run_dir, callbacks=[crash_at(11)])
+    first10 = tensorboard_points(run_dir)["by_step/lr"][-1]
+    problem, cfg = config("run.checkpoint_every_steps=3", "run.epochs=4")
+    train(problem, cfg, resume=run_dir)
+    problem, cfg = config("run.checkpoint_every_steps=3", "run.epochs=5", "run.loggers=tensorboard")
+    train(problem, cfg, resume=run_dir)
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(1, 21))
+    assert first10[0] == 10 and tensorboard_points(run_dir)["by_step/lr"][9] != first10
+    assert_tensorboard_equals_jsonl(run_dir)
+
+
 def test_a_logger_added_on_resume_is_filled_from_metrics_jsonl(tmp_path, client):
     problem, cfg = config("run.checkpoint_every_steps=3")
     run_dir = tmp_path / "run"
