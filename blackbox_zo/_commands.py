@@ -118,6 +118,28 @@ def _one_line_warnings() -> Iterator[None]:
         yield
 
 
+_JOINED_GROUP: list[bool] = []  # non-empty when this command joined a process group; run_command leaves it
+
+
+def _leave_distributed(code: int, unwinding: BaseException | None = None) -> int:
+    """End the process group this command joined, before the command returns, on every exit path.
+
+    Not left to interpreter exit: a gloo worker thread still alive during finalization can
+    abort the process (see parallel.shutdown). A successful command meets its peers at a
+    barrier first; a failing one (non-zero code, exception) leaves at once, since a peer may
+    be gone and must not be waited for up to parallel.timeout_s.
+    """
+    if not _JOINED_GROUP:
+        return code
+    _JOINED_GROUP.clear()
+    try:
+        parallel.shutdown(barrier=code == 0, unwinding=unwinding)
+    except ParallelError as exc:
+        print(f"{PROG}: parallel teardown failed: {exc}", file=sys.stderr)
+        return code or 1
+    return code
+
+
 def _problem(name: str) -> Problem | int:
     try:
         return get_problem(name)
@@ -186,7 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _resolve_device(problem, config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join the process group before anything else
         try:
-            parallel.init_from_env(config)
+            if parallel.init_from_env(config):
+                _JOINED_GROUP.append(True)
         except ParallelError as exc:
             return _err(str(exc))
     main = parallel.is_main_process()
@@ -325,10 +348,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def run_command(name: str, args: argparse.Namespace, *, process: bool = False) -> int:
     """Run command `name`. `process=True` (the `blackbox-zo` process itself) first tunes the
-    allocator and turns SIGTERM into an exception like Ctrl-C, so every command ends a signal in one line."""
+    allocator and turns SIGTERM into an exception like Ctrl-C, so every command ends a signal in one
+    line, and leaves the process group a command joined before returning (see _leave_distributed)."""
     command = COMMANDS[name]
     if not process:
         return command(args)
     tune_allocator()  # experiments and eval allocate like training does
     with _one_line_warnings(), raise_on_signals():
-        return command(args)
+        try:
+            code = command(args)
+        except BaseException as exc:
+            _leave_distributed(1, exc)
+            raise
+        return _leave_distributed(code)
