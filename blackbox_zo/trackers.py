@@ -117,12 +117,17 @@ class RunHistory:
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and (obj or not prefix):  # an empty section (oracle.options = {}) is a value
         out: dict[str, Any] = {}
         for k, v in obj.items():
             out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
+
+
+def _param(value: Any) -> str:
+    """A setting as an MLflow param: a string as it is, anything else as JSON (true, null, [1, 2])."""
+    return (value if isinstance(value, str) else json.dumps(value))[:6000]
 
 
 def _read_state(run_dir: Path) -> dict[str, Any]:
@@ -317,7 +322,7 @@ class MlflowLogger:
                 "blackbox_zo.run_dir": str(history.run_dir.resolve()), "blackbox_zo.problem": history.problem,
                 MLFLOW_LINES_TAG: "0"})
             self.run_id = run.info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in _flat(history.config).items()]
+            params = [Param(k, _param(v)) for k, v in _flat(history.config).items()]
             for i in range(0, len(params), _MLFLOW_PARAMS):
                 self.client.log_batch(self.run_id, params=params[i:i + _MLFLOW_PARAMS])
             state.update("mlflow", {"tracking_uri": self.uri, "experiment_id": experiment_id, "run_id": self.run_id})
@@ -335,7 +340,7 @@ class MlflowLogger:
         """A resume may change a few settings (rundir.RESUMABLE_SETTINGS); params cannot change, tags can."""
         from mlflow.entities import Param, RunTag
 
-        flat = {k: str(v)[:6000] for k, v in _flat(self.history.config).items()}
+        flat = {k: _param(v) for k, v in _flat(self.history.config).items()}
         new = [Param(k, v) for k, v in flat.items() if k not in logged]
         changed = [RunTag(f"resumed_with.{k}", v) for k, v in flat.items() if k in logged and logged[k] != v]
         for i in range(0, max(len(new), len(changed)), _MLFLOW_PARAMS):

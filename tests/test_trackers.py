@@ -160,6 +160,13 @@ def test_a_run_logs_every_record_config_summary_and_plots_to_both_trackers(tmp_p
     # MLflow: params = the resolved config, tags = the summary, artifacts = PNG, config.json, summary.json
     run = client.get_run(mlflow_run_id(run_dir))
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr) and run.data.params["run.epochs"] == "3"
+    assert run.data.params["run.loggers"] == '["jsonl", "tensorboard", "mlflow"]'
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}).items()}
+
+    assert set(run.data.params) == set(flat(json.loads((run_dir / "config.json").read_text())))
     assert run.data.tags["summary.stopped"] == "completed" and run.data.tags["summary.steps"] == "12"
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"training.png", "config.json", "summary.json"}
