@@ -3,7 +3,7 @@
 `metrics.jsonl` stays the run's own record; a tracker gets the same records (the trainer's
 `MetricsLogger` seam, blackbox_zo/metrics.py), the resolved config as hyperparameters, the
 summary when the run stops and, for MLflow, the PNGs, config.json and summary.json as
-artifacts. Each tracker is an optional extra imported only when chosen; `check_loggers` says in
+artifacts (TensorBoard: the training plot as an image). Each tracker is an optional extra imported only when chosen; `check_loggers` says in
 one line which package is missing before a run starts (docs/tracking.md).
 
 Every numeric field of a record is a scalar, on two x-axes: `by_step/NAME` at x = the step and
@@ -199,13 +199,15 @@ def _warn(message: str) -> None:
 
 
 class TensorBoardLogger:
-    """Scalars into RUN_DIR/tensorboard/{by_step,by_queries}; the config as hparams; the summary as text."""
+    """Scalars into RUN_DIR/tensorboard/{by_step,by_queries}; the config as hparams; the summary as text,
+    the training plot as an image."""
 
     def __init__(self, history: RunHistory, state: _State):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.logdir = history.run_dir / TENSORBOARD_DIR
+        self.run_dir, self.logdir = history.run_dir, history.run_dir / TENSORBOARD_DIR
+        self.started_ns = time.time_ns()
         self.state, self.origin = state, state.wall_origin
         records = history.records
         kept = len(records)
@@ -259,10 +261,24 @@ class TensorBoardLogger:
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         step = int(summary.get("stop_step") or summary.get("steps") or 0)
+        wall = self.origin + float(summary.get("wall_s") or 0.0)
         text = "```json\n" + json.dumps(dict(summary), indent=2) + "\n```"
-        self.writers["by_step"].add_text("summary", text, global_step=step,
-                                         walltime=self.origin + float(summary.get("wall_s") or 0.0))
+        self.writers["by_step"].add_text("summary", text, global_step=step, walltime=wall)
+        for path in sorted(self.run_dir.glob("*.png")):  # the plots this stop drew (none after a fault)
+            if path.stat().st_mtime_ns >= self.started_ns:
+                self._image(f"plots/{path.stem}", path.read_bytes(), step, wall)
         self.checkpointed(self.records)
+
+    def _image(self, tag: str, png: bytes, step: int, wall: float) -> None:
+        """The PNG file's bytes as they are (no decoding): TensorBoard's Images tab shows them."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+            return
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # the IHDR chunk
+        image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+        self.writers["by_step"].file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]),
+                                                        step, wall)
 
     def close(self) -> None:
         for writer in self.writers.values():

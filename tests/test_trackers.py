@@ -156,6 +156,10 @@ def test_a_run_logs_every_record_config_summary_and_plots_to_both_trackers(tmp_p
     assert hparams["estimator.kind"].string_value == "cge"
     text = acc.Tensors("summary/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert json.loads(text.split("```json\n", 1)[1].rsplit("```", 1)[0]) == summary
+    images = EventAccumulator(str(run_dir / "tensorboard" / "by_step"), size_guidance={"images": 0})
+    images.Reload()
+    (plot,) = images.Images("plots/training")
+    assert plot.encoded_image_string == (run_dir / "training.png").read_bytes() and plot.step == 12
 
     # MLflow: params = the resolved config, tags = the summary, artifacts = PNG, config.json, summary.json
     run = client.get_run(mlflow_run_id(run_dir))
