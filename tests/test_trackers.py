@@ -323,6 +323,46 @@ def test_only_the_main_rank_logs(tmp_path, monkeypatch):
     assert list((tmp_path / "run").iterdir()) == []  # no tensorboard/, no trackers.json, no MLflow run
 
 
+def two_ranks(tmp_path, mlflow_store, *args):
+    """`blackbox-zo train` as torchrun's two workers, started by hand (as tests/test_faults.py does)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store,
+               "MLFLOW_EXPERIMENT_NAME": "blackbox-zo-ranks"}
+        procs.append(subprocess.Popen([sys.executable, str(TESTS / "fault_oracles.py"), "train", BOWL, *args],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], results
+
+
+@pytest.mark.slow  # ~1-2 min: four interpreters import torch; the main-rank test above covers the logic
+@pytest.mark.distributed
+def test_under_two_ranks_only_the_main_rank_logs_also_on_resume(tmp_path, client, mlflow_store):
+    """One TensorBoard point per step and one MLflow run, not two, when both ranks know the run directory
+    (a resume)."""
+    sets = [a for x in [*BASE, "run.loggers=tensorboard,mlflow", "parallel.timeout_s=120"] for a in ("--set", x)]
+    two_ranks(tmp_path, mlflow_store, *sets, "--set", "run.max_steps=3")
+    (run_dir,) = (tmp_path / "runs" / BOWL).iterdir()
+    two_ranks(tmp_path, mlflow_store, *sets, "--set", "run.max_steps=6", "--resume", str(run_dir))
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert_tensorboard_equals_jsonl(run_dir)
+    assert_mlflow_equals_jsonl(client, run_dir)
+    experiment = client.get_experiment_by_name("blackbox-zo-ranks")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
 def test_loggers_may_change_on_resume_and_jsonl_is_always_on():
     from blackbox_zo.config import RunConfig
 
