@@ -125,6 +125,14 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a local SQLite store (runs/mlflow.db -> runs/mlartifacts/), not MLflow's default ./mlruns in
+    whatever directory the command ran from; a server or another database keeps its own artifact root."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def _param(value: Any) -> str:
     """A setting as an MLflow param: a string as it is, anything else as JSON (true, null, [1, 2])."""
     return (value if isinstance(value, str) else json.dumps(value))[:6000]
@@ -331,9 +339,7 @@ class MlflowLogger:
             if found is not None:
                 experiment_id = found.experiment_id
             else:
-                location = None if os.environ.get("MLFLOW_TRACKING_URI") else \
-                    (Path(history.out_dir) / "mlartifacts").resolve().as_uri()
-                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                experiment_id = self.client.create_experiment(experiment, artifact_location=_artifact_location(self.uri))
             run = self.client.create_run(experiment_id, run_name=history.run_dir.name, tags={
                 "blackbox_zo.run_dir": str(history.run_dir.resolve()), "blackbox_zo.problem": history.problem,
                 MLFLOW_LINES_TAG: "0"})

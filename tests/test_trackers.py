@@ -136,7 +136,7 @@ def assert_mlflow_equals_jsonl(client, run_dir):
 # ------------------------------------------------------------------------------ a whole run
 
 
-def test_a_run_logs_every_record_config_summary_and_plots_to_both_trackers(tmp_path, client):
+def test_a_run_logs_every_record_config_summary_and_plots_to_both_trackers(tmp_path, client, mlflow_store):
     problem, cfg = config("run.loggers=tensorboard,mlflow")
     summary = train(problem, cfg, run_dir=tmp_path / "run")
     run_dir = tmp_path / "run"
@@ -174,6 +174,8 @@ def test_a_run_logs_every_record_config_summary_and_plots_to_both_trackers(tmp_p
     assert run.data.tags["summary.stopped"] == "completed" and run.data.tags["summary.steps"] == "12"
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"training.png", "config.json", "summary.json"}
+    store = Path(mlflow_store[len("sqlite:///"):]).parent
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())  # beside the store, not ./mlruns
 
 
 def test_a_crash_and_a_resume_that_changes_the_schedule_leave_each_point_once(tmp_path, client):
