@@ -97,6 +97,8 @@ class TrainingSetup:
     fo_loss: Optional[Callable[[nn.Module, Any], Tensor]] = None  # differentiable loss: FO reference only
     coord_sampler: Any = None  # set by sparsity (issue 3): .coords(epoch) -> Tensor | None, state_dict()
     extras: dict[str, Any] = field(default_factory=dict)
+    # more summary.json entries, read at every stop (e.g. the images and requests an API was sent)
+    summary: Optional[Callable[[], dict[str, Any]]] = None
 
 
 class Problem(ABC):

@@ -87,6 +87,9 @@ class ModelMismatchError(ValueError):
 def parse_model_url(url: str) -> tuple[str, str, str | None]:
     """'http://h:8080/v2/models/NAME[/versions/V]' -> (base 'http://h:8080', NAME, V or None)."""
     m = _URL.match(url.strip())
+    if m and "@" in m.group("base").split("://", 1)[1]:
+        raise ValueError("the classifier URL must not carry credentials (user:password@); give the bearer token "
+                         "in an environment variable or a file instead")
     if not m:
         raise ValueError(f"classifier URL {url!r} must look like http(s)://HOST[:PORT]/v2/models/NAME"
                          "[/versions/VERSION] (the Open Inference Protocol's model URL)")
