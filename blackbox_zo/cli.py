@@ -340,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_experiment)
+
+    from .registry import COMMANDS  # commands of installed packages (entry-point group blackbox_zo.commands)
+
+    for name, command in COMMANDS.available().items():
+        command = command() if isinstance(command, type) else command
+        p = sub.add_parser(name, help=command.help, description=getattr(command, "description", None))
+        command.add_arguments(p)
+        p.set_defaults(fn=_one_line_errors(command.run))
     return parser
 
 
