@@ -9,6 +9,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 FAULTY = "oip_fault_runtime.FaultyOnnxModel"
+SECRET = "s3cret-token-4711"  # the bearer token of the "auth" model
 
 # A tiny certified-defense pipeline: seconds per stage, two steps of 38 loss queries.
 TINY = [

@@ -1,8 +1,7 @@
 """RemoteClassifier against a real Open Inference Protocol server (MLServer in a subprocess, no mock).
 
-One server per module serves the tiny pipeline's digits classifier (ONNX) as a healthy model
-and as misbehaving ones (tests/oip_fault_runtime.py); the fault test that kills the server
-starts its own.
+One server per test session (`served` in conftest.py) serves the tiny pipeline's digits classifier (ONNX) as a healthy model
+and as misbehaving ones (tests/oip_fault_runtime.py).
 """
 
 from __future__ import annotations
@@ -11,40 +10,13 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from serve_helpers import FAULTY, TINY, need_serve_extra, server_env
-
-SECRET = "s3cret-token-4711"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(server, stages, overrides, root): the tiny pipeline's classifier behind MLServer."""
-    need_serve_extra()
-    from blackbox_zo.config import resolve_config
-    from oracles.serving import OipServer, ServedModel
-    from problems.certified_defense import CertifiedDefenseConfig, CertifiedDefenseProblem, prepare_stages
-
-    root = tmp_path_factory.mktemp("remote")
-    overrides = TINY + [f"run.out_dir={root / 'runs'}", f"defense.artifacts_dir={root / 'stages'}"]
-    config = resolve_config(CertifiedDefenseConfig, CertifiedDefenseProblem().default_config(), None, overrides)
-    stages = prepare_stages(config, log=lambda *_: None)
-    onnx = stages.classifier_onnx
-    models = [ServedModel("digits", onnx),
-              ServedModel("slow", onnx, implementation=FAULTY, extra={"fault": "slow", "delay_s": 2.0}),
-              ServedModel("bad-shape", onnx, implementation=FAULTY, extra={"fault": "bad_shape"}),
-              ServedModel("nan", onnx, implementation=FAULTY, extra={"fault": "nan"}),
-              ServedModel("flaky", onnx, implementation=FAULTY, extra={"fault": "flaky", "retry_after": "0.3"}),
-              ServedModel("auth", onnx, implementation=FAULTY, extra={"fault": "auth", "token": SECRET})]
-    with OipServer(models, root / "repo", env=server_env()) as server:
-        yield server, stages, overrides, root
+from serve_helpers import SECRET
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -168,18 +140,25 @@ def test_tls_is_verified_by_default():
     assert ClassifierSettings().verify_tls is True
 
 
-def _cli(args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "blackbox_zo", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+def _cli(args, capsys, monkeypatch, env=None):
+    """The CLI in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from blackbox_zo.cli import main
+
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_train_through_the_endpoint_with_a_token_that_is_never_written(served, tmp_path):
+def test_train_through_the_endpoint_with_a_token_that_is_never_written(served, tmp_path, capsys, monkeypatch):
     server, _, overrides, _ = served
     out = tmp_path / "runs"
     args = ["train", "certified-defense", *sum((["--set", o] for o in overrides), []), "--set", f"run.out_dir={out}",
             "--set", f"classifier.source={server.model_url('auth')}", "--set", "classifier.max_batch=64"]
-    proc = _cli(args, env={"BLACKBOX_ZO_TOKEN": SECRET})
-    assert proc.returncode == 0, proc.stderr
+    code, out_text, err_text = _cli(args, capsys, monkeypatch, env={"BLACKBOX_ZO_TOKEN": SECRET})
+    assert code == 0, err_text
     run = next((out / "certified-defense").glob("2*"))
     summary = json.loads((run / "summary.json").read_text())
     bb = summary["black_box"]
@@ -192,14 +171,14 @@ def test_train_through_the_endpoint_with_a_token_that_is_never_written(served, t
     for path in [*run.rglob("*"), *(tmp_path / "runs").rglob("*")]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    assert SECRET not in proc.stdout + proc.stderr
-    # without the token: one line, the server's words, exit 2, nothing left behind
-    proc = _cli(args, env={"BLACKBOX_ZO_TOKEN": ""})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "HTTP 401: missing or wrong bearer token" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert SECRET not in out_text + err_text
+    # without the token: one line, the server's words, exit 2
+    code, _, err_text = _cli(args, capsys, monkeypatch, env={"BLACKBOX_ZO_TOKEN": ""})
+    assert code == 2 and "Traceback" not in err_text
+    assert "HTTP 401: missing or wrong bearer token" in err_text and len(err_text.strip().splitlines()) == 1
 
 
-def test_classifier_that_does_not_take_the_images_is_one_line_exit_2(served, tmp_path):
+def test_classifier_that_does_not_take_the_images_is_one_line_exit_2(served, tmp_path, capsys, monkeypatch):
     import numpy as np
 
     server, _, overrides, _ = served
@@ -207,11 +186,11 @@ def test_classifier_that_does_not_take_the_images_is_one_line_exit_2(served, tmp
     gen = np.random.default_rng(0)
     np.savez(rgb, x=gen.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8), y=np.repeat(np.arange(4), 10))
     for source in (server.model_url("digits"), str(served[1].classifier_onnx)):
-        proc = _cli(["train", "certified-defense", *sum((["--set", o] for o in overrides), []),
-                     "--set", f"run.out_dir={tmp_path / 'runs'}", "--set", f"classifier.source={source}",
-                     "--set", f"images.source={rgb}"])
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
-        assert "the images are [batch, 3, 8, 8]" in proc.stderr
+        code, _, err_text = _cli(["train", "certified-defense", *sum((["--set", o] for o in overrides), []),
+                                  "--set", f"run.out_dir={tmp_path / 'runs'}", "--set", f"classifier.source={source}",
+                                  "--set", f"images.source={rgb}"], capsys, monkeypatch)
+        assert code == 2 and "Traceback" not in err_text, err_text
+        assert len(err_text.strip().splitlines()) == 1
+        assert "the images are [batch, 3, 8, 8]" in err_text
     assert not (tmp_path / "runs" / "certified-defense").exists() or not any(
         p.name.startswith("2") for p in (tmp_path / "runs" / "certified-defense").iterdir())

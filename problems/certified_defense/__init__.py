@@ -284,8 +284,10 @@ class DefenseAssets:
 
 
 def open_assets(config: CertifiedDefenseConfig, log: Callable[[str], None] = print,
-                data: ImageData | None = None) -> DefenseAssets:
+                data: ImageData | None = None, denoiser: bool = True) -> DefenseAssets:
     """Images, classifier (checked against the images' shape), stages 1-2 (cached).
+
+    `denoiser=False`: no stage 2 for a classifier of yours (certifying a given denoiser needs none).
 
     A classifier that does not take the images is a ConfigError (one line, exit 2); a v2
     endpoint that cannot be reached is a ProblemSetupError (one line, exit 2).
@@ -304,6 +306,8 @@ def open_assets(config: CertifiedDefenseConfig, log: Callable[[str], None] = pri
         return DefenseAssets(data, black_box, builtin_identity(config), white_box, stages, denoiser)
     black_box, identity = open_classifier(config.classifier, data.shape, retries=config.run.oracle_retries,
                                           backoff_s=config.run.oracle_retry_backoff_s, onnx_threads=d.onnx_threads)
+    if not denoiser:
+        return DefenseAssets(data, black_box, identity, None, None, None)  # type: ignore[arg-type]
     stages = prepare_stages(config, log, data=data, classifier_identity=identity)
     denoiser = load_denoiser(d, torch.load(stages.denoiser_mse, map_location="cpu", weights_only=True))
     return DefenseAssets(data, black_box, identity, None, stages, denoiser)

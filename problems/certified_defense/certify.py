@@ -330,11 +330,11 @@ def _load_config(args: argparse.Namespace):
     return config
 
 
-def _open(config, log):
+def _open(config, log, denoiser: bool = True):
     from . import open_assets
 
     try:
-        return open_assets(config, log=log)
+        return open_assets(config, log=log, denoiser=denoiser)
     except ProblemSetupError:
         raise
     except OracleError as exc:
@@ -405,7 +405,7 @@ def run_certify(args: argparse.Namespace) -> int:
     else:
         loaded = rundir.load_checkpoint(Path(args.run_dir))
         module = denoiser_from_state(loaded.state["module"])
-    assets = _open(config, log)
+    assets = _open(config, log, denoiser=False)
     settings = _settings_from_args(args, config.defense.sigma, args.seed)
     data = assets.data
     idx = stratified_subset(data.y_test, settings.test_size, seed=0)
