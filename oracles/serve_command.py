@@ -34,7 +34,7 @@ class ServeOnnxCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from blackbox_zo.config import ConfigError
-        from blackbox_zo.interrupts import Interrupted
+        from blackbox_zo.interrupts import Interrupted, raise_on_signals
 
         model = Path(args.model)
         if not model.is_file() or model.suffix != ".onnx":
@@ -56,7 +56,8 @@ class ServeOnnxCommand:
                                host=args.host, http_port=args.port, grpc_port=args.grpc_port)
         except ValueError as exc:
             raise ConfigError(f"serve-onnx: {exc}") from None
-        with server:
+        # SIGTERM as well as Ctrl-C ends the `with` block, which stops MLServer's whole process group
+        with raise_on_signals(), server:
             print(f"serving {model} at {server.model_url(name, args.version)} (log: {server.log_path}); "
                   "Ctrl-C stops it", flush=True)
             try:

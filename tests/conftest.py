@@ -21,19 +21,31 @@ def quadratic():
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    """(server, stages, overrides, root): the tiny pipeline's classifier behind MLServer."""
-    from serve_helpers import FAULTY, SECRET, TINY, need_serve_extra, server_env
+def tiny_defense(tmp_path_factory):
+    """(stages, overrides, root): the tiny certified-defense pipeline's stages 1-2, built once per session."""
+    for module in ("onnxruntime", "onnx", "onnxscript"):
+        pytest.importorskip(module, reason=f"needs the onnx extra ({module} missing): pip install 'blackbox-zo[onnx]'")
+    from serve_helpers import TINY
 
-    need_serve_extra()
     from blackbox_zo.config import resolve_config
-    from oracles.serving import OipServer, ServedModel
     from problems.certified_defense import CertifiedDefenseConfig, CertifiedDefenseProblem, prepare_stages
 
-    root = tmp_path_factory.mktemp("remote")
+    root = tmp_path_factory.mktemp("tiny-defense")
     overrides = TINY + [f"run.out_dir={root / 'runs'}", f"defense.artifacts_dir={root / 'stages'}"]
     config = resolve_config(CertifiedDefenseConfig, CertifiedDefenseProblem().default_config(), None, overrides)
     stages = prepare_stages(config, log=lambda *_: None)
+    return stages, overrides, root
+
+
+@pytest.fixture(scope="session")
+def served(tiny_defense):
+    """(server, stages, overrides, root): the tiny pipeline's classifier behind MLServer."""
+    from serve_helpers import FAULTY, SECRET, need_serve_extra, server_env
+
+    need_serve_extra()
+    from oracles.serving import OipServer, ServedModel
+
+    stages, overrides, root = tiny_defense
     onnx = stages.classifier_onnx
     models = [ServedModel("digits", onnx),
               ServedModel("slow", onnx, implementation=FAULTY, extra={"fault": "slow", "delay_s": 2.0}),

@@ -194,3 +194,42 @@ def test_classifier_that_does_not_take_the_images_is_one_line_exit_2(served, tmp
         assert "the images are [batch, 3, 8, 8]" in err_text
     assert not (tmp_path / "runs" / "certified-defense").exists() or not any(
         p.name.startswith("2") for p in (tmp_path / "runs" / "certified-defense").iterdir())
+
+
+def test_serve_onnx_serves_the_file_and_stops_its_server_on_sigterm(tiny_defense, tmp_path):
+    """`blackbox-zo serve-onnx MODEL.onnx` as a user runs it: a subprocess printing the model's URL, answering
+    like the in-process session, and leaving no server behind after SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serve_helpers import need_serve_extra
+
+    need_serve_extra()
+    from oracles.classifier import OnnxClassifier
+    from oracles.remote import RemoteClassifier
+    from oracles.serving import free_port
+
+    onnx = tiny_defense[0].classifier_onnx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "blackbox_zo.cli", "serve-onnx", str(onnx), "--name", "mine",
+                             "--port", str(port), "--dir", str(tmp_path / "repo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the server and the model are ready
+        url = f"http://127.0.0.1:{port}/v2/models/mine"
+        assert line.startswith(f"serving {onnx} at {url} "), (line, proc.stderr.read() if proc.poll() else "")
+        x = _images(300, seed=3)
+        with RemoteClassifier(url, max_batch=100, input_shape=(1, 8, 8)) as remote:
+            assert torch.equal(remote(x), OnnxClassifier(onnx)(x))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopping the server" in proc.stderr.read()
+        with pytest.raises(httpx.ConnectError):  # MLServer went with it
+            httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)

@@ -126,3 +126,42 @@ def test_certify_through_the_server_equals_the_in_process_session(digits_server,
     assert code == 0, err
     summary = json.loads((tmp_path / "served" / "summary.json").read_text())
     assert summary["reused_points"] == 10 and summary["black_box"]["images"] == 0
+
+
+@pytest.mark.slow
+def test_full_size_certify_through_the_server_equals_the_in_process_session(tmp_path, capsys):
+    """The end-to-end check at full size: the default pipeline (stages 1-2, the 20-epoch ZO fine-tune),
+    then CERTIFY at N = 10,000 on 200 test images through MLServer and through the in-process ONNX
+    session. BBZO_E2E_RUN=RUN_DIR certifies an existing run instead of training one; BBZO_E2E_N and
+    BBZO_E2E_IMAGES change N and the number of images (docs/certified-defense.md reports the run)."""
+    import os
+
+    from serve_helpers import need_serve_extra
+
+    need_serve_extra()
+    from blackbox_zo import rundir
+    from blackbox_zo.config import resolve_config
+    from oracles.serving import OipServer, ServedModel
+    from problems.certified_defense import CertifiedDefenseConfig, prepare_stages
+
+    if os.environ.get("BBZO_E2E_RUN"):
+        run = Path(os.environ["BBZO_E2E_RUN"])
+    else:
+        code, _, err = _main(["train", "certified-defense", "--set", f"run.out_dir={tmp_path / 'runs'}",
+                              "--set", "run.progress=false"], capsys)
+        assert code == 0, err
+        run = _only_run(tmp_path / "runs")
+    config = resolve_config(CertifiedDefenseConfig, rundir.read_run_config(run), None, [])
+    onnx = prepare_stages(config, log=lambda *_: None).classifier_onnx
+    n, images = os.environ.get("BBZO_E2E_N", "10000"), os.environ.get("BBZO_E2E_IMAGES", "200")
+    args = ["--n", n, "--n0", "100", "--test-size", images, "--no-progress"]
+    tables = {}
+    with OipServer([ServedModel("digits", onnx)], tmp_path / "repo") as server:
+        for name, source in (("local", str(onnx)), ("served", server.model_url("digits"))):
+            code, stdout, err = _main(["certify", run, *args, "--out", tmp_path / name,
+                                       "--set", f"classifier.source={source}"], capsys)
+            assert code == 0, err
+            print(f"[{name}] {stdout}")
+            tables[name] = (list(csv.DictReader(open(tmp_path / name / "certify.csv"))),
+                            (tmp_path / name / "table.md").read_text().split("\n\n", 1)[1])
+    assert tables["served"] == tables["local"]

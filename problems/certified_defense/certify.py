@@ -491,7 +491,8 @@ def _zo_ae_ds(assets, config, seed: int, directory: Path, log) -> tuple[nn.Modul
     if not path.exists():
         log(f"[compare] training ZO-AE-DS into {path}")
         settings = ZoAeDsSettings(epochs=config.run.epochs, batch_size=config.data.batch_size,
-                                  step_every_epochs=config.schedule.step_every_epochs, gamma=config.schedule.gamma)
+                                  step_every_epochs=config.schedule.step_every_epochs, gamma=config.schedule.gamma,
+                                  max_steps=config.run.max_steps)
         x = assets.data.x_train
         ae = pretrain_autoencoder(x, settings, seed=seed, progress=config.run.progress)
         labels = predict_labels(assets.black_box, x)

@@ -78,6 +78,7 @@ class ZoAeDsSettings:
     batch_size: int = 64
     ae_epochs: int = 30
     ae_lr: float = 1e-3
+    max_steps: int | None = None  # stop after this many steps in total (as run.max_steps)
 
 
 def latent_cge(decode_and_score: Callable[[Tensor], Tensor], z: Tensor, labels: Tensor, mu: float
@@ -137,6 +138,9 @@ def train_zo_ae_ds(denoiser: DnCNN, autoencoder: AutoEncoder, black_box: BlackBo
     opt = torch.optim.Adam(params, lr=settings.lr)
     batches = NoisyBatches(TensorBatches(x, labels, batch_size=settings.batch_size, seed=seed), sigma=sigma, seed=seed)
     steps_per_epoch = batches.num_batches(0)
+    total = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: settings.gamma ** ((step // steps_per_epoch) // settings.step_every_epochs))
 
@@ -153,6 +157,8 @@ def train_zo_ae_ds(denoiser: DnCNN, autoencoder: AutoEncoder, black_box: BlackBo
     for epoch in tqdm(range(settings.epochs), desc="ZO-AE-DS: D + E through the black box", disable=not progress,
                       leave=False):
         for i in range(steps_per_epoch):
+            if epoch * steps_per_epoch + i >= total:
+                break
             xb, yb, delta = batches.batch(epoch, i)
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -167,7 +173,7 @@ def train_zo_ae_ds(denoiser: DnCNN, autoencoder: AutoEncoder, black_box: BlackBo
             losses.append(float(base.mean()))
     denoiser.eval()
     encoder.eval()
-    return {"steps": settings.epochs * steps_per_epoch, "loss_queries": loss_values,
+    return {"steps": total, "loss_queries": loss_values,
             "queries_per_step": settings.latent + 1, "black_box_images": black_box.queries - images0,
             "final_loss": float(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:]))),
             "seconds": round(time.perf_counter() - t0, 2)}
