@@ -349,3 +349,16 @@ def test_defense_on_your_onnx_classifier_and_your_images(tiny_defense, tmp_path,
     sets[-2] = "classifier.source=digits"
     code, _, err = _main(["train", "certified-defense", *_sets(sets)], capsys)
     assert code == 2 and "takes [batch, 1, 8, 8] images" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_cli_parser_with_certify_and_serve_onnx_imports_no_torch():
+    """`blackbox-zo --help` stays fast: the plug-in commands' classes import nothing heavy."""
+    import subprocess
+    import sys
+
+    code = ("import sys, blackbox_zo.cli as c; p = c.build_parser(); "
+            "assert {'certify', 'serve-onnx'} <= set(p._subparsers._group_actions[0].choices); "
+            "print(sorted(m for m in ('torch', 'httpx', 'mlserver', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

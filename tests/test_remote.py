@@ -129,15 +129,31 @@ def test_retry_policy_backoff_jitter_and_retry_after_parsing():
         parse_model_url("http://user:pw@h:1/v2/models/m")
 
 
-def test_tls_is_verified_by_default():
-    pytest.importorskip("httpx")
-    import inspect
+def test_tls_is_verified_by_default_and_the_token_is_read_from_env_or_file(served, tmp_path, monkeypatch):
+    import ssl
 
-    from oracles.remote import RemoteClassifier
+    from oracles.remote import RemoteClassifier, read_token
     from problems.certified_defense.assets import ClassifierSettings
 
-    assert inspect.signature(RemoteClassifier).parameters["verify_tls"].default is True
+    url = served[0].model_url("digits")
     assert ClassifierSettings().verify_tls is True
+    with RemoteClassifier(url) as remote:  # certificates are checked unless asked otherwise
+        assert remote._client._transport._pool._ssl_context.verify_mode == ssl.CERT_REQUIRED
+    with RemoteClassifier(url, verify_tls=False) as remote:
+        assert remote._client._transport._pool._ssl_context.verify_mode == ssl.CERT_NONE
+
+    token_file = tmp_path / "token"
+    token_file.write_text(f"\n{SECRET}\nignored\n")
+    monkeypatch.delenv("SOME_TOKEN", raising=False)
+    assert read_token("SOME_TOKEN", token_file) == SECRET  # the file's first non-empty line
+    monkeypatch.setenv("SOME_TOKEN", "from-env")
+    assert read_token("SOME_TOKEN", token_file) == "from-env"  # the variable wins when set
+    assert read_token(None, None) is None
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_token(None, token_file)
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        read_token(None, tmp_path / "missing")
 
 
 def _cli(args, capsys, monkeypatch, env=None):

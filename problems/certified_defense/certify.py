@@ -47,7 +47,7 @@ from blackbox_zo.oracle import OracleError
 from blackbox_zo.problem import ProblemSetupError
 from blackbox_zo.rundir import append_line, atomic_write_text
 
-__all__ = ["CertifySettings", "RowResult", "certify_points", "sign_test", "CertifyCommand", "denoiser_from_state"]
+__all__ = ["CertifySettings", "RowResult", "certify_points", "sign_test", "denoiser_from_state", "run_certify", "run_compare"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
 ROW_LABELS = {

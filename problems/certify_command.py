@@ -1,7 +1,8 @@
 """The `blackbox-zo certify` command (registered through the entry-point group blackbox_zo.commands).
 
-Only the argument parser lives here, so building the CLI's parser imports nothing heavy; the
-work is in `certify.py`.
+Only the argument parser lives here, outside the `certified_defense` package (whose import
+brings torch), so building the CLI's parser imports nothing heavy; the work is in
+`problems/certified_defense/certify.py`, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,6 @@ class CertifyCommand:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .certify import run_certify, run_compare
+        from .certified_defense.certify import run_certify, run_compare
 
         return run_compare(args) if args.compare else run_certify(args)
