@@ -33,7 +33,7 @@ __all__ = [
     "PROBLEMS",
     "EXPERIMENTS",
     "ESTIMATORS",
-    "COMMANDS",
+    "CLI_COMMANDS",
 ]
 
 T = TypeVar("T")
@@ -182,4 +182,4 @@ EXPERIMENTS: Registry[Any] = Registry("experiment")
 ESTIMATORS: Registry[Any] = Registry("estimator", builtins="blackbox_zo.estimators")
 # Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
 # with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
-COMMANDS: Registry[Any] = Registry("command")
+CLI_COMMANDS: Registry[Any] = Registry("command")

@@ -17,7 +17,9 @@ uncounted session wrapper we use for our own models (the denoiser at certificati
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -33,6 +35,7 @@ __all__ = [
     "export_onnx",
     "log_probabilities",
     "predict_labels",
+    "as_float32_tensor",
 ]
 
 Outputs = Literal["logits", "probabilities"]
@@ -51,7 +54,7 @@ class BlackBoxClassifier(Protocol):
         ...
 
 
-def _as_float32_tensor(images: Tensor | np.ndarray) -> Tensor:
+def as_float32_tensor(images: Tensor | np.ndarray) -> Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, Tensor):
@@ -80,7 +83,7 @@ class _CountingClassifier:
         return n
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _as_float32_tensor(images)
+        x = as_float32_tensor(images)
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"images must be a non-empty batch [N, ...], got shape {tuple(x.shape)}")
         self.queries += int(x.shape[0])
@@ -138,7 +141,7 @@ class OnnxFunction:
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _as_float32_tensor(images)
+        x = as_float32_tensor(images)
         return torch.cat([self.run(x[i : i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)])
 
 
@@ -167,9 +170,6 @@ def export_onnx(
     exporter is deprecated) with a dynamic batch axis, weights inside the file. The file
     appears only once it is complete (temp file + os.replace).
     """
-    import logging
-    import warnings
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")

@@ -44,6 +44,7 @@ import math
 import os
 import random
 import re
+import ssl
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -56,7 +57,7 @@ from torch import Tensor
 
 from blackbox_zo.oracle import OracleError
 
-from .classifier import Outputs, _as_float32_tensor
+from .classifier import Outputs, as_float32_tensor
 
 __all__ = [
     "RemoteClassifier",
@@ -218,8 +219,6 @@ class RemoteClassifier:
             headers["Authorization"] = f"Bearer {token}"
         verify: Any = True
         if ca_file:
-            import ssl
-
             verify = ssl.create_default_context(cafile=str(ca_file))
         elif not verify_tls:
             verify = False
@@ -400,7 +399,7 @@ class RemoteClassifier:
         return scores.reshape(shape)
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _as_float32_tensor(images)
+        x = as_float32_tensor(images)
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"images must be a non-empty batch [N, C, H, W], got shape {tuple(x.shape)}")
         arr = x.contiguous().numpy()

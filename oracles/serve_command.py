@@ -8,10 +8,6 @@ Registered through the entry-point group blackbox_zo.commands; imports nothing h
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 __all__ = ["ServeOnnxCommand"]
 
@@ -33,39 +29,6 @@ class ServeOnnxCommand:
         p.add_argument("--dir", help="where to write the MLServer model repository (default: a temporary folder)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from blackbox_zo.config import ConfigError
-        from blackbox_zo.interrupts import Interrupted, raise_on_signals
+        from .serving import serve_onnx
 
-        model = Path(args.model)
-        if not model.is_file() or model.suffix != ".onnx":
-            raise ConfigError(f"serve-onnx: {model} is not an .onnx file")
-        if not 1 <= args.port <= 65535:
-            raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        try:
-            import mlserver  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("serve-onnx needs MLServer: pip install 'blackbox-zo[serve]'") from exc
-        from .serving import OipServer, ServedModel
-
-        name = args.name or model.stem
-        directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="blackbox-zo-serve-"))
-        try:
-            server = OipServer([ServedModel(name, model, version=args.version, threads=args.threads)], directory,
-                               host=args.host, http_port=args.port, grpc_port=args.grpc_port)
-        except ValueError as exc:
-            raise ConfigError(f"serve-onnx: {exc}") from None
-        # SIGTERM as well as Ctrl-C ends the `with` block, which stops MLServer's whole process group
-        with raise_on_signals(), server:
-            print(f"serving {model} at {server.model_url(name, args.version)} (log: {server.log_path}); "
-                  "Ctrl-C stops it", flush=True)
-            try:
-                while server.running:
-                    time.sleep(0.5)
-            except Interrupted:
-                print("stopping the server", file=sys.stderr)
-                return 0
-        print(f"blackbox-zo: error: the server exited with code {server.process.returncode}; log {server.log_path}",
-              file=sys.stderr)
-        return 1
+        return serve_onnx(args)

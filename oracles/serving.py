@@ -15,12 +15,14 @@ tells a client what the model takes (`RemoteClassifier` checks it).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["ServedModel", "OipServer", "ServerStartError", "free_port", "onnx_signature", "write_model_repository"]
+from blackbox_zo.config import ConfigError
+from blackbox_zo.interrupts import Interrupted, raise_on_signals
+
+__all__ = ["ServedModel", "OipServer", "ServerStartError", "free_port", "onnx_signature", "write_model_repository",
+           "serve_onnx"]
 
 RUNTIME = "oracles.oip_runtime.OnnxRuntimeModel"
 
@@ -225,3 +231,38 @@ class OipServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_onnx(args: argparse.Namespace) -> int:
+    """`blackbox-zo serve-onnx` (oracles/serve_command.py parses the arguments): serve until Ctrl-C or SIGTERM."""
+    model = Path(args.model)
+    if not model.is_file() or model.suffix != ".onnx":
+        raise ConfigError(f"serve-onnx: {model} is not an .onnx file")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        import mlserver  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("serve-onnx needs MLServer: pip install 'blackbox-zo[serve]'") from exc
+    name = args.name or model.stem
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="blackbox-zo-serve-"))
+    try:
+        server = OipServer([ServedModel(name, model, version=args.version, threads=args.threads)], directory,
+                           host=args.host, http_port=args.port, grpc_port=args.grpc_port)
+    except ValueError as exc:
+        raise ConfigError(f"serve-onnx: {exc}") from None
+    # SIGTERM as well as Ctrl-C ends the `with` block, which stops MLServer's whole process group
+    with raise_on_signals(), server:
+        print(f"serving {model} at {server.model_url(name, args.version)} (log: {server.log_path}); "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while server.running:
+                time.sleep(0.5)
+        except Interrupted:
+            print("stopping the server", file=sys.stderr)
+            return 0
+    print(f"blackbox-zo: error: the server exited with code {server.process.returncode}; log {server.log_path}",
+          file=sys.stderr)
+    return 1

@@ -32,12 +32,17 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from blackbox_zo.config import FIRST_ORDER_REFERENCE, ConfigError, Strict, TrainConfig
+from blackbox_zo.config import (FIRST_ORDER_REFERENCE, ConfigError, DataConfig, SparsityConfig, SparsityField,
+                                Strict, TrainConfig, active_sparsity)
 from blackbox_zo.oracle import OracleError
 from blackbox_zo.problem import Problem, ProblemSetupError, TensorBatches, TrainingSetup
+from blackbox_zo.rundir import atomic_write_bytes, atomic_write_text
+from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.classifier import BlackBoxClassifier, OnnxClassifier, export_onnx, predict_labels
 from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
+from problems.digits import load_digits_split, make_digits_cnn
 
 from .assets import ClassifierSettings, ImageData, ImageSettings, classifier_kind, load_images, open_classifier
 
@@ -61,6 +66,8 @@ IMAGE_SHAPE = (1, 8, 8)  # the built-in digits
 
 
 class DefenseSettings(Strict):
+    """The `defense` section: the smoothing noise, the black-box classifier and the denoiser (stages 1-2)."""
+
     sigma: float = Field(0.25, gt=0, description="smoothing noise std (images in [0, 1])")
     classifier_width: int = Field(8, ge=1, description="width of the built-in digits CNN behind the black box")
     classifier_epochs: int = Field(30, ge=1, description="Adam epochs of the built-in classifier, stage 1")
@@ -68,20 +75,27 @@ class DefenseSettings(Strict):
     classifier_seed: Optional[int] = Field(None, ge=0, description="seed of stage 1 (default: run.seed)")
     denoiser_depth: int = Field(5, ge=2, description="DnCNN depth (reference: 17)")
     denoiser_width: int = Field(32, ge=1, description="DnCNN width (reference: 64)")
-    denoiser_batch_norm: bool = True
+    denoiser_batch_norm: bool = Field(True, description="batch norm between the DnCNN's convolutions")
     pretrain_epochs: int = Field(60, ge=1, description="MSE pretraining epochs, stage 2 (Appx. G: 90)")
     pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2 (cosine to 0)")
     trainable: Literal["last", "all"] = Field(
         "last", description="the fine-tuned part of D: its last layer (Appx. G; feature reuse) or all of it")
-    artifacts_dir: Optional[str] = Field(None, description="stage cache; default <run.out_dir>/certified-defense/_stages")
+    artifacts_dir: Optional[str] = Field(None, description="stage cache (none: <run.out_dir>/certified-defense/"
+                                         "_stages)")
     eval_noise_draws: int = Field(4, ge=1, description="noise draws per test image in the training-time evaluation")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
 
 
 class CertifiedDefenseConfig(TrainConfig):
-    defense: DefenseSettings = DefenseSettings()
-    classifier: ClassifierSettings = ClassifierSettings()
-    images: ImageSettings = ImageSettings()
+    """certified-defense: images (data), optional Sparse-CGE on the denoiser, the defense, the black box."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="mini-batches and the train/test split")
+    sparsity: SparsityField = None
+    defense: DefenseSettings = Field(default_factory=DefenseSettings, description="noise, black box, denoiser")
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings, description="the black box: the "
+                                           "built-in digits CNN, an ONNX file or a v2 endpoint")
+    images: ImageSettings = Field(default_factory=ImageSettings, description="the images: built-in digits, a "
+                                  "class-per-subfolder folder or an .npz")
 
 
 @dataclass
@@ -91,12 +105,6 @@ class Stages:
     classifier_torch: Optional[Path]  # state_dict of the same network: white-box reference only
     denoiser_mse: Path  # state_dict of the MSE-pretrained DnCNN
     info: dict[str, Any]
-
-
-def _digits(seed: int):
-    from problems.digits import load_digits_split
-
-    return load_digits_split(seed)
 
 
 def make_denoiser(d: DefenseSettings, channels: int = IMAGE_SHAPE[0]) -> DnCNN:
@@ -154,8 +162,6 @@ def _stage_key(config: CertifiedDefenseConfig, classifier_identity: dict[str, An
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    from blackbox_zo.trainer import atomic_write_bytes
-
     atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
@@ -172,10 +178,6 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
                    data: ImageData | None = None, classifier_identity: dict[str, Any] | None = None) -> Stages:
     """Stages 1 and 2 (first-order, cached): the built-in classifier -> ONNX (built-in only), and the
     MSE-pretrained denoiser, sized to the images' channels."""
-    from tqdm.auto import tqdm
-
-    from blackbox_zo.trainer import atomic_write_text
-
     d = config.defense
     if data is None:
         data = load_images(config.images, config.data.seed)
@@ -199,8 +201,6 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
     t0 = time.perf_counter()
     if builtin:
         # Stage 1: the classifier owner's model (first-order, clean data only).
-        from problems.digits import make_digits_cnn
-
         clf_seed = _classifier_seed(config)
         clf_batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=clf_seed)
         torch.manual_seed(clf_seed)
@@ -259,8 +259,6 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
 
 def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifier, nn.Module, DnCNN]:
     """(black-box ONNX classifier, white-box torch copy of it, MSE-pretrained denoiser): built-in classifier."""
-    from problems.digits import make_digits_cnn
-
     if stages.classifier_onnx is None or stages.classifier_torch is None:
         raise ValueError("load_stage_models is for the built-in classifier; use open_assets")
     black_box = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
@@ -385,7 +383,8 @@ class CertifiedDefenseProblem(Problem):
 
         def summary() -> dict[str, Any]:
             counts = black_box_counts(black_box)
-            return {"black_box": {"source": config.classifier.source, "label_images": label_counts["images"], "label_requests": label_counts["requests"],
+            return {"black_box": {"source": config.classifier.source, "label_images": label_counts["images"],
+                                  "label_requests": label_counts["requests"],
                                   **{k: counts[k] + label_counts[k] for k in counts},
                                   "counted_since": "this process started (a resumed run counts from its resume)"}}
 
@@ -393,8 +392,9 @@ class CertifiedDefenseProblem(Problem):
                                   "label_queries": label_counts["images"], "x_test": x_te, "y_test": y_te,
                                   "assets": assets}
         coord_sampler = None
-        if config.sparsity.enabled and config.estimator.kind == "cge":
-            coord_sampler, extras["sparsity"] = _sparse_sampler(config, oracle, x_tr, pseudo)
+        sparsity = active_sparsity(config)
+        if sparsity is not None:
+            coord_sampler, extras["sparsity"] = _sparse_sampler(config, sparsity, oracle, x_tr, pseudo)
         return TrainingSetup(
             oracle=oracle,
             train_batches=batches,
@@ -407,16 +407,15 @@ class CertifiedDefenseProblem(Problem):
         )
 
 
-def _sparse_sampler(config: CertifiedDefenseConfig, oracle: DenoisedSmoothingOracle, x: Tensor, labels: Tensor):
+def _sparse_sampler(config: CertifiedDefenseConfig, sparsity: SparsityConfig, oracle: DenoisedSmoothingOracle,
+                    x: Tensor, labels: Tensor):
     """DeepZero: ZO-GraSP (eq. 3) on a class-balanced noisy batch -> layer-wise ratios -> Sparse-CGE.
 
     The pruning batch carries its own delta (drawn once, shared by all 2(q+1) queries); its
     queries are charged to the `prune` phase.
     """
-    from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-
-    idx = balanced_indices(labels, config.sparsity.samples_per_class, seed=config.run.seed)
+    idx = balanced_indices(labels, sparsity.samples_per_class, seed=config.run.seed)
     gen = torch.Generator().manual_seed(20_000 + config.run.seed)
     xb = x[idx]
     batch = DefenseBatch(xb, labels[idx], config.defense.sigma * torch.randn(xb.shape, generator=gen))
-    return build_sparse_sampler(oracle, oracle.initial_theta(), batch, config.sparsity, seed=config.run.seed)
+    return build_sparse_sampler(oracle, oracle.initial_theta(), batch, sparsity, seed=config.run.seed)

@@ -30,6 +30,9 @@ from torch import Tensor
 from blackbox_zo.config import ConfigError, Strict
 from blackbox_zo.oracle import OracleError
 from blackbox_zo.problem import ProblemSetupError
+from oracles.classifier import OnnxClassifier
+from oracles.remote import ModelMismatchError, RemoteClassifier, read_token
+from problems.digits import load_digits_split
 
 __all__ = [
     "ClassifierSettings",
@@ -115,8 +118,6 @@ def load_images(settings: ImageSettings, seed: int) -> ImageData:
     """The images of `settings.source`, split into train and test (stratified by class, seeded)."""
     source = settings.source.strip()
     if source == BUILTIN:
-        from problems.digits import load_digits_split
-
         x_tr, y_tr, x_te, y_te = load_digits_split(seed)
         return ImageData(x_tr, y_tr, x_te, y_te, {"images": BUILTIN, "data_seed": seed},
                          [str(c) for c in range(10)])
@@ -257,8 +258,6 @@ def open_classifier(settings: ClassifierSettings, input_shape: tuple[int, int, i
     kind = classifier_kind(settings.source)
     shape = [int(s) for s in input_shape]
     if kind == "onnx":
-        from oracles.classifier import OnnxClassifier
-
         path = Path(settings.source).expanduser()
         if not path.is_file():
             raise ConfigError(f"classifier.source={settings.source!r}: no such ONNX file")
@@ -269,8 +268,6 @@ def open_classifier(settings: ClassifierSettings, input_shape: tuple[int, int, i
                               f"the images are [batch, {', '.join(map(str, shape))}]")
         return clf, {"classifier": "onnx", "sha256": file_sha256(path), "outputs": settings.outputs}
     if kind == "remote":
-        from oracles.remote import ModelMismatchError, RemoteClassifier, read_token
-
         try:
             token = read_token(settings.token_env, settings.token_file)
         except ValueError as exc:

@@ -40,12 +40,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from blackbox_zo import rundir
 from blackbox_zo.config import ConfigError, resolve_config
 from blackbox_zo.interrupts import Interrupted
 from blackbox_zo.oracle import OracleError
 from blackbox_zo.problem import ProblemSetupError
-from blackbox_zo.rundir import append_line, atomic_write_text
+from blackbox_zo.progress import human
+from blackbox_zo.rundir import append_line, atomic_write_bytes, atomic_write_text
+from blackbox_zo.trainer import train
+from oracles import certification
+from oracles.certification import max_certifiable_radius
+from oracles.classifier import predict_labels
+from oracles.smoothing import DnCNN
+
+from . import (CertifiedDefenseConfig, CertifiedDefenseProblem, classifier_kind, open_assets,
+               stratified_subset)
+from .experiment import FastDenoisers
+from .zo_ae_ds import ZoAeDsSettings, load_ae_ds, pretrain_autoencoder, save_ae_ds, train_zo_ae_ds
 
 __all__ = ["CertifySettings", "RowResult", "certify_points", "sign_test", "denoiser_from_state", "run_certify", "run_compare"]
 
@@ -119,11 +132,6 @@ def certify_points(base: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, indic
                    num_classes: int, points_path: Path, *, images_sent: Callable[[], int], progress: bool = True,
                    desc: str = "certify") -> RowResult:
     """CERTIFY each image (resuming from `points_path`); image i's noise is seeded by (seed, indices[i])."""
-    from tqdm.auto import tqdm
-
-    from blackbox_zo.trainer import _human
-    from oracles.certification import certify
-
     points_path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_points(points_path)
     reused = sum(1 for i in indices.tolist() if int(i) in done)
@@ -136,16 +144,16 @@ def certify_points(base: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, indic
                 if int(index) in done:
                     continue
                 gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + int(index))
-                pred, radius = certify(base, x[pos], settings.sigma, settings.n0, settings.n, settings.alpha,
-                                       num_classes, settings.batch, gen)
+                pred, radius = certification.certify(base, x[pos], settings.sigma, settings.n0, settings.n,
+                                                     settings.alpha, num_classes, settings.batch, gen)
                 rec = {"index": int(index), "label": int(y[pos]), "predict": int(pred), "radius": round(radius, 6),
                        "correct": int(pred == int(y[pos]))}
                 append_line(points_path, json.dumps(rec))
                 done[int(index)] = rec
                 elapsed = max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix({"img/s": f"{(len(done) - reused) / elapsed:.2f}",
-                                 "queries": _human(images_sent() - sent0),
-                                 "queries/s": _human((images_sent() - sent0) / elapsed)}, refresh=False)
+                                 "queries": human(images_sent() - sent0),
+                                 "queries/s": human((images_sent() - sent0) / elapsed)}, refresh=False)
                 bar.update(1)
     finally:
         bar.close()
@@ -170,8 +178,6 @@ def sign_test(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
 
 def denoiser_from_state(state: dict[str, Tensor]):
     """A DnCNN shaped after its own state dict (depth, width, channels, batch norm) with it loaded."""
-    from oracles.smoothing import DnCNN
-
     convs = sorted(int(k.split(".")[1]) for k, v in state.items()
                    if k.startswith("prefix.") and k.endswith(".weight") and v.dim() == 4)
     if not convs or "last.weight" not in state:
@@ -195,7 +201,6 @@ def _state_digest(module: nn.Module | None) -> str:
 
 class SmoothedBase:
     """base(z) = argmax f(D(z)) (D may be None: the undefended classifier)."""
-
     def __init__(self, black_box, denoise: Callable[[Tensor], Tensor] | None):
         self.black_box, self.denoise = black_box, denoise
 
@@ -274,7 +279,6 @@ def plot_curves(path: Path, curves: dict[str, list[RowResult]], r_max: float, ti
     ax.legend(loc="upper right")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    from blackbox_zo.rundir import atomic_write_bytes
 
     atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
@@ -311,10 +315,6 @@ _SET_ALLOWED = ("classifier.", "images.", "defense.onnx_threads", "defense.artif
 
 def _load_config(args: argparse.Namespace):
     """The run's config (or the defaults) with --set applied; only classifier/images/retry settings may be set."""
-    from blackbox_zo import rundir
-
-    from . import CertifiedDefenseConfig, CertifiedDefenseProblem
-
     bad = [s for s in args.set if not s.split("=", 1)[0].strip().startswith(_SET_ALLOWED)]
     if bad:
         raise ConfigError(f"certify --set takes classifier.*, images.*, defense.onnx_threads, defense.artifacts_dir, "
@@ -331,7 +331,6 @@ def _load_config(args: argparse.Namespace):
 
 
 def _open(config, log, denoiser: bool = True):
-    from . import open_assets
 
     try:
         return open_assets(config, log=log, denoiser=denoiser)
@@ -348,10 +347,6 @@ def _num_classes(black_box, x: Tensor) -> int:
 
 def _denoise_fn(module: nn.Module | None, directory: Path, threads: int, check: Tensor):
     """Fast denoising for a DnCNN (ONNX Runtime prefix + torch last layer, checked), torch otherwise."""
-    from oracles.smoothing import DnCNN
-
-    from .experiment import FastDenoisers
-
     if module is None:
         return None
     if isinstance(module, DnCNN):
@@ -361,8 +356,6 @@ def _denoise_fn(module: nn.Module | None, directory: Path, threads: int, check: 
 
 def _write_outputs(out: Path, results: dict[str, RowResult], settings: CertifySettings, radii: Sequence[float],
                    info: dict[str, Any]) -> dict[str, Any]:
-    from oracles.certification import max_certifiable_radius
-
     r_max = max_certifiable_radius(settings.sigma, settings.n, settings.alpha)
     rows = [{"key": k, "method": ROW_LABELS.get(k, k), **{f"ca@{r:g}": a for r, a in zip(radii, res.accuracy_at(radii))},
              "abstain": float((res.predictions < 0).mean()), "black_box_images": int(res.black_box_images),
@@ -382,10 +375,6 @@ def _write_outputs(out: Path, results: dict[str, RowResult], settings: CertifySe
 
 def run_certify(args: argparse.Namespace) -> int:
     """`blackbox-zo certify RUN_DIR` / `--denoiser FILE`: one denoiser, certified, resumable."""
-    from blackbox_zo import rundir
-
-    from . import stratified_subset
-
     if args.run_dir is None and args.denoiser is None:
         raise ConfigError("certify needs a RUN_DIR of a certified-defense run, or --denoiser FILE (a DnCNN state "
                           "dict, or 'none') with --set classifier.source=... and --set images.source=...")
@@ -467,9 +456,6 @@ def _completed(run_dir: Path) -> bool:
 
 def _trained_denoiser(problem, config, run_dir: Path, log) -> tuple[nn.Module, dict[str, Any]]:
     """Train `config` into `run_dir` unless a completed run is there (then read back); (denoiser, summary)."""
-    from blackbox_zo import rundir
-    from blackbox_zo.trainer import train
-
     if not _completed(run_dir):
         if run_dir.exists() and rundir.find_checkpoint(run_dir):
             log(f"[compare] resuming {run_dir}")
@@ -482,10 +468,6 @@ def _trained_denoiser(problem, config, run_dir: Path, log) -> tuple[nn.Module, d
 
 
 def _zo_ae_ds(assets, config, seed: int, directory: Path, log) -> tuple[nn.Module, dict[str, Any]]:
-    from oracles.classifier import predict_labels
-
-    from .zo_ae_ds import ZoAeDsSettings, load_ae_ds, pretrain_autoencoder, save_ae_ds, train_zo_ae_ds
-
     path = directory / "zo_ae_ds.pt"
     shape = assets.data.shape
     if not path.exists():
@@ -508,11 +490,6 @@ def _zo_ae_ds(assets, config, seed: int, directory: Path, log) -> tuple[nn.Modul
 
 def run_compare(args: argparse.Namespace) -> int:
     """`blackbox-zo certify RUN_DIR --compare`: Table 2's rows over seeds, with the paired sign test."""
-    from blackbox_zo import rundir
-    from oracles.certification import max_certifiable_radius
-
-    from . import CertifiedDefenseProblem, classifier_kind, stratified_subset
-
     if args.run_dir is None:
         raise ConfigError("certify --compare needs the RUN_DIR of a certified-defense run (its settings are the recipe "
                           "for every row)")
@@ -551,8 +528,9 @@ def run_compare(args: argparse.Namespace) -> int:
         seed_dir = out / f"seed{seed}"
         rows: dict[str, nn.Module | None] = {"none": None, "mse": assets.denoiser}
         if builtin:
-            fo = config.model_copy(deep=True)
-            fo.estimator.kind, fo.defense.trainable, fo.sparsity.enabled = "autograd", "all", False
+            # the first-order reference over the WHOLE denoiser (it takes no mu, scheme or sparsity)
+            fo = resolve_config(CertifiedDefenseConfig, config.model_dump(), None,
+                                ["estimator=autograd", "defense.trainable=all"], name=problem.name)
             rows["fo-ds"], fo_summary = _trained_denoiser(problem, fo, seed_dir / "fo-ds", log)
             costs["fo-ds"] = f"{fo_summary['steps']} steps, white-box gradients (whole denoiser)"
         else:

@@ -27,7 +27,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from blackbox_zo.problem import TensorBatches
+from blackbox_zo.rundir import atomic_write_bytes
 from oracles.classifier import BlackBoxClassifier, log_probabilities
 from oracles.smoothing import DnCNN, NoisyBatches
 
@@ -100,10 +103,6 @@ def latent_cge(decode_and_score: Callable[[Tensor], Tensor], z: Tensor, labels: 
 
 def pretrain_autoencoder(x: Tensor, settings: ZoAeDsSettings, seed: int, progress: bool = False) -> AutoEncoder:
     """Stage 1 of ZO-AE-DS: reconstruction (MSE) on clean images, Adam, first-order (our model)."""
-    from tqdm.auto import tqdm
-
-    from blackbox_zo.problem import TensorBatches
-
     torch.manual_seed(seed)
     ae = AutoEncoder(x.shape[1], x.shape[2], x.shape[3], settings.latent)
     opt = torch.optim.Adam(ae.parameters(), lr=settings.ae_lr)
@@ -125,10 +124,6 @@ def train_zo_ae_ds(denoiser: DnCNN, autoencoder: AutoEncoder, black_box: BlackBo
     `labels` are the black box's own predictions on clean x (eq. (A2)); delta comes from the
     same `NoisyBatches` as our fine-tune, so both see the same noise. Returns costs.
     """
-    from tqdm.auto import tqdm
-
-    from blackbox_zo.problem import TensorBatches
-
     torch.manual_seed(seed)
     decoder = autoencoder.decoder.eval().requires_grad_(False)
     encoder = autoencoder.encoder
@@ -180,8 +175,6 @@ def train_zo_ae_ds(denoiser: DnCNN, autoencoder: AutoEncoder, black_box: BlackBo
 
 
 def save_ae_ds(path: Path, denoiser: DnCNN, autoencoder: AutoEncoder, info: dict[str, Any]) -> None:
-    from blackbox_zo.rundir import atomic_write_bytes
-
     state = {"denoiser": denoiser.state_dict(), "autoencoder": autoencoder.state_dict(),
              "info": json.dumps(info), "latent": autoencoder.latent}
     atomic_write_bytes(Path(path), lambda fh: torch.save(state, fh))
