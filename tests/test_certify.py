@@ -306,12 +306,16 @@ def test_image_folder_and_npz_are_read_exactly(tmp_path):
             load_images(ImageSettings(source=str(tmp_path / name)), seed=0)
 
 
-def test_defense_on_your_onnx_classifier_and_your_images(tiny_defense, tmp_path, capsys):
+def test_defense_on_your_onnx_classifier_and_your_images(tmp_path, capsys):
     """An RGB .npz and a 3-channel ONNX classifier: the denoiser is sized to the images, the stage
     cache is keyed by the classifier file, certify runs on the run, and a mismatch is one line."""
+    for module in ("onnxruntime", "onnx"):
+        pytest.importorskip(module, reason=f"needs the onnx extra ({module} missing)")
+    from serve_helpers import TINY
+
     from blackbox_zo import rundir
 
-    _, overrides, _ = tiny_defense
+    overrides = TINY
     npz = _rgb_npz(tmp_path / "rgb.npz")
     onnx_a = _linear_onnx(tmp_path / "a.onnx", (3, 8, 8), 3, seed=0)
     onnx_b = _linear_onnx(tmp_path / "b.onnx", (3, 8, 8), 3, seed=1)
@@ -327,8 +331,11 @@ def test_defense_on_your_onnx_classifier_and_your_images(tiny_defense, tmp_path,
     state = rundir.load_checkpoint(runs["a"]).state["module"]
     assert state["prefix.0.weight"].shape[1] == 3 and state["last.weight"].shape[0] == 3  # RGB in, RGB out
     summary = json.loads((runs["a"] / "summary.json").read_text())
-    # labels of the 48 training images, 2 steps x 38 loss values x 16 images, 12 test images x (1 + 1 draw)
-    assert summary["black_box"]["images"] == 48 + 2 * 38 * 16 + 12 * 2
+    # the last layer maps width 4 -> 3 channels: d = 4 x 3 x 9 + 3 = 111, so 112 loss values a step; images:
+    # labels of the 48 training images, 2 steps x 112 loss values x 16 images, 12 test images x (1 + 1 draw)
+    d = 4 * 3 * 9 + 3
+    assert summary["queries"]["train"] == 2 * (d + 1)
+    assert summary["black_box"]["images"] == 48 + 2 * (d + 1) * 16 + 12 * 2
     keyed = sorted(p.name for p in stages.iterdir())
     assert len(keyed) == 2  # one MSE denoiser per classifier file: the key holds its SHA-256
     info = [json.loads((stages / k / "stages.json").read_text())["classifier"]["sha256"] for k in keyed]
