@@ -33,6 +33,7 @@ __all__ = [
     "PROBLEMS",
     "EXPERIMENTS",
     "ESTIMATORS",
+    "CLI_COMMANDS",
 ]
 
 T = TypeVar("T")
@@ -181,3 +182,6 @@ PROBLEMS: Registry[Any] = Registry("problem")
 EXPERIMENTS: Registry[Any] = Registry("experiment")
 # the estimators of blackbox_zo/estimators.py, and the evolution strategies of blackbox_zo/evolution.py
 ESTIMATORS: Registry[Any] = Registry("estimator", builtins=("blackbox_zo.estimators", "blackbox_zo.evolution"))
+# Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
+# with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
+CLI_COMMANDS: Registry[Any] = Registry("command")
