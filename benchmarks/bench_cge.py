@@ -13,6 +13,14 @@ Paths, all computing losses at theta + mu e_j for a set of coordinates j on one 
              the perturbed one, no linearity), blackbox_zo.reuse granularity="stage"
   reuse      exact feature reuse with the rank-one / one-channel linearity (the default)
 
+Population rows (`--population P`, default 28: an ES / sep-CMA-ES step): full forwards of P
+perturbed models on one batch, loss values per CPU second:
+  pop-loop   load each member's parameters into the module, plain forward (the reference)
+  pop-vmap   ModelLossOracle.losses through torch.func.vmap (population=False)
+  pop-group  ModelLossOracle.losses through blackbox_zo.population (grouped convolutions,
+             batched matrix products; the default for an nn.Sequential)
+interleaved in the same way, with the largest difference of the losses against the loop.
+
 Rates are per CPU second of this (one-thread) process, so other jobs on a shared machine
 distort them less than wall time; the wall-clock ratio is printed beside. The reuse rows
 time the whole coordinate set and include the step's unperturbed forward
@@ -226,6 +234,64 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
     return rows
 
 
+def loop_population_losses(module: nn.Module, space, loss_fn, x, y, thetas: torch.Tensor) -> torch.Tensor:
+    """The reference: each member's parameters loaded into the module, one plain forward each."""
+    params = dict(module.named_parameters())
+    saved = {k: v.detach().clone() for k, v in params.items()}
+    out = []
+    with torch.no_grad():
+        try:
+            for theta in thetas:
+                for name, view in space.views(theta).items():
+                    params[name].copy_(view)
+                out.append(loss_fn(module(x), y))
+        finally:
+            for k, v in saved.items():
+                params[k].copy_(v)
+    return torch.stack(out)
+
+
+def run_population(name: str, module, x, y, size: int, budget_s: float, seed: int) -> list[dict]:
+    """Queries per CPU second of a population of `size` full forwards: loop vs vmap vs grouped (interleaved)."""
+    loss_fn = nn.functional.cross_entropy
+    module.train()
+    grouped = ModelLossOracle(module, feature_reuse=False, population=True)
+    vmapped = ModelLossOracle(module, feature_reuse=False, population=False)
+    theta = grouped.initial_theta()
+    gen = torch.Generator().manual_seed(seed)
+    thetas = theta + 0.02 * torch.randn(size, theta.numel(), generator=gen)
+    batch = (x, y)
+    paths = {"pop-loop": lambda: loop_population_losses(module, grouped.space, loss_fn, x, y, thetas),
+             "pop-vmap": lambda: vmapped.losses(thetas, batch),
+             "pop-group": lambda: grouped.losses(thetas, batch)}
+    outs = {p: fn() for p, fn in paths.items()}  # warm-up, and the values compared
+    cpu = {p: 0.0 for p in paths}
+    wall = {p: 0.0 for p in paths}
+    calls = {p: 0 for p in paths}
+    deadline = time.perf_counter() + 3 * budget_s
+    while time.perf_counter() < deadline or min(calls.values()) < 3:
+        for p, fn in paths.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[p] += time.perf_counter() - t0
+            cpu[p] += time.process_time() - c0
+            calls[p] += 1
+    ref = outs["pop-loop"]
+    rows = []
+    for p in paths:
+        rate = calls[p] * size / cpu[p]
+        diff = float(((outs[p] - ref) / ref.abs()).abs().max())
+        rows.append({"model": name, "path": p, "population": size, "calls": calls[p], "cpu_s": round(cpu[p], 3),
+                     "queries_per_s": rate, "queries_per_wall_s": calls[p] * size / wall[p],
+                     "note": f"max rel. diff vs loop {diff:.1e}"})
+        print(f"  {p:9s} {calls[p]:4d} calls of {size} in {cpu[p]:7.2f} CPU s -> {rate:10.1f} queries/CPU-s  "
+              f"(max rel. diff vs loop {diff:.1e})", flush=True)
+    for r in rows:
+        r["x_naive"] = r["queries_per_s"] / rows[0]["queries_per_s"]
+        r["x_naive_wall"] = r["queries_per_wall_s"] / rows[0]["queries_per_wall_s"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1,
@@ -244,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stage", dest="stage", action="store_false", help="skip the block-granularity row on digits")
     p.add_argument("--resnet-stage", action="store_true",
                    help="also time block-granularity reuse on ResNet-20 (slow: several minutes on one core)")
+    p.add_argument("--population", type=int, default=28,
+                   help="members of the population rows (an ES step); 0: no population rows")
+    p.add_argument("--population-widths", default="8",
+                   help="digits CNN widths of the population rows, comma-separated (8: d = 3,818; 32: d = 29,066)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_cge")
     args = p.parse_args(argv)
@@ -274,6 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         coords = spread_sample(space, min(args.resnet_coords, space.dim), args.seed)
         rows += run_case("resnet20", module, x, y, coords, args, peak, stage=args.resnet_stage,
                          repeats=args.resnet_repeats, piece=args.piece)
+    pop_rows: list[dict] = []
+    if args.population > 0 and "digits" in models:
+        from problems.digits import make_digits_cnn
+
+        for width in [int(w) for w in args.population_widths.split(",") if w.strip()]:
+            _, x, y = digits_case(args.batch, args.seed)
+            torch.manual_seed(args.seed)
+            module = make_digits_cnn(width)
+            d = sum(p.numel() for p in module.parameters())
+            print(f"population of {args.population}: digits CNN width {width} (d = {d}), batch {x.shape[0]}", flush=True)
+            pop_rows += run_population(f"digits-w{width}", module, x, y, args.population, args.budget_s / 3, args.seed)
     peak_after = matmul_gflops()
 
     lines = [f"threads {args.threads}; load average {load:.2f} at start; matmul {peak:.1f} GFLOP/s "
@@ -297,15 +378,22 @@ def main(argv: list[str] | None = None) -> int:
         pct = got[0]["brute_force_equiv_pct"]
         lines.append(f"digits-cnn: brute-force equivalent {pct:.0f}% of matmul peak (target >= 100%: "
                      f"{'met' if pct >= 100 else 'missed'})")
+    if pop_rows:
+        lines += ["", f"Population forward: {args.population} perturbed models on one batch of {args.batch} (an ES / "
+                  "sep-CMA-ES step), loss values per CPU second", "",
+                  "| model | path | queries per CPU-s | x loop | (wall: x loop) | note |", "|---|---|---:|---:|---:|---|"]
+        for r in pop_rows:
+            lines.append(f"| {r['model']} | {r['path']} | {r['queries_per_s']:.1f} | {r['x_naive']:.2f} | "
+                         f"{r['x_naive_wall']:.2f} | {r['note']} |")
     text = "\n".join(lines)
     print("\n" + text)
     out_dir = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_cge.md").write_text(text + "\n")
     with open(out_dir / "bench_cge.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows + pop_rows for k in r)))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(rows + pop_rows)
     print(f"\nwritten: {out_dir}/bench_cge.md, bench_cge.csv")
     return 0
 

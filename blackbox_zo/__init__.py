@@ -48,6 +48,18 @@ _EXPORTS: dict[str, str] = {
     "register_estimator": "estimators",
     "available_estimators": "estimators",
     "make_estimator": "estimators",
+    # evolution strategies: ES and Guided ES are estimators; sep-CMA-ES and CMA-ES are searches
+    "ES": "evolution",
+    "GuidedES": "evolution",
+    "SepCMAES": "evolution",
+    "CMAES": "evolution",
+    "Search": "evolution",
+    "SearchStep": "evolution",
+    # ask / tell: a run driven from outside Python
+    "AskTellRun": "asktell",
+    "AskTellError": "asktell",
+    "RunComplete": "asktell",
+    "ExternalProblem": "asktell",
     # problems, training
     "Problem": "problem",
     "TrainingSetup": "problem",
@@ -101,9 +113,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
+    from .asktell import AskTellError, AskTellRun, ExternalProblem, RunComplete
     from .config import ConfigError, EstimatorConfig, Strict, TrainConfig, resolve_config
     from .estimators import (CGE, RGE, Estimate, LinearInterpolation, PlanEstimator, available_estimators,
                              make_estimator, register_estimator)
+    from .evolution import CMAES, ES, GuidedES, Search, SearchStep, SepCMAES
     from .interrupts import Interrupted
     from .metrics import JsonlLogger, MetricsLogger
     from .oracle import (Block, CheckReport, NonFiniteLossError, Oracle, OracleError, ParamSpace, QueryBudgetExceeded,

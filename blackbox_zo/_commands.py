@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import parallel, rundir
+from . import asktell_cli, parallel, rundir
 from .compare import compare_runs, headline_metrics, write_comparison
 from .config import ConfigError, parse_overrides, resolve_config
 from .config_text import config_toml, settings_help
@@ -343,6 +343,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "check-oracle": cmd_check_oracle,
     "experiment": cmd_experiment,
+    # ask / tell (blackbox_zo/asktell_cli.py): AskTellError is a ConfigError, so bad input is one line, exit 2
+    "init-ask": _one_line_errors(asktell_cli.cmd_init_ask),
+    "ask": _one_line_errors(asktell_cli.cmd_ask),
+    "tell": _one_line_errors(asktell_cli.cmd_tell),
 }
 
 

@@ -1,4 +1,5 @@
-"""The `blackbox-zo` command: list, train, config, eval, compare, check-oracle, experiment.
+"""The `blackbox-zo` command: list, train, config, eval, compare, check-oracle, experiment, init-ask, ask,
+tell (and the commands of installed packages).
 
 This module only parses the command line; the commands live in `blackbox_zo._commands`,
 imported when a command runs, so that `blackbox-zo --help` does not import torch. Exit
@@ -103,6 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_command("experiment"))
+
+    # a run driven from outside, step by step (blackbox_zo/asktell.py, docs/ask-tell.md)
+    p = sub.add_parser("init-ask", help="create a run driven from outside by ask / tell", description=(
+        "Create a run directory whose training losses come from outside (blackbox-zo ask / tell). PROBLEM is "
+        "'external' (a black box of external.dim parameters: --set external.dim=D) or any registered problem or "
+        "oracle (its data and evaluation stay in-process). Settings: the problem's defaults <- --config <- --set."))
+    p.add_argument("problem")
+    p.add_argument("--out", metavar="RUN_DIR", help="the new run directory (default: run.out_dir/PROBLEM/<timestamp>)")
+    p.add_argument("--x0", metavar="FILE.npy", help="initial parameters, d numbers (default: the problem's)")
+    p.add_argument("--config", help="TOML or JSON file with settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set estimator=sep-cma-es --set external.dim=20")
+    p.set_defaults(fn=_command("init-ask"))
+
+    p = sub.add_parser("ask", help="write the points of a run's next step", description=(
+        "Write the next step's points to a .npz (arrays points [P, d], ask_id, step, epoch, index, seed). The same "
+        "ask again until it is told. Exit 3 when the run has no step left."))
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, metavar="POINTS.npz")
+    p.set_defaults(fn=_command("ask"))
+
+    p = sub.add_parser("tell", help="give a run the losses of its pending ask", description=(
+        "Take the pending step with these losses: LOSSES.npy ([P], the rows' order) with --ask-id, or an .npz "
+        "with arrays 'losses' and 'ask_id'. The step is checkpointed; bad input changes nothing (exit 2)."))
+    p.add_argument("run_dir")
+    p.add_argument("losses", metavar="LOSSES")
+    p.add_argument("--ask-id", help="the ask_id of points.npz these losses answer")
+    p.set_defaults(fn=_command("tell"))
 
     # commands of installed packages (entry-point group blackbox_zo.commands, e.g. certify, serve-onnx):
     # their classes only declare arguments, so building the parser stays light

@@ -63,12 +63,12 @@ class Registry(Generic[T]):
     """Names -> objects of one kind, with the entry-point group ``blackbox_zo.<plural>``.
 
     `kind` is the singular used in messages ("oracle"); `plural` names the group
-    (default `kind + "s"`); `builtins` names a module whose import registers the built-in
-    entries, imported at the first lookup (so that reading a config does not import torch).
+    (default `kind + "s"`); `builtins` names the module (or modules) whose import registers the
+    built-in entries, imported at the first lookup (so that reading a config does not import torch).
     Mapping-like: ``name in reg``, ``reg[name]``, ``reg.names()``.
     """
 
-    def __init__(self, kind: str, plural: str | None = None, builtins: str | None = None):
+    def __init__(self, kind: str, plural: str | None = None, builtins: str | tuple[str, ...] | None = None):
         self.kind = kind
         self.group = f"blackbox_zo.{plural or kind + 's'}"
         self._builtins = builtins
@@ -109,8 +109,9 @@ class Registry(Generic[T]):
         """Load the built-ins and every entry point of this registry's group not loaded yet;
         returns the errors so far."""
         if self._builtins is not None:
-            module, self._builtins = self._builtins, None
-            import_module(module)
+            modules, self._builtins = self._builtins, None
+            for module in (modules,) if isinstance(modules, str) else modules:
+                import_module(module)
         for ep in entry_points(group=self.group):
             key = (ep.name, ep.value)
             if key in self._seen_entry_points:
@@ -179,7 +180,8 @@ def plugin_errors() -> dict[str, str]:
 ORACLES: Registry[Any] = Registry("oracle")
 PROBLEMS: Registry[Any] = Registry("problem")
 EXPERIMENTS: Registry[Any] = Registry("experiment")
-ESTIMATORS: Registry[Any] = Registry("estimator", builtins="blackbox_zo.estimators")
+# the estimators of blackbox_zo/estimators.py, and the evolution strategies of blackbox_zo/evolution.py
+ESTIMATORS: Registry[Any] = Registry("estimator", builtins=("blackbox_zo.estimators", "blackbox_zo.evolution"))
 # Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
 # with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
 CLI_COMMANDS: Registry[Any] = Registry("command")

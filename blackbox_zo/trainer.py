@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import parallel, rundir
 from .config import FIRST_ORDER_REFERENCE, ConfigError, TrainConfig, active_sparsity, resolve_config
 from .estimators import Estimate, make_estimator
+from .evolution import SearchStep, is_search
 from .interrupts import GracefulStop, Interrupted, agreed_signal, signal_name
 from .metrics import JsonlLogger, MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -338,7 +339,8 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------
 
-    def _zo_step(self, batch: Any) -> Estimate | None:
+    def step_inputs(self, batch: Any) -> tuple[Tensor, Tensor | None, int]:
+        """(theta, the step's coordinates or None, the step's seed); checks agreement under torchrun."""
         theta = self.space.flatten(self.params)
         epoch, step = self.pos.epoch, self.pos.step  # `step` is 0-based here; messages say step + 1
         sampler = self.setup.coord_sampler
@@ -346,12 +348,19 @@ class Trainer:
         if self.parallel is not None and self.parallel.due_for_check(step):
             self.parallel.check_agreement(step, parameters_and_buffers=self.module.state_dict(), coordinates=coords,
                                           batch=batch)
+        return theta, coords, step_seed(self.config.run.seed, step)
+
+    def _zo_step(self, batch: Any) -> Estimate | SearchStep | None:
+        theta, coords, seed = self.step_inputs(batch)
+        epoch, step = self.pos.epoch, self.pos.step
         try:
             self.oracle.on_step(theta, batch)
-            est = self.estimator.estimate(self.oracle, theta, batch, coords=coords,
-                                          seed=step_seed(self.config.run.seed, step), sharder=self.parallel)
-            if not torch.isfinite(est.grad).all():
-                raise NonFiniteLossError("gradient estimate has non-finite entries")
+            if is_search(self.estimator):  # a distribution-adapting search proposes the next theta itself
+                est = self.estimator.step(self.oracle, theta, batch, seed=seed, sharder=self.parallel)
+            else:
+                est = self.estimator.estimate(self.oracle, theta, batch, coords=coords, seed=seed,
+                                              sharder=self.parallel)
+            self.check_result(est)
         except QueryBudgetExceeded:
             raise
         except (OracleError, NonFiniteLossError) as exc:
@@ -363,9 +372,26 @@ class Trainer:
                 return None
             raise TrainingError(msg + " (parameters left unchanged)", reason="non-finite" if non_finite else
                                 "oracle error", step=step + 1) from exc
-        self._watch_signal(est, coords, step + 1)
-        self.space.write_grad(self.params, est.grad)
+        self.apply_result(est, coords)
         return est
+
+    @staticmethod
+    def check_result(est: Estimate | SearchStep) -> None:
+        if isinstance(est, SearchStep):
+            if not torch.isfinite(est.theta).all():
+                raise NonFiniteLossError("the search proposed parameters with non-finite entries")
+        elif not torch.isfinite(est.grad).all():
+            raise NonFiniteLossError("gradient estimate has non-finite entries")
+
+    def apply_result(self, est: Estimate | SearchStep, coords: Tensor | None) -> None:
+        """An estimate goes into p.grad (the optimizer steps later); a search's proposal into the parameters."""
+        if isinstance(est, SearchStep):
+            with torch.no_grad():
+                for p, v in zip(self.params, self.space.views(est.theta).values()):
+                    p.copy_(v)
+            return
+        self._watch_signal(est, coords, self.pos.step + 1)
+        self.space.write_grad(self.params, est.grad)
 
     def _watch_signal(self, est: Estimate, coords, step: int) -> None:
         """The zero-signal guard: warn once when (nearly) every finite difference is exactly 0."""
@@ -394,6 +420,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """optimizer.step(); with `sparsity.freeze_unselected` the coordinates outside this
         step's Sparse-CGE set (and their optimizer state) are left untouched."""
+        if is_search(self.estimator):
+            return  # the search has moved the parameters itself (apply_result)
         sampler, sparsity = self.setup.coord_sampler, active_sparsity(self.config)
         if self.estimator is None or sampler is None or sparsity is None or not sparsity.freeze_unselected:
             self.optimizer.step()
@@ -519,41 +547,59 @@ class Trainer:
                     est = self._zo_step(batch)
                     ok = est is not None
                     loss, queries = (est.base_loss, est.queries) if ok else (float("nan"), 0)
-                if ok:
-                    self._optimizer_step()
-                self.scheduler.step()
-                self.pos.index += 1
-                self.pos.step += 1
-                self.elapsed = start_elapsed + time.perf_counter() - session_start
-                record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
-                          "queries": self.oracle.ledger.total, "step_queries": queries,
-                          "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
-                self._log(record)
+                self.advance(ok, loss, queries, lambda: start_elapsed + time.perf_counter() - session_start)
                 rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
                 # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
                 bar.set_postfix({"loss": f"{loss:.4f}", "queries": human(self.oracle.ledger.total),
                                  "qps": human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
                                 refresh=False)  # update() redraws, at most every mininterval
                 bar.update(1)
-                if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
-                    self.save_checkpoint()
             if self.pos.index >= nb:  # epoch finished
-                done_epoch = self.pos.epoch
-                last = done_epoch + 1 >= cfg.epochs or self.pos.step >= self.total_steps
-                if (done_epoch + 1) % cfg.eval_every_epochs == 0 or last:
-                    # evaluated before the epoch counter moves on: a failed evaluation leaves a checkpoint
-                    # that evaluates again on resume
-                    metrics = self.evaluate()
-                    if metrics or self.eval_missing:
-                        extra = {"eval_missing": self.eval_missing} if self.eval_missing else {}
-                        self._log({"step": self.pos.step, "epoch": done_epoch, "queries": self.oracle.ledger.total,
-                                   "wall_s": round(self.elapsed, 4), **{f"eval/{k}": v for k, v in metrics.items()},
-                                   **extra})
-                self.pos.epoch += 1
-                self.pos.index = 0
-                if not cfg.checkpoint_every_steps:
-                    self.save_checkpoint()
+                self.end_epoch()
         return 0
+
+    def advance(self, ok: bool, loss: float, queries: int, elapsed: Callable[[], float]) -> dict[str, Any]:
+        """After a step's estimate: optimizer and scheduler step, position, the step's metrics line,
+        the periodic checkpoint. `elapsed()` gives the run's training seconds so far."""
+        if ok:
+            self._optimizer_step()
+        if not is_search(self.estimator):  # a search takes no optimizer step: its lr schedule would not apply
+            self.scheduler.step()
+        self.pos.index += 1
+        self.pos.step += 1
+        self.elapsed = elapsed()
+        record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
+                  "queries": self.oracle.ledger.total, "step_queries": queries,
+                  "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
+        self._log(record)
+        every = self.config.run.checkpoint_every_steps
+        if every and self.pos.step % every == 0:
+            self.save_checkpoint()
+        return record
+
+    def end_epoch(self) -> None:
+        """The epoch's last step is done: evaluate when due, move to the next epoch, checkpoint."""
+        cfg = self.config.run
+        done_epoch = self.pos.epoch
+        last = done_epoch + 1 >= cfg.epochs or self.pos.step >= self.total_steps
+        if (done_epoch + 1) % cfg.eval_every_epochs == 0 or last:
+            # evaluated before the epoch counter moves on: a failed evaluation leaves a checkpoint
+            # that evaluates again on resume
+            metrics = self.evaluate()
+            if metrics or self.eval_missing:
+                extra = {"eval_missing": self.eval_missing} if self.eval_missing else {}
+                self._log({"step": self.pos.step, "epoch": done_epoch, "queries": self.oracle.ledger.total,
+                           "wall_s": round(self.elapsed, 4), **{f"eval/{k}": v for k, v in metrics.items()},
+                           **extra})
+        self.pos.epoch += 1
+        self.pos.index = 0
+        if not cfg.checkpoint_every_steps:
+            self.save_checkpoint()
+
+    @property
+    def done(self) -> bool:
+        """Every step of the run has been taken."""
+        return self.pos.epoch >= self.config.run.epochs or self.pos.step >= self.total_steps
 
     def _stopped(self, reason: str, detail: str | None, step: int | None) -> None:
         self.stopped_reason, self.stop_detail, self.stop_step = reason, detail, step

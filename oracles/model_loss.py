@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from blackbox_zo.oracle import Oracle, ParamSpace
+from blackbox_zo.population import NotBatchableError, PopulationForward
 from blackbox_zo.reuse import FeatureReuse, NotStageableError
 
 __all__ = ["ModelLossOracle"]
@@ -31,6 +32,11 @@ class ModelLossOracle(Oracle):
     query of forward CGE (`losses` with one parameter vector) and the coordinate
     queries. Sharing it changes no accounting: each loss value still passes through
     `query`/`query_coordinates` and is charged to the ledger there.
+
+    Populations (`losses` with P parameter vectors: RGE, evolution strategies, sep-CMA-ES)
+    run through `blackbox_zo.population.PopulationForward` when the module is an
+    nn.Sequential of layers it knows (grouped convolutions, batched matrix products;
+    `population=None`: on when possible, False: the vmapped path), else through vmap.
     """
 
     name = "model-loss-v1"
@@ -43,6 +49,7 @@ class ModelLossOracle(Oracle):
         memory_cap_bytes: int | None = None,
         feature_reuse: bool | None = None,
         reuse_granularity: Literal["layer", "stage"] = "layer",
+        population: bool | None = None,
     ):
         self.module = module
         self.loss_fn = loss_fn or nn.functional.cross_entropy
@@ -53,6 +60,13 @@ class ModelLossOracle(Oracle):
                 raise ValueError(f"memory_cap_bytes must be >= 1, got {memory_cap_bytes}")
             self.memory_cap_bytes = int(memory_cap_bytes)
         self._activation_bytes: dict[tuple, int] = {}
+        self.population: PopulationForward | None = None
+        if population is None or population:
+            try:
+                self.population = PopulationForward(module, self.space)
+            except NotBatchableError:
+                if population:
+                    raise
         self.reuse: FeatureReuse | None = None
         if feature_reuse is None:
             feature_reuse = isinstance(module, nn.Sequential)
@@ -87,7 +101,15 @@ class ModelLossOracle(Oracle):
         if self.reuse is not None and thetas.shape[0] == 1:
             # the base query of a step: the cached unperturbed forward the coordinates reuse
             return self.reuse.base_loss(thetas[0], batch).reshape(1)
+        if self.population is not None:
+            return self._population_losses(thetas, batch)
         return self._vmapped_losses(thetas, batch)
+
+    def _population_losses(self, thetas: Tensor, batch: Any) -> Tensor:
+        x, y = batch
+        chunk = self._vmap_chunk(thetas[0], x)
+        return torch.cat([self.population.losses(thetas[i : i + chunk], x, y, self.loss_fn)
+                          for i in range(0, thetas.shape[0], chunk)])
 
     def _vmapped_losses(self, thetas: Tensor, batch: Any) -> Tensor:
         x, y = batch

@@ -87,7 +87,8 @@ def test_coordinates_take_the_oracles_fast_path_and_directions_go_in_chunks():
     assert oracle.calls[0] == ("losses", 1) and oracle.calls[1] == ("coordinate_losses", 40)  # base, then the fast path
     oracle.calls.clear()
     execute(plans["directions-central-subset-sphere"], oracle, None)
-    assert [n for kind, n in oracle.calls] == [4, 4, 4, 4, 3, 3] and {k for k, _ in oracle.calls} == {"losses"}
+    # chunks of 4, 4 and 3 directions, each with both signs in one call (2m points fit the oracle's chunk)
+    assert [n for kind, n in oracle.calls] == [8, 8, 6] and {k for k, _ in oracle.calls} == {"losses"}
     # fast_path=False: the same coordinate losses through batched `losses` on perturbed vectors built here
     slow_oracle = SmoothBlocks()
     slow = execute(plans["coordinates-central-subset"], slow_oracle, None, fast_path=False)

@@ -44,7 +44,7 @@ def unused_candidates(problem) -> list[list[str]]:
     config = problem.resolve_config()
     cases = [[f"{section}.{next(iter(m.model_fields))}=1"] for section, m in ENGINE_SECTIONS.items()
              if section not in model.model_fields]
-    other = "estimator.q=4" if not isinstance(config.estimator, RGEConfig) else "estimator.interp.m=4"
+    other = "estimator.q=4" if "q" not in type(config.estimator).model_fields else "estimator.interp.m=4"
     cases.append([other])
     if "sparsity" in model.model_fields:
         cases.append(["estimator=rge", "sparsity.enabled=true"])

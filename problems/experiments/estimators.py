@@ -208,10 +208,11 @@ def tune(width, epochs, batch_size, mu, grid: dict[str, list[float]], progress) 
 
 
 def plain_oracle(module: nn.Module) -> ModelLossOracle:
-    """The oracle on its plain vmapped forward (feature reuse off, where the oracle has it)."""
-    if "feature_reuse" in inspect.signature(ModelLossOracle.__init__).parameters:
-        return ModelLossOracle(module, feature_reuse=False)
-    return ModelLossOracle(module)
+    """The oracle on its plain vmapped forward (feature reuse and the grouped population forward off,
+    where the oracle has them): the path the Table A1 timings instrument."""
+    params = inspect.signature(ModelLossOracle.__init__).parameters
+    options = {k: False for k in ("feature_reuse", "population") if k in params}
+    return ModelLossOracle(module, **options)
 
 
 _STAGES = ("direction_generation", "weight_perturbation", "model_inference", "arithmetic")

@@ -1,0 +1,495 @@
+"""Queries to a target, per method (`blackbox-zo experiment efficiency`; docs/efficiency.md).
+
+For each task (a problem at one size) and each method (a set of settings over the problem's
+defaults), over several seeds, at one query budget per task:
+
+* the run is the ordinary trainer run (`blackbox_zo.trainer.train`: the same Oracle,
+  ledger, budget and estimator registry), its steps fitted to the budget
+  (`run.max_steps` = what the budget pays for after the method's setup queries, so a
+  schedule such as cosine ends at the budget);
+* the headline metric is evaluated every `budget / eval_points` queries (a callback; its
+  time is not counted as training time and it draws no random numbers);
+* recorded: the queries (all of them, setup such as ZO-GraSP included) at which the
+  metric first reaches the task's target, the metric at the budget, the images or
+  simulation steps consumed, the training wall time.
+
+Every finished run is cached as one JSON file under OUT/runs/ (written atomically), so an
+interrupted study resumes where it stopped; `--estimate` times two steps of every method
+and prints the predicted cost before anything long runs. Outputs: OUT/efficiency.{md,csv}
+(one row per task and method: mean over seeds), OUT/<task>.png (metric vs queries),
+OUT/summary.json (the settings exactly as run, the winner of each task, and the digits
+width at which Sparse-CGE overtakes the evolution strategies, if it does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from blackbox_zo.config import deep_merge, resolve_config
+from blackbox_zo.evolution import is_search
+from blackbox_zo.oracle import QueryLedger, job_ledger
+from blackbox_zo.problem import get_problem
+from blackbox_zo.rundir import atomic_write_text
+from blackbox_zo.trainer import Trainer, train
+
+from .tables import experiment_dir, write_table
+
+__all__ = ["Task", "METHODS", "TASKS", "queries_to_target", "run_one", "study_table", "main"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One problem at one size: the settings every method shares, the metric, its target and the budget."""
+
+    name: str
+    problem: str
+    settings: dict[str, Any]
+    metric: str
+    target: float
+    higher_is_better: bool
+    budget: int
+    units: str  # what a query consumes: "images" or "simulation steps"
+    units_per_query: Callable[[Any], int] = field(compare=False, default=lambda config: 1)
+    dim_hint: int = 0  # the number of parameters (for the crossover statement)
+
+
+def _images(config) -> int:
+    return int(config.data.batch_size)
+
+
+def _sim_steps(config) -> int:
+    return int(config.wake.unroll * config.wake.windows)
+
+
+# A digits query is one batch of at most 64 images (issue 16): the ES-family and RGE use 64-image
+# batches; the DeepZero recipe (the digits default) keeps its own 16-image batches.
+_DENSE64 = {"sparsity": {"enabled": False}, "data": {"batch_size": 64}}
+
+# Methods as settings over each problem's defaults. `None` in a task's row: not run for it.
+METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": {
+        "sparse-cge": {},  # the DeepZero recipe: ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
+        "cge": {**_DENSE64},
+        "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
+                "optimizer": {"name": "adam", "lr": 0.01}},
+        "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+               "optimizer": {"name": "adam", "lr": 0.01}},
+        # the hybrid: ES in the step's ZO-GraSP coordinate set (half the weights, redrawn every epoch)
+        "es-grasp": {"data": {"batch_size": 64}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                     "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
+                                                                            "resample_every_epochs": 1}},
+        "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
+                                                "guide_alpha": 0.5},
+                      "optimizer": {"name": "adam", "lr": 0.01}},
+        "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28}},
+    },
+    "wake-flow": {
+        "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
+        "rge": {"sparsity": {"enabled": False}, "estimator": {"kind": "rge", "q": 16, "scheme": "central",
+                                                              "mu": 1e-3}},
+        "es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
+               "optimizer": {"name": "adam", "lr": 1e-3}},
+        "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
+                                                                     "popsize": 16}},
+    },
+    "certified-defense": {
+        "cge": {},  # the problem's default: CGE over the 289 parameters of the denoiser's last layer
+        "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}},
+        "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}},
+        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}},
+    },
+}
+
+_DIGITS = dict(problem="digits", metric="test_acc", target=0.94, higher_is_better=True, units="images",
+               units_per_query=_images)
+_WAKE = dict(problem="wake-flow", metric="test_mae", target=0.0327, higher_is_better=False, budget=25_600,
+             units="simulation steps", units_per_query=_sim_steps)
+TASKS: dict[str, Task] = {
+    "digits-w8": Task("digits-w8", settings={"model": {"width": 8}}, budget=30_000, dim_hint=3_818, **_DIGITS),
+    "digits-w32": Task("digits-w32", settings={"model": {"width": 32}}, budget=30_000, dim_hint=29_066, **_DIGITS),
+    "digits-w64": Task("digits-w64", settings={"model": {"width": 64}}, budget=30_000, dim_hint=94_986, **_DIGITS),
+    "wake-tiny": Task("wake-tiny", settings={"wake": {"corrector": "tiny"}}, dim_hint=506, **_WAKE),
+    "wake-small": Task("wake-small", settings={"wake": {"corrector": "small"}}, dim_hint=1_010, **_WAKE),
+    "certified-defense": Task("certified-defense", problem="certified-defense", settings={}, metric="test_noisy_acc",
+                              target=0.5, higher_is_better=True, budget=20_000, units="images",
+                              units_per_query=_images, dim_hint=289),
+}
+
+
+def _family(task: Task) -> str:
+    return task.problem
+
+
+def method_settings(task: Task, method: str, seed: int) -> dict[str, Any]:
+    problem = get_problem(task.problem)
+    spec = METHODS[_family(task)].get(method)
+    if spec is None:
+        raise KeyError(f"method {method!r} is not defined for {task.problem} (have: {', '.join(METHODS[task.problem])})")
+    settings = deep_merge(deep_merge(problem.default_config(), task.settings), spec)
+    return deep_merge(settings, {"run": {"seed": seed, "progress": False}})
+
+
+@dataclass
+class Probe:
+    setup_queries: int  # spent before the first step (e.g. ZO-GraSP)
+    step_queries: int
+    steps_per_epoch: int
+    dim: int
+    step_s: float  # measured seconds per step (min of two), 0 when not timed
+
+
+def probe(task: Task, method: str, seed: int, time_steps: bool = False) -> Probe:
+    """What a step of `method` costs on `task`: its plan's queries (nothing evaluated) and, with
+    `time_steps`, the wall time of two steps (min)."""
+    problem = get_problem(task.problem)
+    config = resolve_config(problem.config_model, method_settings(task, method, seed))
+    torch.manual_seed(seed)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    ledger = QueryLedger()
+    with job_ledger(ledger):
+        setup = problem.setup(config)
+    trainer = Trainer(setup, config, None, problem_name=problem.name)
+    theta = trainer.space.flatten(trainer.params)
+    coords = setup.coord_sampler.coords(0) if setup.coord_sampler is not None else None
+    chunk = max(1, trainer.oracle.chunk_size(theta))
+    est = trainer.estimator
+    plan = est.plan(theta, seed=0, chunk=chunk) if is_search(est) else est.plan(theta, coords=coords, seed=0,
+                                                                               chunk=chunk)
+    step_s = 0.0
+    if time_steps:
+        batch = setup.train_batches.batch(0, 0)
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            if is_search(est):
+                est.step(trainer.oracle, theta, batch, seed=0)
+            else:
+                est.estimate(trainer.oracle, theta, batch, coords=coords, seed=0)
+            times.append(time.perf_counter() - start)
+        step_s = min(times)
+    return Probe(ledger.total, plan.num_queries, setup.train_batches.num_batches(0), trainer.space.dim, step_s)
+
+
+def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool) -> int | None:
+    """The queries of the first evaluation that meets the target (None: never)."""
+    for queries, value in curve:
+        if (value >= target) if higher_is_better else (value <= target):
+            return int(queries)
+    return None
+
+
+class _Curve:
+    """A trainer callback: the task's metric every `every` queries (not counted as training time)."""
+
+    def __init__(self, metric: str, every: int):
+        self.metric, self.every, self.next_at = metric, max(1, every), max(1, every)
+        self.points: list[tuple[int, float]] = []
+        self.eval_s = 0.0
+
+    def __call__(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if "loss" not in record or record["queries"] < self.next_at or trainer.setup.evaluate is None:
+            return
+        start = time.perf_counter()
+        module = trainer.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), trainer.oracle.ledger.phase("eval"):
+                value = float(trainer.setup.evaluate(module)[self.metric])
+        finally:
+            module.train(was_training)
+        self.points.append((int(record["queries"]), value))
+        while self.next_at <= record["queries"]:
+            self.next_at += self.every
+        self.eval_s += time.perf_counter() - start
+
+
+def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -> dict[str, Any]:
+    """One run (cached in `cache` as JSON: a finished run is never run again)."""
+    path = cache / f"{task.name}__{method}__s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    problem = get_problem(task.problem)
+    info = probe(task, method, seed)
+    train_budget = task.budget - info.setup_queries
+    if train_budget < info.step_queries:
+        result = {"task": task.name, "method": method, "seed": seed, "skipped": (
+            f"one step needs {info.step_queries} queries after {info.setup_queries} setup queries: over the "
+            f"budget of {task.budget}")}
+        atomic_write_text(path, json.dumps(result) + "\n")
+        return result
+    steps = train_budget // info.step_queries
+    settings = deep_merge(method_settings(task, method, seed), {"run": {
+        "max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1, "query_budget": task.budget,
+        "eval_every_epochs": 10**6}})  # the curve callback evaluates; the trainer once at the end
+    config = resolve_config(problem.config_model, settings)
+    curve = _Curve(task.metric, task.budget // eval_points)
+    summary = train(problem, config, None, callbacks=[curve])
+    final = float(summary.get(task.metric, float("nan")))
+    total = int(summary["queries"]["total"])
+    points = curve.points + [(total, final)] if not curve.points or curve.points[-1][0] != total else curve.points
+    result = {
+        "task": task.name, "method": method, "seed": seed, "dim": info.dim, "budget": task.budget,
+        "setup_queries": info.setup_queries, "step_queries": info.step_queries, "steps": summary["steps"],
+        "queries": total, "metric": task.metric, "final": final, "curve": points,
+        "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
+        "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
+        "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
+        "settings": config.model_dump(mode="json"),  # exactly as run (defaults that do not apply dropped)
+    }
+    atomic_write_text(path, json.dumps(result) + "\n")
+    return result
+
+
+# ------------------------------------------------------------------------------- tables
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: queries to target (mean when every seed reached it), metric at the budget, cost."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method and "skipped" not in r]
+        if not runs:
+            continue
+        reached = [r["queries_to_target"] for r in runs if r["queries_to_target"] is not None]
+        finals = [r["final"] for r in runs]
+        rows.append({
+            "task": task.name, "d": runs[0]["dim"], "method": method, "seeds": len(runs),
+            "reached": f"{len(reached)}/{len(runs)}",
+            "queries_to_target": _mean(reached) if len(reached) == len(runs) else float("nan"),
+            "worst_queries_to_target": max(reached) if len(reached) == len(runs) else float("nan"),
+            f"{task.metric}_at_budget": _mean(finals),
+            "std_at_budget": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            "queries": _mean([r["queries"] for r in runs]),
+            task.units.replace(" ", "_"): _mean([r["units_consumed"] for r in runs]),
+            "train_wall_s": _mean([r["train_wall_s"] for r in runs]),
+        })
+    return rows
+
+
+def winner(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Fewest queries to the target (all seeds; wall time breaks ties); when no method reaches it, the best
+    metric at the budget."""
+    if not rows:
+        return None
+    hit = [r for r in rows if not math.isnan(r["queries_to_target"])]
+    if hit:
+        best = min(hit, key=lambda r: (r["queries_to_target"], r["train_wall_s"]))
+        return {"method": best["method"], "by": "queries to target", "value": best["queries_to_target"]}
+    key = f"{task.metric}_at_budget"
+    best = (max if task.higher_is_better else min)(rows, key=lambda r: r[key])
+    return {"method": best["method"], "by": f"{task.metric} at the budget", "value": best[key]}
+
+
+def crossover(tables: dict[str, list[dict[str, Any]]]) -> str:
+    """The digits width at which Sparse-CGE needs fewer queries to the target than the best ES-family method."""
+    es_family = ("es", "guided-es", "sep-cma-es", "cma-es")
+    lines = []
+    for name in sorted((n for n in tables if n.startswith("digits-w")), key=lambda n: int(n.split("w")[-1])):
+        rows = {r["method"]: r for r in tables[name]}
+        sparse = rows.get("sparse-cge")
+        es = [r for m, r in rows.items() if m in es_family]
+        if sparse is None or not es:
+            continue
+        best_es = min(es, key=lambda r: (_or_inf(r["queries_to_target"]), -r["test_acc_at_budget"]))
+        s_q, e_q = sparse["queries_to_target"], best_es["queries_to_target"]
+        ahead = (not math.isnan(s_q)) and (math.isnan(e_q) or s_q < e_q) or (
+            math.isnan(s_q) and math.isnan(e_q) and sparse["test_acc_at_budget"] > best_es["test_acc_at_budget"])
+        lines.append(f"{name} (d = {sparse['d']}): Sparse-CGE {'ahead of' if ahead else 'behind'} {best_es['method']} "
+                     f"(queries to target {_q(s_q)} vs {_q(e_q)}; accuracy at the budget "
+                     f"{sparse['test_acc_at_budget']:.3f} vs {best_es['test_acc_at_budget']:.3f})")
+        if ahead:
+            lines.append(f"Sparse-CGE overtakes the evolution strategies at d = {sparse['d']} ({name}).")
+            return "\n".join(lines)
+    if lines:
+        lines.append("Sparse-CGE does not overtake the evolution strategies at any width studied.")
+    return "\n".join(lines)
+
+
+def _or_inf(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def _q(value: float) -> str:
+    return "not reached" if math.isnan(value) else f"{value:,.0f}"
+
+
+def plot_task(path: Path, task: Task, results: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method and "skipped" not in r]
+        for i, r in enumerate(runs):
+            xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(xs, ys, color=f"C{list(METHODS[_family(task)]).index(method)}", alpha=0.8, lw=1.2,
+                    label=method if i == 0 else None)
+    ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
+    ax.axvline(task.budget, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("loss queries (setup included)")
+    ax.set_ylabel(task.metric)
+    ax.set_title(f"{task.name}: {task.metric} vs queries, one line per seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS_FIXED = ("task", "d", "method", "seeds", "reached", "queries_to_target", "worst_queries_to_target")
+
+
+def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, Any]], args_used: dict[str, Any]
+                  ) -> dict[str, Any]:
+    tables, winners, md = {}, {}, []
+    for task in tasks:
+        mine = [r for r in results if r["task"] == task.name]
+        rows = study_table(task, mine)
+        if not rows:
+            continue
+        tables[task.name] = rows
+        winners[task.name] = winner(task, rows)
+        columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget", "queries",
+                   task.units.replace(" ", "_"), "train_wall_s"]
+        text = write_table(rows, out / task.name, columns)
+        w = winners[task.name]
+        md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target {task.metric} "
+               f"{'>=' if task.higher_is_better else '<='} {task.target})", "", text,
+               f"Winner: **{w['method']}** ({w['by']}: {fmt_value(w['value'])}).", ""]
+        try:
+            plot_task(out / f"{task.name}.png", task, mine)
+        except Exception as exc:  # noqa: BLE001 - a plot must never lose the numbers
+            print(f"could not write {task.name}.png: {exc}", file=sys.stderr)
+    cross = crossover(tables)
+    if cross:
+        md += ["### Sparse-CGE vs the evolution strategies, by width", "", *cross.splitlines(), ""]
+    all_rows = [row for rows in tables.values() for row in rows]
+    atomic_write_text(out / "efficiency.md", "\n".join(md) + "\n")
+    write_table(all_rows, out / "efficiency_rows", None) if all_rows else None
+    summary = {"settings": args_used, "winners": winners, "crossover": cross,
+               "tasks": {t.name: {**{k: v for k, v in asdict(t).items() if k != "units_per_query"}} for t in tasks},
+               "methods": {t.name: {m: method_settings(t, m, 0) for m in args_used["methods"]
+                                    if m in METHODS[_family(t)]} for t in tasks}}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def fmt_value(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}"
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blackbox-zo experiment efficiency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="digits-w8", help=f"comma-separated, of: {', '.join(TASKS)}")
+    p.add_argument("--methods", default="sparse-cge,cge,rge,es,guided-es,sep-cma-es",
+                   help="comma-separated; a method a task's problem does not define is left out for it")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=int, default=None, help="queries per run (default: each task's own)")
+    p.add_argument("--eval-points", type=int, default=40, help="evaluations along each run (budget / this apart)")
+    p.add_argument("--out", default=None, help="output folder (default runs/experiments/efficiency/<timestamp>); "
+                   "give the same folder again to resume")
+    p.add_argument("--report", action="store_true", help="write the tables and plots from the runs already in "
+                   "OUT/runs (needs --out); run nothing")
+    p.add_argument("--estimate", action="store_true", help="time two steps of each method and print the cost; "
+                   "run nothing long")
+    return p
+
+
+def _parse(args) -> tuple[list[Task], list[str], list[int]] | str:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        return f"--tasks: unknown {', '.join(bad) or '(none)'}; allowed: {', '.join(TASKS)}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = {m for spec in METHODS.values() for m in spec}
+    if not methods or any(m not in known for m in methods):
+        return f"--methods: unknown {', '.join(m for m in methods if m not in known) or '(none)'}; allowed: " \
+               f"{', '.join(sorted(known))}"
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        return f"--seeds: expected comma-separated integers, got {args.seeds!r}"
+    if not seeds or any(s < 0 for s in seeds):
+        return f"--seeds: expected integers >= 0, got {args.seeds!r}"
+    if args.budget is not None and args.budget < 1:
+        return f"--budget must be >= 1, got {args.budget}"
+    if args.eval_points < 1:
+        return f"--eval-points must be >= 1, got {args.eval_points}"
+    chosen = [TASKS[t] if args.budget is None else Task(**{**asdict(TASKS[t]), "budget": args.budget,
+                                                            "units_per_query": TASKS[t].units_per_query})
+              for t in tasks]
+    return chosen, methods, seeds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    parsed = _parse(args)
+    if isinstance(parsed, str):
+        print(f"error: {parsed}", file=sys.stderr)
+        return 2
+    tasks, methods, seeds = parsed
+    jobs = [(t, m, s) for t in tasks for m in methods if m in METHODS[_family(t)] for s in seeds]
+    if args.estimate:
+        total = 0.0
+        for task in tasks:
+            for method in [m for m in methods if m in METHODS[_family(task)]]:
+                info = probe(task, method, seeds[0], time_steps=True)
+                steps = max(0, task.budget - info.setup_queries) // info.step_queries
+                cost = steps * info.step_s * len(seeds)
+                total += cost
+                print(f"{task.name:18s} {method:12s} d={info.dim:<7d} {info.step_queries:>6d} queries/step "
+                      f"{steps:>6d} steps  {info.step_s * 1e3:8.1f} ms/step  ~{cost / 60:6.1f} min for "
+                      f"{len(seeds)} seed(s)")
+        print(f"total ~{total / 60:.1f} min (training only; setup and evaluations extra)")
+        return 0
+    if args.report and not args.out:
+        print("error: --report needs --out (the folder of an earlier study)", file=sys.stderr)
+        return 2
+    out = experiment_dir(args.out, "efficiency")
+    cache = out / "runs"
+    cache.mkdir(parents=True, exist_ok=True)
+    results = []
+    started = time.perf_counter()
+    for i, (task, method, seed) in enumerate(jobs, 1):
+        cached = (cache / f"{task.name}__{method}__s{seed}.json").exists()
+        if args.report and not cached:
+            continue
+        t0 = time.perf_counter()
+        r = run_one(task, method, seed, args.eval_points, cache)
+        results.append(r)
+        note = r.get("skipped") or (f"{task.metric} {r['final']:.4f} at {r['queries']:,} queries, target at "
+                                    f"{r['queries_to_target'] if r['queries_to_target'] is not None else '-'}; "
+                                    f"train {r['train_wall_s']:.1f} s")
+        print(f"[{i}/{len(jobs)}] {task.name} {method} seed {seed}: {note}"
+              f"{' (cached)' if cached else f' ({time.perf_counter() - t0:.0f} s)'}", flush=True)
+    if not results:
+        print(f"error: no finished runs in {cache}", file=sys.stderr)
+        return 1
+    used = {"tasks": [t.name for t in tasks], "methods": methods, "seeds": seeds, "budgets": {
+        t.name: t.budget for t in tasks}, "eval_points": args.eval_points,
+        "wall_s": round(time.perf_counter() - started, 1)}
+    summary = write_outputs(out, tasks, results, used)
+    print((out / "efficiency.md").read_text())
+    print(f"wrote {out}/efficiency.md, efficiency_rows.csv, <task>.csv/.md/.png, summary.json")
+    return 0 if summary["winners"] else 1

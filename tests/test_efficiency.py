@@ -1,0 +1,96 @@
+"""The efficiency study (problems/experiments/efficiency.py): its bookkeeping (queries to a target, the
+winner, the crossover statement) on hand-made results, and a tiny real study that fits its budget,
+caches every run and resumes from the cache."""
+
+import json
+import math
+
+import pytest
+
+from problems.experiments.efficiency import TASKS, Task, crossover, main, queries_to_target, study_table, winner
+
+
+def test_queries_to_target_is_the_first_evaluation_that_meets_it():
+    curve = [(100, 0.5), (200, 0.93), (300, 0.95), (400, 0.92), (500, 0.96)]
+    assert queries_to_target(curve, 0.94, True) == 300
+    assert queries_to_target(curve, 0.97, True) is None
+    mae = [(100, 0.05), (200, 0.033), (300, 0.0327), (400, 0.031)]
+    assert queries_to_target(mae, 0.0327, False) == 300
+    assert queries_to_target([], 0.1, False) is None
+
+
+def _run(method, seed, qtt, final, task="digits-w8", dim=3818, wall=1.0):
+    return {"task": task, "method": method, "seed": seed, "dim": dim, "queries_to_target": qtt, "final": final,
+            "queries": 30000, "units_consumed": 30000 * 64, "train_wall_s": wall, "curve": []}
+
+
+def test_table_and_winner_need_every_seed_to_reach_the_target():
+    task = TASKS["digits-w8"]
+    results = [_run("es", 0, 20000, 0.95), _run("es", 1, 26000, 0.95), _run("es", 2, None, 0.93),
+               _run("sep-cma-es", 0, 28000, 0.95), _run("sep-cma-es", 1, 29000, 0.945),
+               _run("sep-cma-es", 2, 27000, 0.96)]
+    rows = {r["method"]: r for r in study_table(task, results)}
+    assert rows["es"]["reached"] == "2/3" and math.isnan(rows["es"]["queries_to_target"])
+    assert rows["sep-cma-es"]["queries_to_target"] == pytest.approx(28000)
+    assert rows["sep-cma-es"]["worst_queries_to_target"] == 29000
+    assert rows["es"]["test_acc_at_budget"] == pytest.approx((0.95 + 0.95 + 0.93) / 3)
+    # es is faster on two seeds but misses on one: the method that always reaches the target wins
+    assert winner(task, list(rows.values()))["method"] == "sep-cma-es"
+    # nobody reaches it: the best metric at the budget wins (lower is better for an error)
+    mae = Task("m", "wake-flow", {}, "test_mae", 0.01, False, 100, "simulation steps")
+    rows = study_table(mae, [_run("es", 0, None, 0.03, "m"), _run("rge", 0, None, 0.02, "m")])
+    assert winner(mae, rows) == {"method": "rge", "by": "test_mae at the budget", "value": 0.02}
+
+
+def test_crossover_names_the_first_width_where_sparse_cge_is_ahead():
+    tables = {}
+    for name, dim, sparse_q, es_q in (("digits-w8", 3818, None, 20000), ("digits-w32", 29066, 25000, 40000),
+                                      ("digits-w64", 94986, 10000, None)):
+        results = [_run("sparse-cge", 0, sparse_q, 0.95 if sparse_q else 0.5, name, dim),
+                   _run("es", 0, es_q, 0.95 if es_q else 0.6, name, dim)]
+        tables[name] = study_table(TASKS[name], results)
+    text = crossover(tables)
+    assert "overtakes the evolution strategies at d = 29066 (digits-w32)" in text
+    assert "digits-w64" not in text  # the first width is the answer
+    tables.pop("digits-w32"), tables.pop("digits-w64")
+    assert "does not overtake" in crossover(tables)
+
+
+def test_a_tiny_study_fits_its_budget_caches_and_resumes(tmp_path, capsys):
+    args = ["--tasks", "digits-w8", "--methods", "es", "--seeds", "0", "--budget", "300", "--eval-points", "2",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "digits-w8 es seed 0" in out and "(cached)" not in out
+    cached = tmp_path / "runs" / "digits-w8__es__s0.json"
+    run = json.loads(cached.read_text())
+    # ES: 2 x 14 = 28 queries a step: the budget pays for 10 steps, and the run took exactly those
+    assert run["step_queries"] == 28 and run["steps"] == 10 and run["queries"] == 280
+    assert run["units_consumed"] == 280 * 64
+    qs = [q for q, _ in run["curve"]]
+    assert qs == sorted(qs) and qs[-1] == 280 and qs[0] >= 150  # every budget/2 = 150 queries, then the end
+    assert run["settings"]["run"]["max_steps"] == 10
+    stamp = cached.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "(cached)" in capsys.readouterr().out and cached.stat().st_mtime_ns == stamp
+    for name in ("efficiency.md", "digits-w8.csv", "digits-w8.md", "digits-w8.png", "summary.json"):
+        assert (tmp_path / name).exists(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["budgets"] == {"digits-w8": 300} and summary["winners"]["digits-w8"]["method"] == "es"
+    # --report tabulates what is cached and runs nothing (seed 1 and rge are not cached: left out)
+    report = ["--tasks", "digits-w8", "--methods", "es,rge", "--seeds", "0,1", "--budget", "300", "--out", str(tmp_path)]
+    assert main([*report, "--report"]) == 0
+    assert "seed 1" not in capsys.readouterr().out and not (tmp_path / "runs" / "digits-w8__rge__s0.json").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "digits-w9"], "--tasks: unknown digits-w9"),
+    (["--methods", "magic"], "--methods: unknown magic"),
+    (["--seeds", "a"], "--seeds"),
+    (["--budget", "0"], "--budget must be >= 1"),
+])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
