@@ -45,6 +45,7 @@ rounding; tests check 1e-5 relative in float32 on the digits CNN and on ResNet-2
 from __future__ import annotations
 
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -277,6 +278,9 @@ class FeatureReuse:
         self._bytes_per_p: dict[int, float] = {}  # measured peak perturbed-state bytes per perturbation, by block
         self._state: _BaseState | None = None
         self.stats = {"base_passes": 0, "cache_hits": 0, "fallback_coords": 0}
+        # Set to a dict to collect CPU seconds per (block, operation) of `coordinate_losses`
+        # (benchmarks/profile_reuse.py); None: no timing at all.
+        self.timings: dict[tuple[str, str], float] | None = None
 
     # -- structure ------------------------------------------------------------------
 
@@ -457,7 +461,12 @@ class FeatureReuse:
         out = theta.new_empty(coords.numel())
         if coords.numel() == 0:
             return out
+        tm = self.timings
+        if tm is not None:
+            t_start = time.process_time()
         st = self.prepare(theta, batch)
+        if tm is not None:
+            _tick(tm, ("(all blocks)", "base forward or cache check"), t_start, time.process_time)
         blocks = self.space.block_index(coords.cpu()).to(coords.device)
         fallback_pos = []
         for bi in torch.unique(blocks).tolist():
@@ -481,6 +490,8 @@ class FeatureReuse:
                 raise ValueError(f"parameters {names} are not used at exactly one stage and no fallback was given")
             self.stats["fallback_coords"] += pos.numel()
             out[pos] = self.fallback(theta, coords[pos], mu, batch)
+        if tm is not None:
+            _tick(tm, ("(all blocks)", "coordinate_losses total"), t_start, time.process_time)
         return out
 
     def _chunk_size(self, bi: int, entry: _Entry) -> int:
@@ -498,7 +509,13 @@ class FeatureReuse:
     def _evaluate(self, st: _BaseState, bi: int, entry: _Entry, local: Tensor, mu: float) -> Tensor:
         """Losses of len(local) perturbations of block `bi`, all at once."""
         node = entry.node
+        tm = self.timings
+        if tm is not None:
+            block_name, clock = self.space.blocks[bi].name, time.process_time
+            t0 = clock()
         values: dict[fx.Node, Any] = {node: self._entry_value(st, bi, entry, local, mu)}
+        if tm is not None:
+            t0 = _tick(tm, (block_name, f"entry {entry.kind}"), t0, clock)
         live = peak = values[node].nbytes()
         downstream = self.downstream(node)
         last = self._last_use[node]
@@ -508,6 +525,9 @@ class FeatureReuse:
             v = self._call_perturbed(st, n, args, kwargs)
             self._donated = set()
             values[n] = v
+            if tm is not None:
+                rep = "one-channel" if any(isinstance(a, _Channel) for a in args) else "dense"
+                t0 = _tick(tm, (block_name, f"{self._node_kind(n)} ({rep})"), t0, clock)
             live += _rep_bytes(v)
             peak = max(peak, live)
             for a in n.all_input_nodes:
@@ -520,7 +540,24 @@ class FeatureReuse:
             return st.loss.expand(p).clone()
         out = _as_dense(out)
         y = st.y
-        return vmap(lambda o: self.loss_fn(o, y), in_dims=out.pdim)(out.x)
+        if self.loss_fn is F.cross_entropy and out.pdim in (0, 1) and self._class_targets(st, out.x.dim()):
+            losses = _cross_entropy_per_perturbation(out.x, y, out.pdim)
+        else:
+            losses = vmap(lambda o: self.loss_fn(o, y), in_dims=out.pdim)(out.x)
+        if tm is not None:
+            _tick(tm, (block_name, "loss"), t0, clock)
+        return losses
+
+    def _class_targets(self, st: _BaseState, out_dim: int) -> bool:
+        """The step's loss is cross-entropy of logits [N, C] with class indices [N], all valid (no
+        ignore_index, none out of range: those keep the vmap path and its errors)."""
+        key = ("class_targets", out_dim)
+        if key not in st.extra:
+            y, base = st.y, st.output
+            st.extra[key] = (out_dim == 3 and isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point()
+                             and not y.is_complex() and base.dim() == 2 and base.shape[0] == y.shape[0]
+                             and bool(((y >= 0) & (y < base.shape[1])).all()))
+        return st.extra[key]
 
     @staticmethod
     def _donatable(values: dict[fx.Node, Any], dying: list[fx.Node]) -> set[int]:
@@ -830,6 +867,24 @@ def _is_relu(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if n.op == "call_method":
         return n.target == "relu"
     return n.target in (F.relu, torch.relu)
+
+
+def _cross_entropy_per_perturbation(out: Tensor, y: Tensor, pdim: int) -> Tensor:
+    """vmap(F.cross_entropy(., y), in_dims=pdim)(out) without vmap: the same kernels on the same
+    memory layout as the batching rules use ([P, N, C] contiguous: log_softmax over C, gather,
+    sum over N, divide by the number of targets), so the same bits (tests/test_reuse.py checks
+    torch.equal), without the interpreter cost of vmap and of the nll_loss decomposition, which
+    was a third of a digits training step (docs/performance.md)."""
+    x = out.movedim(pdim, 0).contiguous()
+    p, n = x.shape[:2]
+    nll = -torch.log_softmax(x, 2).gather(2, y.view(1, n, 1).expand(p, n, 1)).squeeze(2)
+    return nll.sum(1) / n
+
+
+def _tick(timings: dict, key: tuple[str, str], since: float, clock: Callable[[], float]) -> float:
+    now = clock()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
 
 
 def _has_perturbed(obj: Any) -> bool:
