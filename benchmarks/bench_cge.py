@@ -107,28 +107,43 @@ def naive_losses(module: nn.Module, loss_fn, x, y, coords: torch.Tensor, mu: flo
     return torch.tensor(out)
 
 
+DEVICE = torch.device("cpu")
+
+
+def clock() -> float:
+    """CPU seconds of this process on CPU; on a GPU, wall seconds after the queued kernels finish."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if DEVICE.type == "cuda":
+        n = 8192  # enough work to fill the GPU
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
     times = []
     for _ in range(repeats):
-        t = time.process_time()
+        t = clock()
         a @ b
-        times.append(time.process_time() - t)
+        times.append(clock() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def memory_bandwidth_gbs(mib: int = 64, repeats: int = 5) -> float:
     """Bytes per CPU-second of a copy between two buffers larger than the last-level cache
     (read + write: 2 x the buffer per copy), one thread, median of `repeats`."""
-    src = torch.ones(mib * 2**20 // 4)
+    if DEVICE.type == "cuda":
+        mib = 1024  # far beyond the L2 cache
+    src = torch.ones(mib * 2**20 // 4, device=DEVICE)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(repeats):
-        t = time.process_time()
+        t = clock()
         dst.copy_(src)
-        times.append(time.process_time() - t)
+        times.append(clock() - t)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -173,6 +188,7 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
 
     loss_fn = nn.functional.cross_entropy
     module.train()
+    module, x, y = module.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     batch = (x, y)
     flops = forward_flops(module, x)
     oracle = ModelLossOracle(module, feature_reuse=False)
@@ -206,10 +222,10 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
         start = time.perf_counter()
         while done[path] < n and (time.perf_counter() - start < slice_s or done[path] == 0):
             k = min(step, n - done[path])
-            t0, c0 = time.perf_counter(), time.process_time()
-            outs.append(fn(perm[done[path]:done[path] + k]))
+            t0, c0 = time.perf_counter(), clock()
+            outs.append(fn(perm[done[path]:done[path] + k]).cpu())
             spent[path] += time.perf_counter() - t0
-            cpu[path] += time.process_time() - c0
+            cpu[path] += clock() - c0
             done[path] += k
 
     with tqdm(total=slots, desc=name, leave=False, disable=None) as bar:
@@ -220,10 +236,10 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
                 run_slice("naive", lambda c: naive_losses(module, loss_fn, x, y, c, MU), args.naive_step, naive_out)
                 run_slice("vmap", lambda c: oracle.coordinate_losses(theta, c, MU, batch), vmap_step, vmap_out)
                 for path, engine in engines.items():
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    results[path][piece] = engine.coordinate_losses(theta, coords[piece], MU, batch)
+                    t0, c0 = time.perf_counter(), clock()
+                    results[path][piece] = engine.coordinate_losses(theta, coords[piece], MU, batch).cpu()
                     spent[path] += time.perf_counter() - t0
-                    cpu[path] += time.process_time() - c0
+                    cpu[path] += clock() - c0
                     done[path] += piece.numel()
                 bar.update(1)
     naive_ref, reference = torch.cat(naive_out), torch.cat(vmap_out)
@@ -278,6 +294,8 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on a GPU, rates are per wall second "
+                   "after synchronisation instead of per CPU second")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the CPU is shared; CPU seconds add up over threads)")
     p.add_argument("--models", default="digits,resnet20", help="comma-separated: digits, resnet20")
@@ -305,13 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--models: unknown {sorted(unknown)}; allowed: digits, resnet20")
     torch.set_num_threads(args.threads)
+    global DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if DEVICE.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
     from blackbox_zo.runtime import tune_allocator
 
     malloc = "tuned" if tune_allocator() else "glibc defaults"  # as training runs (BLACKBOX_ZO_MALLOC_TUNING=0: off)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     peak = matmul_gflops()
     bandwidth = memory_bandwidth_gbs()
-    print(f"threads {args.threads}, malloc {malloc}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s, "
+    print(f"device {DEVICE}, threads {args.threads}, malloc {malloc}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s, "
           f"memory bandwidth (copy of 64 MiB): {bandwidth:.1f} GB/s", flush=True)
     rows: list[dict] = []
     if "digits" in models:
