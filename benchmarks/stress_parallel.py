@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", action="store_true", help="keep every core busy with other processes meanwhile")
     ap.add_argument("--load-procs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per torchrun job (default 300)")
-    ap.add_argument("--tail", type=int, default=25, help="stderr lines shown per failure")
+    ap.add_argument("--tail", type=int, default=80, help="stderr lines shown per failure")
     ap.add_argument("--worker-exit-race", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker_exit_race:

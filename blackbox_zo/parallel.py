@@ -70,6 +70,7 @@ training starts). Evaluation runs on the main rank only and is counted once.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import gc
 import hashlib
@@ -81,6 +82,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed
 from torch import Tensor
 
 from .oracle import NonFiniteLossError, OracleError, ParamSpace, QueryLedger
@@ -93,6 +95,8 @@ __all__ = [
     "is_active",
     "rank",
     "world_size",
+    "is_main_process",
+    "agree_max",
     "balanced_bounds",
     "refine_costs",
     "BlockCosts",
@@ -117,9 +121,7 @@ class DivergenceError(ParallelError):
 
 
 def _dist():
-    import torch.distributed as dist
-
-    return dist
+    return torch.distributed
 
 
 def is_active() -> bool:
@@ -136,6 +138,24 @@ def rank() -> int:
 def world_size() -> int:
     dist = _dist()
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a process group: the rank that writes files and prints."""
+    return rank() == 0
+
+
+def agree_max(value: int, what: str) -> int:
+    """The largest `value` over all ranks (one all-reduce; `value` itself without a process group).
+
+    Used to agree on a decision every rank must take together (e.g. stop before the next step).
+    """
+    if not is_active():
+        return int(value)
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist = _dist()
+    _collective(what, lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    return int(flag.item())
 
 
 def _env_int(name: str) -> int:
@@ -191,8 +211,6 @@ def init_from_env(config: Any = None) -> bool:
     except Exception as exc:  # rendezvous failed: another rank never arrived, or the port is taken
         raise ParallelError(f"rank {rank_} of {world}: cannot join the {backend} process group within "
                             f"{timeout:g}s: {type(exc).__name__}: {exc}") from exc
-    import atexit
-
     # A fallback for scripts that call init_from_env() and never shutdown(): atexit handlers run
     # while the interpreter is still whole. The CLI does not rely on it (it calls shutdown()).
     atexit.register(_shutdown_at_exit)

@@ -44,6 +44,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .simulator import SolBatch, SolverInTheLoopOracle
+
 __all__ = ["WakeFlowGeometry", "WakeFlowSimulator", "shared_simulator", "restrict_staggered", "pack", "unpack", "face_mask", "vorticity",
            "wake_flow_sol_oracle"]
 
@@ -318,8 +320,6 @@ class _ExampleCorrector(torch.nn.Module):
 
 def wake_flow_sol_oracle(nx: int = 8, ny: int = 16, unroll: int = 2, windows: int = 2, seed: int = 0):
     """A tiny wake-flow solver-in-the-loop oracle with an example batch (`blackbox-zo check-oracle`)."""
-    from oracles.simulator import SolBatch, SolverInTheLoopOracle
-
     sim = shared_simulator(WakeFlowGeometry(nx=nx, ny=ny))
     torch.manual_seed(seed)
     oracle = SolverInTheLoopOracle(sim, _ExampleCorrector(nx, ny), weight=sim.mask)

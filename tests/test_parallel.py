@@ -23,7 +23,8 @@ from blackbox_zo import parallel
 from blackbox_zo.config import TrainConfig, resolve_config
 from blackbox_zo.estimators import CGE, RGE
 from blackbox_zo.problem import TensorBatches, TrainingSetup
-from blackbox_zo.trainer import CHECKPOINT_NAME, Trainer, train
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import Trainer, train
 
 pytestmark = pytest.mark.distributed
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from oracles.simulator import SolBatch
 from oracles.wake_flow import WakeFlowGeometry, face_mask, restrict_staggered, shared_simulator
@@ -110,8 +111,6 @@ def normalisation_stats(train: Tensor, train_re: Tensor, mask: Tensor) -> dict[s
 
 def generate(spec: WakeDataSpec, progress: bool = True) -> WakeData:
     """Run the high-fidelity simulations (all Reynolds numbers in one batch) and downsample."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     sim = shared_simulator(spec.hi_geometry, min_reynolds=spec.min_reynolds, cg_tolerance=spec.cg_tolerance)
     re = torch.tensor(spec.train_re + spec.test_re, dtype=torch.float32)

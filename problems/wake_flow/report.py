@@ -13,6 +13,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from blackbox_zo.config import resolve_config
+from blackbox_zo.rundir import CHECKPOINT_NAME, atomic_write_text
+from oracles.wake_flow import vorticity
+
+from .methods import evaluate_mae
+
 __all__ = ["mae_table", "write_table", "plot_mae_bars", "plot_mae_over_time", "plot_vorticity_strip",
            "report_single_run"]
 
@@ -49,8 +55,6 @@ def _fmt(v: Any) -> str:
 
 
 def write_table(out_dir: Path, markdown: str, rows: list[dict[str, Any]], stem: str = "results") -> None:
-    from blackbox_zo.trainer import atomic_write_text
-
     atomic_write_text(Path(out_dir) / f"{stem}.md", markdown)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
@@ -114,8 +118,6 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
     Flow goes up (+y); every panel shares one symmetric colour scale taken from the first
     row (the reference), so a damped wake looks pale and a wrong one looks wrong.
     """
-    from oracles.wake_flow import vorticity
-
     plt = _plt()
     vort = {name: vorticity(traj[times], dx) for name, traj in rows.items()}
     first = next(iter(vort.values()))
@@ -143,15 +145,10 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
 
 def report_single_run(problem, run_dir: Path) -> None:
     """After `blackbox-zo train wake-flow`: this run's corrector vs SRC on the test runs."""
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import CHECKPOINT_NAME
-
-    from .methods import evaluate_mae
-
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
     raw.setdefault("sparsity", {})["enabled"] = False  # no ZO-GraSP queries just to rebuild the module
-    config = resolve_config(problem.config_model, raw)
+    config = resolve_config(problem.config_model, raw, name=problem.name)
     setup = problem.setup(config, progress=False)
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     setup.module.load_state_dict(state["module"])
