@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_reuse import _resnet, digits_case  # noqa: E402
+from profile_reuse import digits_case, resnet_case  # noqa: E402
 
 MU = 5e-3
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             oracle, coords, batches = digits_case(0)
             rows.append(run_model("digits", oracle, coords, batches, old.FeatureReuse, args.steps, args.warmup))
         else:
-            oracle, coords, batches = _resnet(0, args.resnet_coords, 64)
+            oracle, coords, batches = resnet_case(0, args.resnet_coords, 64)
             rows.append(run_model("resnet20", oracle, coords, batches, old.FeatureReuse, args.resnet_steps,
                                   min(args.warmup, 1)))
         r = rows[-1]

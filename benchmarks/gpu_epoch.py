@@ -35,6 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blackbox_zo.config import resolve_config  # noqa: E402
+from blackbox_zo.problem import get_problem  # noqa: E402
+from blackbox_zo.trainer import train  # noqa: E402
+
 PAPER_EPOCH_S = 60 * 60  # DeepZero Appx. F: ~60 minutes per epoch of ResNet-20 on CIFAR-10
 
 
@@ -78,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         settings += [f"sparsity.sparsity={args.sparsity}"]
     if args.train_size < args.batch or args.test_size < 1:
         ap.error("--train-size must be >= --batch and --test-size >= 1")
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.problem import get_problem
-    from blackbox_zo.trainer import train
-
     with tempfile.TemporaryDirectory(prefix="gpu_epoch_") as tmp:
         root = write_synthetic_cifar10(Path(tmp) / "data", args.train_size, args.test_size)
         out = Path(args.out) if args.out else Path(tmp) / "runs"

@@ -52,7 +52,7 @@ def digits_case(seed: int):
     return setup.oracle, setup.coord_sampler.coords(0), batches
 
 
-def _resnet(seed: int, n_coords: int, batch: int):
+def resnet_case(seed: int, n_coords: int, batch: int):
     from oracles.model_loss import ModelLossOracle
     from problems.models import resnet20
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "digits":
         oracle, coords, batches = digits_case(args.seed)
     else:
-        oracle, coords, batches = _resnet(args.seed, args.coords, args.batch)
+        oracle, coords, batches = resnet_case(args.seed, args.coords, args.batch)
     reuse = oracle.reuse
     theta0 = oracle.initial_theta()
     drift = 1e-4 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(1))

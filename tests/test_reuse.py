@@ -284,3 +284,58 @@ def test_registered_example_passes_the_conformance_check():
     assert oracle.reuse is not None
     report = check_oracle(oracle, batch)
     assert report.ok, str(report)
+
+
+# ------------------------------------------------------------------ speed paths, same bits (issue 18)
+
+
+@pytest.mark.parametrize("pdim", [0, 1])
+def test_cross_entropy_without_vmap_is_bitwise_equal_to_vmap(pdim):
+    """The loss of all perturbations at once (no vmap) runs the kernels vmap's batching rules run,
+    on the same layout: the same bits, or the digits training would not end on the same checkpoint."""
+    from torch.func import vmap
+
+    from blackbox_zo.reuse import _cross_entropy_per_perturbation as batched_ce
+
+    gen = torch.Generator().manual_seed(0)
+    for n, p, c, scale in [(16, 412, 10, 1.0), (25, 7, 10, 10.0), (1, 3, 3, 0.1), (64, 33, 100, 1.0), (17, 1, 10, 5.0)]:
+        shape = (p, n, c) if pdim == 0 else (n, p, c)
+        for dtype in (torch.float32, torch.float64):
+            out = (scale * torch.randn(shape, generator=gen)).to(dtype)
+            y = torch.randint(0, c, (n,), generator=gen)
+            ref = vmap(lambda o: F.cross_entropy(o, y), in_dims=pdim)(out)
+            assert torch.equal(batched_ce(out, y, pdim), ref), (n, p, c, dtype)
+
+
+def test_grouped_conv_of_short_channel_runs_gives_the_same_bits_as_one_run_at_a_time():
+    """8 bias perturbations of the first conv reach the second in 8 different channels: one grouped
+    convolution. Evaluated one at a time, each is a single-channel run (the per-run convolution)."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    batch = digits_batch(16)
+    theta = oracle.initial_theta()
+    bias = oracle.space.blocks[1]
+    assert bias.name == "0.bias"
+    coords = bias.offset + torch.arange(bias.numel)
+    together = oracle.coordinate_losses(theta, coords, MU, batch)
+    alone = torch.stack([oracle.coordinate_losses(theta, c.reshape(1), MU, batch)[0] for c in coords])
+    assert torch.equal(together, alone)
+    assert_rel_close(together, reference(oracle, theta, coords, MU, batch), 1e-5)
+
+
+def test_timings_are_collected_only_when_asked():
+    torch.manual_seed(0)
+    oracle = ModelLossOracle(make_digits_cnn())
+    batch, theta = digits_batch(8), oracle.initial_theta()
+    coords = spread(oracle.space, 3)
+    first = oracle.coordinate_losses(theta, coords, MU, batch)
+    assert oracle.reuse.timings is None
+    oracle.reuse.timings = {}
+    assert torch.equal(oracle.coordinate_losses(theta, coords, MU, batch), first)
+    tm = oracle.reuse.timings
+    blocks = {b for b, _ in tm} - {"(all blocks)"}
+    assert blocks == set(oracle.space.names)  # every block's entry, operations and loss
+    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in blocks)
+    total = tm[("(all blocks)", "coordinate_losses total")]
+    assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total
