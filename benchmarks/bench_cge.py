@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['model']} | {r['path']} | {r['coords_timed']} | {r['queries_per_s']:.1f} | "
                      f"{r['x_naive']:.1f} | {r['x_naive_wall']:.1f} | {r['brute_force_equiv_pct']:.1f} | "
                      f"{r['flops_per_query'] / 1e6:.2f} M ({r['x_fewer_flops']:.1f}x) | {r['note']} |")
-    targets = {"digits-cnn": 100.0, "resnet20": 10.0}  # issue 18
+    targets = {"digits-cnn": 100.0, "resnet20": 10.0}  # the speed targets (docs/performance.md)
     for name, target in targets.items():
         got = [r for r in rows if r["model"] == name and r["path"] == "reuse"]
         if got:

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
     (out / "results.md").write_text("\n".join(md) + f"\n\nbefore: {before}\nafter: {after}\n")
     print("\n".join(md))
-    # The target (issue 18): M ranks >= 95% of M independent processes, in the same run, for every
+    # The target: M ranks >= 95% of M independent processes, in the same run, for every
     # method that runs under torchrun. "x ceiling" = (M-rank speed-up) / (M-process speed-up).
     for model, est in cases:
         ref, ceiling = pick(model, est, "reference"), pick(model, est, "independent")

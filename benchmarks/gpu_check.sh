@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 18 in one script, under 8 minutes on one GPU (the two timeouts add to 7.5):
+# The GPU checks of the speed work in one script, under 8 minutes on one GPU (the two timeouts add to 7.5):
 #   1. benchmarks/bench_cge.py on the GPU: naive loop vs vmap vs exact feature reuse, digits CNN and
 #      ResNet-20, rates per wall second after synchronisation, roofline against the GPU's own
 #      measured matmul rate and memory bandwidth;
