@@ -350,7 +350,7 @@ def run_command(name: str, args: argparse.Namespace, *, process: bool = False) -
     """Run command `name`. `process=True` (the `blackbox-zo` process itself) first tunes the
     allocator and turns SIGTERM into an exception like Ctrl-C, so every command ends a signal in one
     line, and leaves the process group a command joined before returning (see _leave_distributed)."""
-    command = COMMANDS[name]
+    command = COMMANDS.get(name) or _one_line_errors(args.plugin_command.run)  # a plug-in command (CLI_COMMANDS)
     if not process:
         return command(args)
     tune_allocator()  # experiments and eval allocate like training does

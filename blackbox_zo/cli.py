@@ -12,6 +12,8 @@ import sys
 from types import ModuleType
 from typing import Callable, Sequence
 
+from .registry import CLI_COMMANDS
+
 __all__ = ["PROG", "build_parser", "main"]
 
 PROG = "blackbox-zo"
@@ -101,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_command("experiment"))
+
+    # commands of installed packages (entry-point group blackbox_zo.commands, e.g. certify, serve-onnx):
+    # their classes only declare arguments, so building the parser stays light
+    for name, command in CLI_COMMANDS.available().items():
+        command = command() if isinstance(command, type) else command
+        p = sub.add_parser(name, help=command.help, description=getattr(command, "description", None))
+        command.add_arguments(p)
+        p.set_defaults(fn=_command(name), plugin_command=command)
     return parser
 
 

@@ -114,6 +114,8 @@ class TrainingSetup:
     fo_loss: Optional[Callable[[nn.Module, Any], Tensor]] = None  # differentiable loss: FO reference only
     coord_sampler: Any = None  # gradient sparsity: .coords(epoch) -> Tensor | None, state_dict()
     extras: dict[str, Any] = field(default_factory=dict)
+    # more summary.json entries, read at every stop (e.g. the images and requests an API was sent)
+    summary: Optional[Callable[[], dict[str, Any]]] = None
 
 
 class Problem(ABC):

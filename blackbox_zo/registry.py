@@ -33,6 +33,7 @@ __all__ = [
     "PROBLEMS",
     "EXPERIMENTS",
     "ESTIMATORS",
+    "CLI_COMMANDS",
 ]
 
 T = TypeVar("T")
@@ -179,3 +180,6 @@ ORACLES: Registry[Any] = Registry("oracle")
 PROBLEMS: Registry[Any] = Registry("problem")
 EXPERIMENTS: Registry[Any] = Registry("experiment")
 ESTIMATORS: Registry[Any] = Registry("estimator", builtins="blackbox_zo.estimators")
+# Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
+# with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
+CLI_COMMANDS: Registry[Any] = Registry("command")

@@ -601,6 +601,11 @@ class Trainer:
             summary["eval_missing"] = self.eval_missing
         if self.warnings:
             summary["warnings"] = list(self.warnings)
+        if self.setup.summary is not None:
+            try:
+                summary.update(self.setup.summary())
+            except Exception as exc:  # noqa: BLE001 - a problem's extra entries must never lose the summary
+                summary["summary_error"] = f"{type(exc).__name__}: {exc}"
         if not self.is_main:
             return summary
         if self.run_dir is not None:  # the run's own record first: a logger or a plot must never lose it

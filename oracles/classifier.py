@@ -35,6 +35,7 @@ __all__ = [
     "export_onnx",
     "log_probabilities",
     "predict_labels",
+    "as_float32_tensor",
 ]
 
 Outputs = Literal["logits", "probabilities"]
@@ -53,7 +54,7 @@ class BlackBoxClassifier(Protocol):
         ...
 
 
-def _as_float32_tensor(images: Tensor | np.ndarray) -> Tensor:
+def as_float32_tensor(images: Tensor | np.ndarray) -> Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, Tensor):
@@ -82,7 +83,7 @@ class _CountingClassifier:
         return n
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _as_float32_tensor(images)
+        x = as_float32_tensor(images)
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"images must be a non-empty batch [N, ...], got shape {tuple(x.shape)}")
         self.queries += int(x.shape[0])
@@ -140,7 +141,7 @@ class OnnxFunction:
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
-        x = _as_float32_tensor(images)
+        x = as_float32_tensor(images)
         return torch.cat([self.run(x[i : i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)])
 
 

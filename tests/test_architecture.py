@@ -26,6 +26,10 @@ PACKAGES = ("blackbox_zo", "oracles", "problems")
 ALLOWED_PROJECT_IMPORTS = {
     # the commands import the engine (torch, seconds); parsing a command line and --help must not
     ("blackbox_zo/cli.py", "blackbox_zo._commands"),
+    # plug-in commands (entry-point group blackbox_zo.commands): the class only declares the arguments,
+    # the work (torch, onnxruntime, mlserver) is imported when the command runs
+    ("problems/certify_command.py", "problems.certified_defense.certify"),
+    ("oracles/serve_command.py", "oracles.serving"),
 }
 # Third-party packages that may be imported inside a function: optional extras (not installed
 # by default) and heavy packages only some commands need (import times measured on the 2-core VM).
@@ -41,6 +45,10 @@ ALLOWED_LAZY_PACKAGES = {
     "tensorboard": "optional extra `tensorboard` (run.loggers)",
     "torch.utils.tensorboard": "needs the optional extra `tensorboard` (run.loggers)",
     "mlflow": "optional extra `mlflow` (run.loggers; ~5 s to import)",
+    "httpx": "optional extra `remote` (a classifier behind an Open Inference Protocol endpoint)",
+    "orjson": "optional extra `remote` (faster JSON; the standard library's json is the fallback)",
+    "mlserver": "optional extra `serve` (serve-onnx, the tests' real server)",
+    "PIL": "Pillow (comes with matplotlib): only a certified defense on an image folder reads images",
 }
 
 

@@ -298,26 +298,15 @@ def test_denoiser_starts_as_identity_and_freezes_its_prefix():
 
 # ------------------------------------------------------------------ ONNX and the pipeline
 
-TINY = [
-    "defense.classifier_width=4", "defense.classifier_epochs=2", "defense.denoiser_depth=3",
-    "defense.denoiser_width=4", "defense.pretrain_epochs=1", "defense.eval_noise_draws=1",
-    "run.epochs=1", "run.max_steps=2", "run.progress=false", "data.batch_size=16",
-]
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
+def tiny(tiny_defense):
+    """The session's tiny pipeline (conftest.py): stages 1-2 are built once for every test module."""
     from blackbox_zo.config import resolve_config
-    from problems.certified_defense import CertifiedDefenseConfig, CertifiedDefenseProblem, prepare_stages
+    from problems.certified_defense import CertifiedDefenseConfig, CertifiedDefenseProblem
 
-    root = tmp_path_factory.mktemp("cd")
-    overrides = TINY + [f"run.out_dir={root}", f"defense.artifacts_dir={root / 'stages'}"]
+    stages, overrides, root = tiny_defense
     problem = CertifiedDefenseProblem()
     config = resolve_config(CertifiedDefenseConfig, problem.default_config(), None, overrides)
-    stages = prepare_stages(config, log=lambda *_: None)
     return problem, config, stages, overrides, root
 
 

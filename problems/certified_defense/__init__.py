@@ -1,18 +1,23 @@
-"""Black-box certified defense on digits (DeepZero Sec. 6.2, Appx. G, eq. (A2); Salman et al. 2020).
+"""Black-box certified defense (DeepZero Sec. 6.2, Appx. G, eq. (A2); Salman et al. 2020).
 
-The owner of a classifier shares only a prediction API (here: an ONNX Runtime session).
-We prepend a DnCNN denoiser D and make the smoothed classifier
+The owner of a classifier shares only a prediction API: the built-in digits CNN behind an
+ONNX Runtime session (default), an ONNX file of yours, or a model behind an Open Inference
+Protocol (v2) endpoint (`classifier.source`; see `assets.py`). We prepend a DnCNN denoiser
+D, sized to the images (`images.source`), and make the smoothed classifier
 g(x) = argmax_c P[f(D(x + delta)) = c], delta ~ N(0, sigma^2 I), certifiably robust.
 
-Stages (cached on disk, keyed by their settings; `prepare_stages`):
-  1. the base classifier f, trained first-order on clean digits, exported to ONNX; from then
-     on it is used only through `OnnxClassifier` (images in, logits out, counted);
+Stages (cached on disk, keyed by their settings and by the identity of the classifier and
+of the images; `prepare_stages`):
+  1. built-in classifier only: the digits CNN f, trained first-order on clean images,
+     exported to ONNX; from then on used only through `OnnxClassifier` (images in, logits
+     out, counted);
   2. the denoiser D, pretrained first-order with MSE on (x + delta -> x) with Adam (it is
      ours: white box).
-`blackbox-zo train certified-defense` is stage 3: fine-tuning the last layer of D through
-the black box with zeroth-order estimates of eq. (A2) (`DenoisedSmoothingOracle`).
-`--set estimator=autograd` is the first-order reference: the same loss through a white-box
-torch copy of f (not ZO). Certification and the four-row table live in `experiment.py`.
+`blackbox-zo train certified-defense` is stage 3: fine-tuning D (its last layer by default,
+`defense.trainable`) through the black box with zeroth-order estimates of eq. (A2)
+(`DenoisedSmoothingOracle`). `--set estimator=autograd` is the first-order reference: the
+same loss through a white-box torch copy of f (built-in classifier only; not ZO).
+Certification lives in `certify.py` (`blackbox-zo certify`) and `experiment.py`.
 """
 
 from __future__ import annotations
@@ -22,48 +27,59 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blackbox_zo.config import DataConfig, SparsityConfig, SparsityField, Strict, TrainConfig, active_sparsity
-from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from blackbox_zo.config import (FIRST_ORDER_REFERENCE, ConfigError, DataConfig, SparsityConfig, SparsityField,
+                                Strict, TrainConfig, active_sparsity)
+from blackbox_zo.oracle import OracleError
+from blackbox_zo.problem import Problem, ProblemSetupError, TensorBatches, TrainingSetup
 from blackbox_zo.rundir import atomic_write_bytes, atomic_write_text
 from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-from oracles.classifier import OnnxClassifier, export_onnx, predict_labels
+from oracles.classifier import BlackBoxClassifier, OnnxClassifier, export_onnx, predict_labels
 from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
 from problems.digits import load_digits_split, make_digits_cnn
+
+from .assets import ClassifierSettings, ImageData, ImageSettings, classifier_kind, load_images, open_classifier
 
 __all__ = [
     "CertifiedDefenseProblem",
     "CertifiedDefenseConfig",
     "DefenseSettings",
+    "ClassifierSettings",
+    "ImageSettings",
     "Stages",
+    "DefenseAssets",
     "prepare_stages",
+    "open_assets",
     "load_stage_models",
     "make_denoiser",
     "load_denoiser",
     "stratified_subset",
 ]
 
-IMAGE_SHAPE = (1, 8, 8)
+IMAGE_SHAPE = (1, 8, 8)  # the built-in digits
 
 
 class DefenseSettings(Strict):
     """The `defense` section: the smoothing noise, the black-box classifier and the denoiser (stages 1-2)."""
 
     sigma: float = Field(0.25, gt=0, description="smoothing noise std (images in [0, 1])")
-    classifier_width: int = Field(8, ge=1, description="width of the digits CNN behind the black box")
-    classifier_epochs: int = Field(30, ge=1, description="Adam epochs of the base classifier, stage 1")
+    classifier_width: int = Field(8, ge=1, description="width of the built-in digits CNN behind the black box")
+    classifier_epochs: int = Field(30, ge=1, description="Adam epochs of the built-in classifier, stage 1")
     classifier_lr: float = Field(1e-2, gt=0, description="Adam, stage 1")
+    classifier_seed: Optional[int] = Field(None, ge=0, description="seed of stage 1 (default: run.seed)")
     denoiser_depth: int = Field(5, ge=2, description="DnCNN depth (reference: 17)")
     denoiser_width: int = Field(32, ge=1, description="DnCNN width (reference: 64)")
     denoiser_batch_norm: bool = Field(True, description="batch norm between the DnCNN's convolutions")
     pretrain_epochs: int = Field(60, ge=1, description="MSE pretraining epochs, stage 2 (Appx. G: 90)")
     pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2 (cosine to 0)")
+    trainable: Literal["last", "all"] = Field(
+        "last", description="the fine-tuned part of D: its last layer (Appx. G; feature reuse) or all of it")
     artifacts_dir: Optional[str] = Field(None, description="stage cache (none: <run.out_dir>/certified-defense/"
                                          "_stages)")
     eval_noise_draws: int = Field(4, ge=1, description="noise draws per test image in the training-time evaluation")
@@ -71,29 +87,34 @@ class DefenseSettings(Strict):
 
 
 class CertifiedDefenseConfig(TrainConfig):
-    """certified-defense: digits images (data), optional Sparse-CGE on the denoiser, the defense itself."""
+    """certified-defense: images (data), optional Sparse-CGE on the denoiser, the defense, the black box."""
 
-    data: DataConfig = Field(default_factory=DataConfig, description="mini-batches and the digits train/test split")
+    data: DataConfig = Field(default_factory=DataConfig, description="mini-batches and the train/test split")
     sparsity: SparsityField = None
     defense: DefenseSettings = Field(default_factory=DefenseSettings, description="noise, black box, denoiser")
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings, description="the black box: the "
+                                           "built-in digits CNN, an ONNX file or a v2 endpoint")
+    images: ImageSettings = Field(default_factory=ImageSettings, description="the images: built-in digits, a "
+                                  "class-per-subfolder folder or an .npz")
 
 
 @dataclass
 class Stages:
     directory: Path
-    classifier_onnx: Path  # the black box
-    classifier_torch: Path  # state_dict of the same network: white-box reference only
+    classifier_onnx: Optional[Path]  # the built-in black box (None for a classifier of yours)
+    classifier_torch: Optional[Path]  # state_dict of the same network: white-box reference only
     denoiser_mse: Path  # state_dict of the MSE-pretrained DnCNN
     info: dict[str, Any]
 
 
-def make_denoiser(d: DefenseSettings) -> DnCNN:
-    return DnCNN(channels=IMAGE_SHAPE[0], depth=d.denoiser_depth, width=d.denoiser_width,
+def make_denoiser(d: DefenseSettings, channels: int = IMAGE_SHAPE[0]) -> DnCNN:
+    return DnCNN(channels=channels, depth=d.denoiser_depth, width=d.denoiser_width,
                  batch_norm=d.denoiser_batch_norm)
 
 
 def load_denoiser(d: DefenseSettings, state: dict[str, Tensor]) -> DnCNN:
-    den = make_denoiser(d)
+    """A DnCNN of the settings' size with `state` loaded; its channels are the state's."""
+    den = make_denoiser(d, channels=int(state["prefix.0.weight"].shape[1]))
     den.load_state_dict(state)
     return den.eval()
 
@@ -118,9 +139,25 @@ def stratified_subset(labels: Tensor, size: int, seed: int = 0) -> Tensor:
     return torch.sort(order[:size]).values
 
 
-def _stage_key(d: DefenseSettings, data_seed: int, seed: int) -> str:
-    fields = {k: v for k, v in d.model_dump().items() if k not in ("artifacts_dir", "eval_noise_draws", "onnx_threads")}
-    blob = json.dumps({"defense": fields, "data_seed": data_seed, "seed": seed, "v": 2}, sort_keys=True)
+def _classifier_seed(config: CertifiedDefenseConfig) -> int:
+    d = config.defense
+    return config.run.seed if d.classifier_seed is None else d.classifier_seed
+
+
+def builtin_identity(config: CertifiedDefenseConfig) -> dict[str, Any]:
+    d = config.defense
+    return {"classifier": "digits", "width": d.classifier_width, "epochs": d.classifier_epochs,
+            "lr": d.classifier_lr, "seed": _classifier_seed(config)}
+
+
+def _stage_key(config: CertifiedDefenseConfig, classifier_identity: dict[str, Any],
+               images_identity: dict[str, Any]) -> str:
+    d = config.defense
+    fields = {k: v for k, v in d.model_dump().items()
+              if k not in ("artifacts_dir", "eval_noise_draws", "onnx_threads", "trainable", "classifier_width",
+                           "classifier_epochs", "classifier_lr", "classifier_seed")}
+    blob = json.dumps({"defense": fields, "seed": config.run.seed, "classifier": classifier_identity,
+                       "images": images_identity, "v": 3}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -128,52 +165,69 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
-def stage_directory(config: CertifiedDefenseConfig) -> Path:
+def stage_directory(config: CertifiedDefenseConfig, classifier_identity: dict[str, Any] | None = None,
+                    images_identity: dict[str, Any] | None = None) -> Path:
     d = config.defense
     root = Path(d.artifacts_dir) if d.artifacts_dir else Path(config.run.out_dir) / "certified-defense" / "_stages"
-    return root / _stage_key(d, config.data.seed, config.run.seed)
+    cid = classifier_identity if classifier_identity is not None else builtin_identity(config)
+    iid = images_identity if images_identity is not None else {"images": "digits", "data_seed": config.data.seed}
+    return root / _stage_key(config, cid, iid)
 
 
-def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = print) -> Stages:
-    """Stages 1 and 2 (first-order, cached): base classifier -> ONNX, MSE-pretrained denoiser."""
+def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = print, *,
+                   data: ImageData | None = None, classifier_identity: dict[str, Any] | None = None) -> Stages:
+    """Stages 1 and 2 (first-order, cached): the built-in classifier -> ONNX (built-in only), and the
+    MSE-pretrained denoiser, sized to the images' channels."""
     d = config.defense
-    directory = stage_directory(config)
+    if data is None:
+        data = load_images(config.images, config.data.seed)
+    builtin = classifier_identity is None
+    cid = builtin_identity(config) if builtin else classifier_identity
+    directory = stage_directory(config, cid, data.identity)
     directory.mkdir(parents=True, exist_ok=True)
-    stages = Stages(directory, directory / "classifier.onnx", directory / "classifier.pt",
-                    directory / "denoiser_mse.pt", {})
+    stages = Stages(directory, directory / "classifier.onnx" if builtin else None,
+                    directory / "classifier.pt" if builtin else None, directory / "denoiser_mse.pt", {})
     info_path = directory / "stages.json"
-    if all(p.exists() for p in (stages.classifier_onnx, stages.classifier_torch, stages.denoiser_mse, info_path)):
+    needed = [p for p in (stages.classifier_onnx, stages.classifier_torch, stages.denoiser_mse, info_path) if p]
+    if all(p.exists() for p in needed):
         stages.info = json.loads(info_path.read_text())
         log(f"[stages] reusing {directory}")
         return stages
 
     progress = config.run.progress
-    x_tr, y_tr, x_te, y_te = load_digits_split(config.data.seed)
+    x_tr, y_tr, x_te, y_te = data.x_train, data.y_train, data.x_test, data.y_test
     batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=config.run.seed)
-    # Stage 1: the classifier owner's model (first-order, clean data only).
+    info: dict[str, Any] = {"classifier": cid, "images": data.identity, "image_shape": list(data.shape)}
     t0 = time.perf_counter()
-    torch.manual_seed(config.run.seed)
-    clf = make_digits_cnn(d.classifier_width)
-    opt = torch.optim.Adam(clf.parameters(), lr=d.classifier_lr)
-    for epoch in tqdm(range(d.classifier_epochs), desc="stage 1: classifier", disable=not progress, leave=False):
-        for i in range(batches.num_batches(epoch)):
-            x, y = batches.batch(epoch, i)
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(clf(x), y).backward()
-            opt.step()
-    clf.eval()
-    with torch.no_grad():
-        clean_acc = float((clf(x_te).argmax(1) == y_te).float().mean())
-    _atomic_torch_save(clf.state_dict(), stages.classifier_torch)
-    export_onnx(clf, stages.classifier_onnx, IMAGE_SHAPE)
-    onnx_clf = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
-    onnx_acc = float((predict_labels(onnx_clf, x_te) == y_te).float().mean())
+    if builtin:
+        # Stage 1: the classifier owner's model (first-order, clean data only).
+        clf_seed = _classifier_seed(config)
+        clf_batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=clf_seed)
+        torch.manual_seed(clf_seed)
+        clf = make_digits_cnn(d.classifier_width)
+        opt = torch.optim.Adam(clf.parameters(), lr=d.classifier_lr)
+        for epoch in tqdm(range(d.classifier_epochs), desc="stage 1: classifier", disable=not progress, leave=False):
+            for i in range(clf_batches.num_batches(epoch)):
+                x, y = clf_batches.batch(epoch, i)
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(clf(x), y).backward()
+                opt.step()
+        clf.eval()
+        with torch.no_grad():
+            clean_acc = float((clf(x_te).argmax(1) == y_te).float().mean())
+        _atomic_torch_save(clf.state_dict(), stages.classifier_torch)
+        export_onnx(clf, stages.classifier_onnx, IMAGE_SHAPE)
+        onnx_clf = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
+        onnx_acc = float((predict_labels(onnx_clf, x_te) == y_te).float().mean())
+        log(f"[stage 1] base classifier: clean test acc {clean_acc:.4f} (torch) / {onnx_acc:.4f} (onnx), "
+            f"{time.perf_counter() - t0:.1f} s")
+        info.update({"classifier_clean_acc_torch": clean_acc, "classifier_clean_acc_onnx": onnx_acc,
+                     "classifier_params": sum(p.numel() for p in clf.parameters())})
     t1 = time.perf_counter()
-    log(f"[stage 1] base classifier: clean test acc {clean_acc:.4f} (torch) / {onnx_acc:.4f} (onnx), {t1 - t0:.1f} s")
 
     # Stage 2: MSE pretraining of the denoiser on (x + delta -> x), fresh noise every batch.
     torch.manual_seed(config.run.seed + 1)
-    den = make_denoiser(d)
+    den = make_denoiser(d, channels=data.shape[0])
     opt = torch.optim.Adam(den.parameters(), lr=d.pretrain_lr)
     steps = d.pretrain_epochs * batches.num_batches(0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -195,17 +249,18 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
     _atomic_torch_save(den.state_dict(), stages.denoiser_mse)
     t2 = time.perf_counter()
     log(f"[stage 2] MSE denoiser: test MSE {mse_in:.4f} (noisy) -> {mse_out:.4f} (denoised), {t2 - t1:.1f} s")
-    stages.info = {"classifier_clean_acc_torch": clean_acc, "classifier_clean_acc_onnx": onnx_acc,
-                   "denoiser_test_mse_noisy": mse_in, "denoiser_test_mse_denoised": mse_out,
-                   "stage1_s": round(t1 - t0, 2), "stage2_s": round(t2 - t1, 2),
-                   "classifier_params": sum(p.numel() for p in clf.parameters()),
-                   "denoiser_params": sum(p.numel() for p in den.parameters())}
-    atomic_write_text(info_path, json.dumps(stages.info, indent=2) + "\n")
+    info.update({"denoiser_test_mse_noisy": mse_in, "denoiser_test_mse_denoised": mse_out,
+                 "stage1_s": round(t1 - t0, 2), "stage2_s": round(t2 - t1, 2),
+                 "denoiser_params": sum(p.numel() for p in den.parameters())})
+    stages.info = info
+    atomic_write_text(info_path, json.dumps(stages.info, indent=2, default=str) + "\n")
     return stages
 
 
 def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifier, nn.Module, DnCNN]:
-    """(black-box ONNX classifier, white-box torch copy of it, MSE-pretrained denoiser)."""
+    """(black-box ONNX classifier, white-box torch copy of it, MSE-pretrained denoiser): built-in classifier."""
+    if stages.classifier_onnx is None or stages.classifier_torch is None:
+        raise ValueError("load_stage_models is for the built-in classifier; use open_assets")
     black_box = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
     white_box = make_digits_cnn(d.classifier_width)
     white_box.load_state_dict(torch.load(stages.classifier_torch, map_location="cpu", weights_only=True))
@@ -214,9 +269,58 @@ def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifie
     return black_box, white_box, den
 
 
+@dataclass
+class DefenseAssets:
+    """Everything the fine-tune and the certification need, opened once."""
+
+    data: ImageData
+    black_box: BlackBoxClassifier
+    classifier_identity: dict[str, Any]
+    white_box: Optional[nn.Module]  # a torch copy of the classifier: the built-in one only
+    stages: Stages
+    denoiser: DnCNN  # MSE-pretrained (stage 2)
+
+
+def open_assets(config: CertifiedDefenseConfig, log: Callable[[str], None] = print,
+                data: ImageData | None = None, denoiser: bool = True) -> DefenseAssets:
+    """Images, classifier (checked against the images' shape), stages 1-2 (cached).
+
+    `denoiser=False`: no stage 2 for a classifier of yours (certifying a given denoiser needs none).
+
+    A classifier that does not take the images is a ConfigError (one line, exit 2); a v2
+    endpoint that cannot be reached is a ProblemSetupError (one line, exit 2).
+    """
+    d = config.defense
+    if data is None:
+        data = load_images(config.images, config.data.seed)
+    kind = classifier_kind(config.classifier.source)
+    if kind == "builtin":
+        if data.shape != IMAGE_SHAPE:
+            raise ConfigError(f"classifier.source='digits' (the built-in digits CNN) takes [batch, 1, 8, 8] images; "
+                              f"images.source={config.images.source!r} has [batch, {', '.join(map(str, data.shape))}]: "
+                              "give your own classifier with classifier.source=MODEL.onnx or a v2 endpoint URL")
+        stages = prepare_stages(config, log, data=data)
+        black_box, white_box, denoiser = load_stage_models(stages, d)
+        return DefenseAssets(data, black_box, builtin_identity(config), white_box, stages, denoiser)
+    black_box, identity = open_classifier(config.classifier, data.shape, retries=config.run.oracle_retries,
+                                          backoff_s=config.run.oracle_retry_backoff_s, onnx_threads=d.onnx_threads)
+    if not denoiser:
+        return DefenseAssets(data, black_box, identity, None, None, None)  # type: ignore[arg-type]
+    stages = prepare_stages(config, log, data=data, classifier_identity=identity)
+    denoiser = load_denoiser(d, torch.load(stages.denoiser_mse, map_location="cpu", weights_only=True))
+    return DefenseAssets(data, black_box, identity, None, stages, denoiser)
+
+
+def black_box_counts(black_box: BlackBoxClassifier) -> dict[str, int]:
+    """Images and requests the classifier was sent (and re-sent, for a v2 endpoint)."""
+    return {"images": int(black_box.queries), "requests": int(black_box.calls),
+            "requests_retried": int(getattr(black_box, "retried", 0))}
+
+
 class CertifiedDefenseProblem(Problem):
     name = "certified-defense"
-    description = "black-box defense: ZO fine-tuning of a DnCNN denoiser in front of an ONNX classifier (eq. A2)"
+    description = ("black-box defense: ZO fine-tuning of a DnCNN denoiser in front of a query-only classifier "
+                   "(built-in, ONNX file or v2 endpoint; eq. A2)")
     config_model = CertifiedDefenseConfig
     headline_metric = "test_noisy_acc"
 
@@ -238,13 +342,23 @@ class CertifiedDefenseProblem(Problem):
 
     def setup(self, config: CertifiedDefenseConfig) -> TrainingSetup:
         d = config.defense
-        stages = prepare_stages(config)
-        black_box, white_box, denoiser = load_stage_models(stages, d)
-        x_tr, _, x_te, y_te = load_digits_split(config.data.seed)
+        assets = open_assets(config)
+        black_box, white_box, denoiser = assets.black_box, assets.white_box, assets.denoiser
+        if config.estimator.kind == FIRST_ORDER_REFERENCE and white_box is None:
+            raise ConfigError("estimator=autograd (the first-order reference) needs a white-box copy of the "
+                              "classifier; only classifier.source='digits' (built-in) has one")
+        data = assets.data
+        x_tr, x_te, y_te = data.x_train, data.x_test, data.y_test
         # Labels of eq. (A2) are the black box's own predictions on clean images (counted queries).
-        pseudo = predict_labels(black_box, x_tr)
-        label_queries = black_box.reset_queries()
-        oracle = DenoisedSmoothingOracle(denoiser, black_box)
+        try:
+            pseudo = predict_labels(black_box, x_tr)
+        except OracleError as exc:  # the server went away between its metadata and the first images
+            raise ProblemSetupError(f"classifier.source: labelling the training images failed: {exc}") from None
+        label_counts = black_box_counts(black_box)
+        black_box.reset_queries()
+        trainable = None if d.trainable == "last" else [n for n, _ in denoiser.named_parameters()]
+        oracle = DenoisedSmoothingOracle(denoiser, black_box, trainable=trainable,
+                                         example_image_size=tuple(data.shape[1:]))
         batches = NoisyBatches(TensorBatches(x_tr, pseudo, batch_size=config.data.batch_size, seed=config.run.seed),
                                sigma=d.sigma, seed=config.run.seed)
         eval_gen = torch.Generator().manual_seed(10_000 + config.run.seed)
@@ -260,13 +374,23 @@ class CertifiedDefenseProblem(Problem):
                 "test_clean_acc": float((pred_clean == y_te).float().mean()),
             }
 
-        def fo_loss(module: nn.Module, batch: DefenseBatch) -> Tensor:
-            """Eq. (A2) through the white-box torch copy of f: the first-order reference, not ZO."""
-            x, labels, delta = batch
-            return nn.functional.cross_entropy(white_box(module(x + delta)), labels)
+        fo_loss = None
+        if white_box is not None:
+            def fo_loss(module: nn.Module, batch: DefenseBatch) -> Tensor:
+                """Eq. (A2) through the white-box torch copy of f: the first-order reference, not ZO."""
+                x, labels, delta = batch
+                return nn.functional.cross_entropy(white_box(module(x + delta)), labels)
 
-        extras: dict[str, Any] = {"stages": stages, "black_box": black_box, "white_box": white_box,
-                                  "label_queries": label_queries, "x_test": x_te, "y_test": y_te}
+        def summary() -> dict[str, Any]:
+            counts = black_box_counts(black_box)
+            return {"black_box": {"source": config.classifier.source, "label_images": label_counts["images"],
+                                  "label_requests": label_counts["requests"],
+                                  **{k: counts[k] + label_counts[k] for k in counts},
+                                  "counted_since": "this process started (a resumed run counts from its resume)"}}
+
+        extras: dict[str, Any] = {"stages": assets.stages, "black_box": black_box, "white_box": white_box,
+                                  "label_queries": label_counts["images"], "x_test": x_te, "y_test": y_te,
+                                  "assets": assets}
         coord_sampler = None
         sparsity = active_sparsity(config)
         if sparsity is not None:
@@ -279,6 +403,7 @@ class CertifiedDefenseProblem(Problem):
             fo_loss=fo_loss,
             coord_sampler=coord_sampler,
             extras=extras,
+            summary=summary,
         )
 
 

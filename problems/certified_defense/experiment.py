@@ -224,7 +224,7 @@ class FastDenoisers:
         key = self._key(den)
         try:
             if key not in self.prefixes:
-                path = export_onnx(den.prefix, self.directory / f"denoiser_prefix_{key}.onnx", IMAGE_SHAPE,
+                path = export_onnx(den.prefix, self.directory / f"denoiser_prefix_{key}.onnx", tuple(self.check.shape[1:]),
                                    names=("noisy", "features"))
                 self.prefixes[key] = OnnxFunction(path, threads=self.threads)
             prefix = self.prefixes[key]
