@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -113,15 +115,65 @@ def naive_losses(module: nn.Module, loss_fn, x, y, coords: torch.Tensor, mu: flo
     return torch.tensor(out)
 
 
+DEVICE = torch.device("cpu")
+
+
+def clock() -> float:
+    """CPU seconds of this process on CPU; on a GPU, wall seconds after the queued kernels finish."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if DEVICE.type == "cuda":
+        n = 8192  # enough work to fill the GPU
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
     times = []
     for _ in range(repeats):
-        t = time.process_time()
+        t = clock()
         a @ b
-        times.append(time.process_time() - t)
+        times.append(clock() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def memory_bandwidth_gbs(mib: int = 64, repeats: int = 5) -> float:
+    """Bytes per CPU-second of a copy between two buffers larger than the last-level cache
+    (read + write: 2 x the buffer per copy), one thread, median of `repeats`."""
+    if DEVICE.type == "cuda":
+        mib = 1024  # far beyond the L2 cache
+    src = torch.ones(mib * 2**20 // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = clock()
+        dst.copy_(src)
+        times.append(clock() - t)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Bytes every aten operation reads and writes (its tensor inputs and outputs), as if none stayed
+    in a cache: the memory traffic a path must move at most, per operation it runs. Views move
+    nothing and are skipped; an in-place operation counts its inputs once."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        aliased = [r.alias_info for r in returns if r.alias_info is not None]
+        if aliased and not any(a.is_write for a in aliased):
+            return out  # a view
+        leaves = tree_leaves((args, kwargs or {})) + ([] if aliased else tree_leaves(out))
+        self.bytes += sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+                          for t in leaves if isinstance(t, torch.Tensor))
+        return out
 
 
 def forward_flops(module: nn.Module, x: torch.Tensor) -> int:
@@ -144,6 +196,7 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
 
     loss_fn = nn.functional.cross_entropy
     module.train()
+    module, x, y = module.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     batch = (x, y)
     flops = forward_flops(module, x)
     oracle = ModelLossOracle(module, feature_reuse=False)
@@ -177,10 +230,10 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
         start = time.perf_counter()
         while done[path] < n and (time.perf_counter() - start < slice_s or done[path] == 0):
             k = min(step, n - done[path])
-            t0, c0 = time.perf_counter(), time.process_time()
-            outs.append(fn(perm[done[path]:done[path] + k]))
+            t0, c0 = time.perf_counter(), clock()
+            outs.append(fn(perm[done[path]:done[path] + k]).cpu())
             spent[path] += time.perf_counter() - t0
-            cpu[path] += time.process_time() - c0
+            cpu[path] += clock() - c0
             done[path] += k
 
     with tqdm(total=slots, desc=name, leave=False, disable=None) as bar:
@@ -191,10 +244,10 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
                 run_slice("naive", lambda c: naive_losses(module, loss_fn, x, y, c, MU), args.naive_step, naive_out)
                 run_slice("vmap", lambda c: oracle.coordinate_losses(theta, c, MU, batch), vmap_step, vmap_out)
                 for path, engine in engines.items():
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    results[path][piece] = engine.coordinate_losses(theta, coords[piece], MU, batch)
+                    t0, c0 = time.perf_counter(), clock()
+                    results[path][piece] = engine.coordinate_losses(theta, coords[piece], MU, batch).cpu()
                     spent[path] += time.perf_counter() - t0
-                    cpu[path] += time.process_time() - c0
+                    cpu[path] += clock() - c0
                     done[path] += piece.numel()
                 bar.update(1)
     naive_ref, reference = torch.cat(naive_out), torch.cat(vmap_out)
@@ -210,6 +263,18 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
             engine.coordinate_losses(theta, counted, MU, batch)
         flops_per_query[path] = (counter.get_total_flops() - flops) / counted.numel()  # less the base forward
 
+    # bytes moved per query (load-independent): a full forward for naive / vmap; for the reuse paths the
+    # coordinate evaluations alone, after the step's unperturbed forward (as the FLOPs above)
+    with torch.no_grad(), TrafficCounter() as traffic:
+        loss_fn(module(x), y)
+    bytes_per_query = {"naive": traffic.bytes, "vmap": traffic.bytes}
+    for path, engine in engines.items():
+        engine._state = None
+        engine.prepare(theta, batch)
+        with TrafficCounter() as traffic:
+            engine.coordinate_losses(theta, counted, MU, batch)
+        bytes_per_query[path] = traffic.bytes / counted.numel()
+
     rows = []
     pos = {int(c): i for i, c in enumerate(coords.tolist())}
     idx = torch.tensor([pos[int(c)] for c in perm.tolist()])
@@ -224,7 +289,8 @@ def run_case(name: str, module, x, y, coords, args, peak_gflops: float, *, stage
         rows.append({"model": name, "path": path, "coords_timed": done[path], "cpu_s": round(cpu[path], 3),
                      "wall_s": round(spent[path], 3), "queries_per_s": rate, "queries_per_wall_s": done[path] / spent[path],
                      "brute_force_equiv_pct": 100 * rate * flops / (peak_gflops * 1e9),
-                     "flops_per_query": flops_per_query[path], "note": note})
+                     "flops_per_query": flops_per_query[path], "bytes_per_query": bytes_per_query[path],
+                     "note": note})
         print(f"  {path:6s} {done[path]:6d} coords in {cpu[path]:7.2f} CPU s ({spent[path]:7.2f} wall)  ->  "
               f"{rate:10.1f} queries/CPU-s  {note}", flush=True)
     for r in rows:
@@ -294,6 +360,8 @@ def run_population(name: str, module, x, y, size: int, budget_s: float, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on a GPU, rates are per wall second "
+                   "after synchronisation instead of per CPU second")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the CPU is shared; CPU seconds add up over threads)")
     p.add_argument("--models", default="digits,resnet20", help="comma-separated: digits, resnet20")
@@ -325,13 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--models: unknown {sorted(unknown)}; allowed: digits, resnet20")
     torch.set_num_threads(args.threads)
+    global DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if DEVICE.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
     from blackbox_zo.runtime import tune_allocator
 
     malloc = "tuned" if tune_allocator() else "glibc defaults"  # as training runs (BLACKBOX_ZO_MALLOC_TUNING=0: off)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     peak = matmul_gflops()
-    print(f"threads {args.threads}, malloc {malloc}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s",
-          flush=True)
+    bandwidth = memory_bandwidth_gbs()
+    print(f"device {DEVICE}, threads {args.threads}, malloc {malloc}, load average {load:.2f}, matmul 1024^3 fp32: {peak:.1f} GFLOP/s, "
+          f"memory bandwidth (copy of 64 MiB): {bandwidth:.1f} GB/s", flush=True)
     rows: list[dict] = []
     if "digits" in models:
         module, x, y = digits_case(args.batch, args.seed)
@@ -356,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"population of {args.population}: digits CNN width {width} (d = {d}), batch {x.shape[0]}", flush=True)
             pop_rows += run_population(f"digits-w{width}", module, x, y, args.population, args.budget_s / 3, args.seed)
     peak_after = matmul_gflops()
+    bandwidth_after = memory_bandwidth_gbs()
 
     lines = [f"threads {args.threads}; load average {load:.2f} at start; matmul {peak:.1f} GFLOP/s "
              f"(again at the end: {peak_after:.1f}); batch {args.batch}; mu {MU}", "",
@@ -366,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['model']} | {r['path']} | {r['coords_timed']} | {r['queries_per_s']:.1f} | "
                      f"{r['x_naive']:.1f} | {r['x_naive_wall']:.1f} | {r['brute_force_equiv_pct']:.1f} | "
                      f"{r['flops_per_query'] / 1e6:.2f} M ({r['x_fewer_flops']:.1f}x) | {r['note']} |")
-    targets = {"digits-cnn": 30.0, "resnet20": 5.0}
+    targets = {"digits-cnn": 100.0, "resnet20": 10.0}  # the speed targets (docs/performance.md)
     for name, target in targets.items():
         got = [r for r in rows if r["model"] == name and r["path"] == "reuse"]
         if got:
@@ -385,6 +464,24 @@ def main(argv: list[str] | None = None) -> int:
         for r in pop_rows:
             lines.append(f"| {r['model']} | {r['path']} | {r['queries_per_s']:.1f} | {r['x_naive']:.2f} | "
                          f"{r['x_naive_wall']:.2f} | {r['note']} |")
+    # Roofline: a query must do its FLOPs and move its bytes; each alone caps the rate at
+    # (machine rate) / (per-query amount). The lower cap is the limit; achieved / limit is the
+    # distance to it. Machine rates: the better of the two measurements of this run.
+    flop_rate, byte_rate = max(peak, peak_after) * 1e9, max(bandwidth, bandwidth_after) * 1e9
+    lines += ["", f"Roofline (one thread; matmul {max(peak, peak_after):.1f} GFLOP/s, memory bandwidth "
+              f"{max(bandwidth, bandwidth_after):.1f} GB/s, both measured in this run): a query's conv/matmul FLOPs "
+              "and the bytes its operations read and write (none assumed cached) each cap the queries per CPU-s.", "",
+              "| model | path | FLOPs per query | bytes per query | FLOP/byte | FLOP cap (q/s) | bandwidth cap (q/s) | "
+              "bound | achieved (q/CPU-s) | achieved / cap |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        f_cap = flop_rate / max(1.0, r["flops_per_query"])
+        b_cap = byte_rate / max(1.0, r["bytes_per_query"])
+        cap = min(f_cap, b_cap)
+        r.update(flop_cap_qps=f_cap, bandwidth_cap_qps=b_cap, x_roofline=r["queries_per_s"] / cap)
+        lines.append(f"| {r['model']} | {r['path']} | {r['flops_per_query'] / 1e6:.3f} M | "
+                     f"{r['bytes_per_query'] / 2**20:.3f} MiB | {r['flops_per_query'] / max(1.0, r['bytes_per_query']):.2f} | "
+                     f"{f_cap:.0f} | {b_cap:.0f} | {'compute' if f_cap < b_cap else 'memory'} | "
+                     f"{r['queries_per_s']:.1f} | {r['x_roofline']:.3f} |")
     text = "\n".join(lines)
     print("\n" + text)
     out_dir = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -45,6 +45,7 @@ rounding; tests check 1e-5 relative in float32 on the digits CNN and on ResNet-2
 from __future__ import annotations
 
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -276,7 +277,12 @@ class FeatureReuse:
         self._last_use: dict[fx.Node, dict[fx.Node, int]] = {}
         self._bytes_per_p: dict[int, float] = {}  # measured peak perturbed-state bytes per perturbation, by block
         self._state: _BaseState | None = None
+        self._direct: dict[str, str] = {}  # how the base forward calls each module (_direct_kind)
+        self._groups: tuple[Tensor, Tensor, list] | None = None  # the last coordinate set, grouped by block
         self.stats = {"base_passes": 0, "cache_hits": 0, "fallback_coords": 0}
+        # Set to a dict to collect CPU seconds per (block, operation) of `coordinate_losses`
+        # (benchmarks/profile_reuse.py); None: no timing at all.
+        self.timings: dict[tuple[str, str], float] | None = None
 
     # -- structure ------------------------------------------------------------------
 
@@ -438,6 +444,19 @@ class FeatureReuse:
             m = self.modules[n.target]
             if getattr(m, "inplace", False):  # never overwrite a cached value
                 args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            direct = self._direct.get(n.target)
+            if direct is None:
+                direct = self._direct[n.target] = _direct_kind(m)
+            # the module's own forward with theta's tensors, without functional_call's swapping of
+            # parameters in and out (a third of a digits base forward); the same kernels, the same values
+            if direct == "conv" and len(args) == 1 and not kwargs:
+                return m._conv_forward(args[0], params[n.target + ".weight"],
+                                       params[n.target + ".bias"] if m.bias is not None else None)
+            if direct == "linear" and len(args) == 1 and not kwargs:
+                return F.linear(args[0], params[n.target + ".weight"],
+                                params[n.target + ".bias"] if m.bias is not None else None)
+            if direct == "stateless":
+                return m(*args, **kwargs)
             return functional_call(m, self._module_tensors(n.target, params, update), args, kwargs)
         fn = _out_of_place(n)
         if "inplace" in kwargs:
@@ -457,17 +476,19 @@ class FeatureReuse:
         out = theta.new_empty(coords.numel())
         if coords.numel() == 0:
             return out
+        tm = self.timings
+        if tm is not None:
+            t_start = time.process_time()
         st = self.prepare(theta, batch)
-        blocks = self.space.block_index(coords.cpu()).to(coords.device)
+        if tm is not None:
+            _tick(tm, ("(all blocks)", "base forward or cache check"), t_start, time.process_time)
+        blocks, groups = self._grouped(coords)
         fallback_pos = []
-        for bi in torch.unique(blocks).tolist():
-            pos = torch.nonzero(blocks == bi).squeeze(1)
+        for bi, pos, local in groups:
             entry = self.entries[bi]
             if entry is None:
                 fallback_pos.append(pos)
                 continue
-            local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
-            pos = pos[order]  # sorted: perturbations of one output channel are adjacent
             start = 0
             while start < pos.numel():
                 chunk = self._chunk_size(bi, entry)
@@ -481,7 +502,26 @@ class FeatureReuse:
                 raise ValueError(f"parameters {names} are not used at exactly one stage and no fallback was given")
             self.stats["fallback_coords"] += pos.numel()
             out[pos] = self.fallback(theta, coords[pos], mu, batch)
+        if tm is not None:
+            _tick(tm, ("(all blocks)", "coordinate_losses total"), t_start, time.process_time)
         return out
+
+    def _grouped(self, coords: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+        """The coordinates by block: (block, positions in coords, local indices sorted, so that the
+        perturbations of one output channel are adjacent). Kept for the next call with the same set
+        (Sparse-CGE uses one set for a whole epoch)."""
+        cached = self._groups
+        if (cached is not None and cached[0].shape == coords.shape and cached[0].device == coords.device
+                and torch.equal(cached[0], coords)):
+            return cached[1], cached[2]
+        blocks = self.space.block_index(coords.cpu()).to(coords.device)
+        groups = []
+        for bi in torch.unique(blocks).tolist():
+            pos = torch.nonzero(blocks == bi).squeeze(1)
+            local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
+            groups.append((bi, pos[order], local))
+        self._groups = (coords.clone(), blocks, groups)
+        return blocks, groups
 
     def _chunk_size(self, bi: int, entry: _Entry) -> int:
         per_p = self._bytes_per_p.get(bi)
@@ -498,7 +538,13 @@ class FeatureReuse:
     def _evaluate(self, st: _BaseState, bi: int, entry: _Entry, local: Tensor, mu: float) -> Tensor:
         """Losses of len(local) perturbations of block `bi`, all at once."""
         node = entry.node
+        tm = self.timings
+        if tm is not None:
+            block_name, clock = self.space.blocks[bi].name, time.process_time
+            t0 = clock()
         values: dict[fx.Node, Any] = {node: self._entry_value(st, bi, entry, local, mu)}
+        if tm is not None:
+            t0 = _tick(tm, (block_name, f"entry {entry.kind}"), t0, clock)
         live = peak = values[node].nbytes()
         downstream = self.downstream(node)
         last = self._last_use[node]
@@ -508,6 +554,9 @@ class FeatureReuse:
             v = self._call_perturbed(st, n, args, kwargs)
             self._donated = set()
             values[n] = v
+            if tm is not None:
+                rep = "one-channel" if any(isinstance(a, _Channel) for a in args) else "dense"
+                t0 = _tick(tm, (block_name, f"{self._node_kind(n)} ({rep})"), t0, clock)
             live += _rep_bytes(v)
             peak = max(peak, live)
             for a in n.all_input_nodes:
@@ -520,7 +569,24 @@ class FeatureReuse:
             return st.loss.expand(p).clone()
         out = _as_dense(out)
         y = st.y
-        return vmap(lambda o: self.loss_fn(o, y), in_dims=out.pdim)(out.x)
+        if self.loss_fn is F.cross_entropy and out.pdim in (0, 1) and self._class_targets(st, out.x.dim()):
+            losses = _cross_entropy_per_perturbation(out.x, y, out.pdim)
+        else:
+            losses = vmap(lambda o: self.loss_fn(o, y), in_dims=out.pdim)(out.x)
+        if tm is not None:
+            _tick(tm, (block_name, "loss"), t0, clock)
+        return losses
+
+    def _class_targets(self, st: _BaseState, out_dim: int) -> bool:
+        """The step's loss is cross-entropy of logits [N, C] with class indices [N], all valid (no
+        ignore_index, none out of range: those keep the vmap path and its errors)."""
+        key = ("class_targets", out_dim)
+        if key not in st.extra:
+            y, base = st.y, st.output
+            st.extra[key] = (out_dim == 3 and isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point()
+                             and not y.is_complex() and base.dim() == 2 and base.shape[0] == y.shape[0]
+                             and bool(((y >= 0) & (y < base.shape[1])).all()))
+        return st.extra[key]
 
     @staticmethod
     def _donatable(values: dict[fx.Node, Any], dying: list[fx.Node]) -> set[int]:
@@ -710,11 +776,18 @@ class FeatureReuse:
         if isinstance(x, _Channel) and not x.flat:
             # conv is linear in its input: base + conv(one-channel delta, W[:, c]) without bias. The
             # perturbations come sorted by channel, so each run of equal channels is one ordinary
-            # convolution with a single input channel (measured faster than one grouped conv).
+            # convolution with a single input channel. When the runs are short (many channels, few
+            # perturbations each: biases, sparse coordinate sets) one grouped convolution, a group per
+            # perturbation, does it in one call instead (the same values: tests/test_reuse.py; 2.8x
+            # faster for 8 perturbations in 8 channels, slower for long runs; docs/performance.md).
             nb, p = x.values.shape[:2]
             delta = x.delta().view(nb, p, *x.spatial)
-            out = torch.empty((nb, p, *base_out.shape[1:]), dtype=base_out.dtype, device=base_out.device)
             chans, counts = torch.unique_consecutive(x.channel, return_counts=True)
+            if chans.numel() > 1 and p <= 2 * chans.numel():
+                wg = w.index_select(1, x.channel).transpose(0, 1).reshape(p * w.shape[0], 1, *w.shape[2:])
+                d = F.conv2d(delta, wg, None, m.stride, m.padding, m.dilation, groups=p)
+                return _Dense(torch.add(d.view(nb, p, *base_out.shape[1:]), base_out.unsqueeze(1)), owned=True)
+            out = torch.empty((nb, p, *base_out.shape[1:]), dtype=base_out.dtype, device=base_out.device)
             start = 0
             for c, k in zip(chans.tolist(), counts.tolist()):
                 piece = delta[:, start:start + k].reshape(nb * k, 1, *x.spatial)
@@ -830,6 +903,38 @@ def _is_relu(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if n.op == "call_method":
         return n.target == "relu"
     return n.target in (F.relu, torch.relu)
+
+
+def _cross_entropy_per_perturbation(out: Tensor, y: Tensor, pdim: int) -> Tensor:
+    """vmap(F.cross_entropy(., y), in_dims=pdim)(out) without vmap: the same kernels on the same
+    memory layout as the batching rules use ([P, N, C] contiguous: log_softmax over C, gather,
+    sum over N, divide by the number of targets), so the same bits (tests/test_reuse.py checks
+    torch.equal), without the interpreter cost of vmap and of the nll_loss decomposition, which
+    was a third of a digits training step (docs/performance.md)."""
+    x = out.movedim(pdim, 0).contiguous()
+    p, n = x.shape[:2]
+    nll = -torch.log_softmax(x, 2).gather(2, y.view(1, n, 1).expand(p, n, 1)).squeeze(2)
+    return nll.sum(1) / n
+
+
+def _direct_kind(m: nn.Module) -> str:
+    """conv / linear: an nn.Conv2d or nn.Linear itself, called as its forward does with theta's
+    tensors; stateless: no parameters or buffers, so functional_call would only call it; else generic."""
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+        return "generic"
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+        return "conv"
+    if type(m) is nn.Linear:
+        return "linear"
+    if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+        return "stateless"
+    return "generic"
+
+
+def _tick(timings: dict, key: tuple[str, str], since: float, clock: Callable[[], float]) -> float:
+    now = clock()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
 
 
 def _has_perturbed(obj: Any) -> bool:

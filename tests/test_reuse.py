@@ -284,3 +284,59 @@ def test_registered_example_passes_the_conformance_check():
     assert oracle.reuse is not None
     report = check_oracle(oracle, batch)
     assert report.ok, str(report)
+
+
+# ------------------------------------------------------------------ speed paths, same bits (issue 18)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_without_vmap_is_bitwise_equal_to_vmap(dtype):
+    """With F.cross_entropy itself the engine evaluates the loss of all perturbations at once, without
+    vmap, running the kernels vmap's batching rules run on the same layout; any other callable (here
+    a wrapper of the same function) goes through vmap. The two must give the same bits, or the digits
+    training would not end on the same checkpoint."""
+    torch.manual_seed(0)
+    module = make_digits_cnn().to(dtype)
+    fast = ModelLossOracle(module)
+    wrapped = ModelLossOracle(module, lambda out, y: F.cross_entropy(out, y))
+    theta = fast.initial_theta()
+    x, y = load_digits_split(0)[:2]
+    for n, per_block in [(16, 300), (25, 40), (1, 7), (64, 3)]:
+        batch = (x[:n].to(dtype), y[:n])
+        coords = spread(fast.space, per_block, seed=n)
+        got = fast.coordinate_losses(theta, coords, MU, batch)
+        assert torch.equal(got, wrapped.coordinate_losses(theta, coords, MU, batch)), n
+
+
+def test_grouped_conv_of_short_channel_runs_gives_the_same_bits_as_one_run_at_a_time():
+    """8 bias perturbations of the first conv reach the second in 8 different channels: one grouped
+    convolution. Evaluated one at a time, each is a single-channel run (the per-run convolution)."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    batch = digits_batch(16)
+    theta = oracle.initial_theta()
+    bias = oracle.space.blocks[1]
+    assert bias.name == "0.bias"
+    coords = bias.offset + torch.arange(bias.numel)
+    together = oracle.coordinate_losses(theta, coords, MU, batch)
+    alone = torch.stack([oracle.coordinate_losses(theta, c.reshape(1), MU, batch)[0] for c in coords])
+    assert torch.equal(together, alone)
+    assert_rel_close(together, reference(oracle, theta, coords, MU, batch), 1e-5)
+
+
+def test_timings_are_collected_only_when_asked():
+    torch.manual_seed(0)
+    oracle = ModelLossOracle(make_digits_cnn())
+    batch, theta = digits_batch(8), oracle.initial_theta()
+    coords = spread(oracle.space, 3)
+    first = oracle.coordinate_losses(theta, coords, MU, batch)
+    assert oracle.reuse.timings is None
+    oracle.reuse.timings = {}
+    assert torch.equal(oracle.coordinate_losses(theta, coords, MU, batch), first)
+    tm = oracle.reuse.timings
+    blocks = {b for b, _ in tm} - {"(all blocks)"}
+    assert blocks == set(oracle.space.names)  # every block's entry, operations and loss
+    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in blocks)
+    total = tm[("(all blocks)", "coordinate_losses total")]
+    assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total

@@ -1,0 +1,115 @@
+"""The whole `blackbox-zo train digits` run at two git revisions, alternately, same machine, same load.
+
+    .venv/bin/python benchmarks/bench_train_digits.py                       # main vs HEAD, 3 runs each
+    .venv/bin/python benchmarks/bench_train_digits.py --revs 3895ab4,HEAD --repeats 5
+
+Each revision is exported with `git archive` into a temporary directory and run from there
+(`python -m blackbox_zo train digits --set run.progress=false`, this venv's packages, that
+revision's code first on sys.path). Runs alternate A, B, A, B, ... so a change in the machine's
+load hits both. Per run: CPU seconds of the child (user + system, what the run costs; less
+sensitive to other jobs on a shared machine than wall time) and wall seconds. Reported: the
+medians and the median of the per-pair ratios A / B. Every run's final line and checkpoint
+(sha256 over the module tensors, sorted keys) must be identical across revisions: the speed-up is
+for the same result, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export(rev: str, into: Path) -> Path:
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"bench_train_digits: unknown revision {rev!r}: {sha.stderr.strip()}")
+    dest = into / sha.stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], check=True,
+                             capture_output=True).stdout
+    tar = into / "rev.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as tf:
+        tf.extractall(dest, filter="data")
+    tar.unlink()
+    return dest
+
+
+def module_sha256(path: Path) -> str:
+    state = torch.load(path, weights_only=True)["module"]
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_once(tree: Path, out: Path, extra: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-m", "blackbox_zo", "train", "digits", "--set", "run.progress=false",
+           "--set", f"run.out_dir={out}", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_train_digits: run in {tree} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("digits:")][-1]
+    result = line.split(" | wall")[0]
+    ckpt = sorted(out.glob("digits/*/checkpoint.pt"))[-1]
+    return {"cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), "wall": wall,
+            "result": result, "sha256": module_sha256(ckpt)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--revs", default="main,HEAD", help="two git revisions, A,B (default main,HEAD); B / A is the speed-up")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each revision")
+    ap.add_argument("--set", action="append", default=[], help="extra --set for both (e.g. run.epochs=2)")
+    args = ap.parse_args(argv)
+    revs = [r.strip() for r in args.revs.split(",") if r.strip()]
+    if len(revs) != 2 or args.repeats < 1:
+        ap.error("--revs needs two revisions A,B and --repeats >= 1")
+    extra = [x for s in args.set for x in ("--set", s)]
+    with tempfile.TemporaryDirectory(prefix="bench_train_digits_") as tmp:
+        tmp = Path(tmp)
+        trees = [export(r, tmp / "src") for r in revs]
+        print(f"digits training, {revs[0]} ({trees[0].name}) vs {revs[1]} ({trees[1].name}), {args.repeats} runs each, "
+              f"alternating; load average {os.getloadavg()[0]:.2f}", flush=True)
+        runs: list[list[dict]] = [[], []]
+        for k in range(args.repeats):
+            for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+                r = run_once(trees[i], tmp / f"runs{i}_{k}", extra)
+                runs[i].append(r)
+                print(f"  {revs[i]:<8} run {k + 1}: {r['cpu']:6.2f} CPU s  {r['wall']:6.2f} wall s   {r['result']}  "
+                      f"sha256 {r['sha256'][:16]}", flush=True)
+    results = {r["result"] for rs in runs for r in rs}
+    hashes = {r["sha256"] for rs in runs for r in rs}
+    same = len(results) == 1 and len(hashes) == 1
+    cpu = [statistics.median(r["cpu"] for r in rs) for rs in runs]
+    wall = [statistics.median(r["wall"] for r in rs) for rs in runs]
+    pair_cpu = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(*runs))
+    pair_wall = statistics.median(a["wall"] / b["wall"] for a, b in zip(*runs))
+    print(f"\nmedian CPU s: {revs[0]} {cpu[0]:.2f}, {revs[1]} {cpu[1]:.2f}  ->  {revs[1]} is {cpu[0] / cpu[1]:.2f}x "
+          f"faster (median of per-pair ratios {pair_cpu:.2f}x; target 2x)")
+    print(f"median wall s: {revs[0]} {wall[0]:.2f}, {revs[1]} {wall[1]:.2f}  ->  {wall[0] / wall[1]:.2f}x "
+          f"(per-pair {pair_wall:.2f}x); load average now {os.getloadavg()[0]:.2f}")
+    print(f"same result and checkpoint bit for bit: {'yes' if same else 'NO'} ({sorted(hashes)[0][:16]}...)")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
