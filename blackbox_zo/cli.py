@@ -1,4 +1,4 @@
-"""The `blackbox-zo` command: list, train, eval, check-oracle, experiment.
+"""The `blackbox-zo` command: list, train, eval, check-oracle, check-simulator, experiment.
 
 Every way a command can fail ends in one line on stderr and an exit code
 (docs/reliability.md): 0 done (a run stopped by its query budget is done too), 1 a run
@@ -132,12 +132,14 @@ def cmd_list(args) -> int:
     from .estimators import available_estimators
     from .oracle import available_oracles
     from .problem import available_experiments, available_problems
-    from .registry import plugin_errors
+    from .registry import SIMULATORS, plugin_errors
 
     sections = (("oracles (each can be trained directly: blackbox-zo train NAME)", available_oracles()),
                 ("problems", available_problems()),
                 ("experiments", available_experiments()),
-                ("estimators (--set estimator.kind=NAME; autograd: the first-order reference)", available_estimators()))
+                ("estimators (--set estimator.kind=NAME; autograd: the first-order reference)", available_estimators()),
+                ("simulators (blackbox-zo train sol --set sol.simulator=NAME; blackbox-zo check-simulator NAME)",
+                 SIMULATORS.available()))
     for title, items in sections:
         print(f"{title}:")
         for name, obj in items.items():
@@ -291,6 +293,29 @@ def cmd_check_oracle(args) -> int:
 
 
 @_one_line_errors
+def cmd_check_simulator(args) -> int:
+    """The conformance check of a registered simulator. The engine knows simulators by name only:
+    the check is the one registered for the kind (CHECKS["simulator"], next to the protocol)."""
+    from .registry import CHECKS, SIMULATORS, UnknownNameError
+
+    if args.name not in SIMULATORS:
+        return _unknown_name(args.name, UnknownNameError(
+            f"unknown simulator {args.name!r}; known: {', '.join(SIMULATORS.available()) or '(none)'}"))
+    given = parse_overrides(args.set)
+    bad = sorted(k for k in given if k != "options") or (
+        [] if isinstance(given.get("options", {}), dict) else ["options"])
+    if bad:
+        return _err(f"check-simulator --set takes options.KEY=VALUE (the simulator's options), got {', '.join(bad)}")
+    try:
+        check = CHECKS.get("simulator")
+    except UnknownNameError as exc:
+        return _unknown_name("simulator", exc)
+    report = check(args.name, given.get("options", {}))
+    print(report)
+    return 0 if report.ok else EXIT_FAULT
+
+
+@_one_line_errors
 def cmd_experiment(args) -> int:
     from .oracle import UnknownNameError
     from .problem import get_experiment
@@ -309,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list oracles, problems, experiments and estimators (built-in and plug-ins)")
+    p = sub.add_parser("list", help="list oracles, problems, experiments, estimators and simulators (built-in and plug-ins)")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("train", help="train a problem by queries", description=(
@@ -335,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle.options.KEY=VALUE (the factory's keyword arguments) or estimator.mu=VALUE "
                         "(the finite-difference step the loss must respond to; default 0.005)")
     p.set_defaults(fn=cmd_check_oracle)
+
+    p = sub.add_parser("check-simulator", help="run the conformance checks on a registered simulator")
+    p.add_argument("name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="options.KEY=VALUE: the simulator's options (keyword arguments of its factory)")
+    p.set_defaults(fn=cmd_check_simulator)
 
     p = sub.add_parser("experiment", help="run a named experiment (arguments after NAME go to it; try NAME --help)")
     p.add_argument("name")

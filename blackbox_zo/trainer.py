@@ -253,6 +253,8 @@ class Trainer:
             state["coord_sampler"] = self.setup.coord_sampler.state_dict()
         if hasattr(self.estimator, "state_dict"):  # e.g. the warm start of linear interpolation
             state["estimator"] = self.estimator.state_dict()
+        if callable(getattr(self.oracle, "state_dict", None)):  # an oracle's own counters (e.g. diverged rollouts)
+            state["oracle"] = self.oracle.state_dict()
         return state
 
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
@@ -303,6 +305,8 @@ class Trainer:
             self.setup.coord_sampler.load_state_dict(state["coord_sampler"])
         if "estimator" in state and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(state["estimator"])
+        if "oracle" in state and callable(getattr(self.oracle, "load_state_dict", None)):
+            self.oracle.load_state_dict(state["oracle"])
         # the budget, the retry policy and the other resumable settings come from this run's config
         ledger, run = self.oracle.ledger, self.config.run
         ledger.budget, ledger.max_retries, ledger.retry_backoff_s = run.query_budget, run.oracle_retries, \
@@ -568,7 +572,8 @@ class Trainer:
                 self.elapsed = start_elapsed + time.perf_counter() - session_start
                 record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
                           "queries": self.oracle.ledger.total, "step_queries": queries,
-                          "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
+                          "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4),
+                          **self._oracle_stats()}
                 self._log(record)
                 rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
                 # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
@@ -595,6 +600,11 @@ class Trainer:
                 if not cfg.checkpoint_every_steps:
                     self.save_checkpoint()
         return 0
+
+    def _oracle_stats(self) -> dict[str, Any]:
+        """An oracle's own counters (`oracle.stats()`, e.g. diverged rollouts), as `oracle/<name>`."""
+        stats = getattr(self.oracle, "stats", None)
+        return {f"oracle/{k}": v for k, v in stats().items()} if callable(stats) else {}
 
     def _stopped(self, reason: str, detail: str | None, step: int | None) -> None:
         self.stopped_reason, self.stop_detail, self.stop_step = reason, detail, step
@@ -642,6 +652,8 @@ class Trainer:
             summary["eval_missing"] = self.eval_missing
         if self.warnings:
             summary["warnings"] = list(self.warnings)
+        if self._oracle_stats():
+            summary["oracle_stats"] = {k[len("oracle/"):]: v for k, v in self._oracle_stats().items()}
         if self.run_dir is not None and self.is_main:
             rundir.write_summary(self.run_dir, summary)
             if plots:
