@@ -95,6 +95,7 @@ class BurgersSimulator:
 
     differentiable = False
     padding = "circular"  # periodic domain: a convolutional corrector wraps around
+    conservative = True  # finite volumes on a periodic domain: the total of u is exact; a corrector keeps it
     description = "1-D viscous Burgers, MUSCL + flux limiter + Godunov flux in NumPy (not differentiable)"
     quick_options = {"cells": 16, "hifi_factor": 4, "record_steps": 12, "train_runs": 3, "test_runs": 2}
 

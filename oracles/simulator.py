@@ -63,6 +63,9 @@ class Simulator(Protocol):
       the padding and the corrector never writes there.
     * ``padding: str`` -- how a convolutional corrector pads: "zeros" (default), "circular"
       (periodic domains) or "replicate".
+    * ``conservative: bool`` -- the step keeps each channel's total over the valid entries
+      (finite volumes on a periodic domain): the corrector's output is then made zero-mean
+      per channel, so it cannot add a drift (problems/sol/corrector.py).
     * ``reference_data(progress: bool = True) -> ReferenceRuns`` -- the simulator's
       high-fidelity twin: reference trajectories on this simulator's grid.
     * ``example_states(batch: int) -> (states, conditions)`` -- plausible inputs for
@@ -386,7 +389,7 @@ def check_simulator(sim: Simulator, *, batch: int = 3, rtol: float = 1e-5, atol:
     shapes (reset and step keep [B, *state_shape], a wrong shape is refused), finite output,
     determinism, inputs left untouched, batch independence (element b of a batched step
     equals a step of b alone, and reversing the batch reverses the output), and what it
-    declares: `differentiable` (when True, the step must backpropagate and agree with a
+    declares: `conservative` (each channel's total is kept by a step), `differentiable` (when True, the step must backpropagate and agree with a
     central difference along a random direction to 5%).
     """
     report = SimulatorReport(name or getattr(sim, "name", type(sim).__name__))
@@ -453,6 +456,15 @@ def check_simulator(sim: Simulator, *, batch: int = 3, rtol: float = 1e-5, atol:
             add("batch independence", gap <= tol and gap_rev <= tol,
                 f"element b of a batched step vs a step of b alone: max |difference| {gap:.3g}; reversed batch: "
                 f"{gap_rev:.3g} (tolerance {tol:.3g})")
+    if getattr(sim, "conservative", False):
+        m = getattr(sim, "mask", None)
+        m = torch.ones(shape) if m is None else m.to(start)
+        reduce = tuple(range(2, start.dim()))
+        total_in, total_out = (start * m).sum(reduce), (out * m).sum(reduce)
+        gap = float((total_out - total_in).abs().max())
+        tol = 1e-5 * max(float((start.abs() * m).sum(reduce).max()), 1.0)
+        add("conservative", gap <= tol, f"declares conservative=True: each channel's total changes by at most "
+            f"{gap:.3g} in one step (tolerance {tol:.3g})")
     declared = is_differentiable(sim)
     if not declared:
         report.results.append(CheckResult("differentiable", True, "declares differentiable=False: FO-SOL is "

@@ -12,6 +12,14 @@ inputs (vector), as the reference code feeds the Reynolds number; the output is 
 back by the state's scale and by the simulator's mask (padding is never corrected). The last
 layer starts at `out_init_scale` times its default initialisation: corrections compound over
 a rollout, so a default-sized random correction starts far worse than none.
+
+With ``conserve=True`` the correction has zero mean over the valid entries of each channel
+(of the whole vector for a vector state): it moves a conserved quantity around but never
+adds or removes any. A conservative simulator (finite volumes on a periodic domain, such as
+`oracles.burgers`) keeps each channel's total exactly, and so does its high-fidelity twin
+averaged onto the coarse cells; an unconstrained corrector instead learns a small bias that
+compounds over a rollout into a drift of the total (on the Burgers example it made the
+smooth, high-viscosity test run worse than no correction at all; docs/sol.md).
 """
 
 from __future__ import annotations
@@ -46,6 +54,14 @@ class _Scaled(nn.Module):
         self.register_buffer("cond_scale", cond_scale.detach().clone().float().reshape(-1))
         self.register_buffer("mask", (torch.ones(state_shape) if mask is None else mask.detach().clone()).float())
 
+    def _conserved(self, correction: Tensor, reduce: tuple[int, ...]) -> Tensor:
+        """`correction * mask`, minus its mean over the valid entries of `reduce` when conserving."""
+        correction = correction * self.mask
+        if not self.conserve:
+            return correction
+        count = self.mask.sum(tuple(d - 1 for d in reduce), keepdim=True)
+        return (correction - correction.sum(reduce, keepdim=True) / count) * self.mask
+
     def _shrink_last(self, layer: nn.Module, out_init_scale: float) -> None:
         with torch.no_grad():
             layer.weight.mul_(out_init_scale)
@@ -57,8 +73,10 @@ class GridCorrector(_Scaled):
 
     def __init__(self, state_shape: tuple[int, ...], n_cond: int, *, width: int = 8, depth: int = 2, kernel: int = 5,
                  padding: Literal["zeros", "circular", "replicate", "reflect"] = "zeros", out_init_scale: float = 1e-2,
-                 state_scale: Tensor | None = None, cond_scale: Tensor | None = None, mask: Tensor | None = None):
+                 state_scale: Tensor | None = None, cond_scale: Tensor | None = None, mask: Tensor | None = None,
+                 conserve: bool = False):
         super().__init__()
+        self.conserve = bool(conserve)
         channels, grid = state_shape[0], tuple(state_shape[1:])
         if len(grid) not in _CONV:
             raise ValueError(f"GridCorrector needs a 1- to 3-D grid, got state_shape {state_shape}")
@@ -82,7 +100,8 @@ class GridCorrector(_Scaled):
         x = state / self.state_scale.view(1, -1, *ones)
         c = conditions.reshape(b, -1).to(x) / self.cond_scale
         c = c.view(b, self.n_cond, *ones).expand(b, self.n_cond, *self.grid)
-        return self.net(torch.cat([x, c], 1)) * self.state_scale.view(1, -1, *ones) * self.mask
+        out = self.net(torch.cat([x, c], 1)) * self.state_scale.view(1, -1, *ones)
+        return self._conserved(out, tuple(range(2, 2 + len(self.grid))))
 
 
 class VectorCorrector(_Scaled):
@@ -90,8 +109,9 @@ class VectorCorrector(_Scaled):
 
     def __init__(self, state_shape: tuple[int, ...], n_cond: int, *, width: int = 32, depth: int = 2,
                  out_init_scale: float = 1e-2, state_scale: Tensor | None = None, cond_scale: Tensor | None = None,
-                 mask: Tensor | None = None):
+                 mask: Tensor | None = None, conserve: bool = False):
         super().__init__()
+        self.conserve = bool(conserve)
         self.state_shape, self.n_cond = tuple(state_shape), int(n_cond)
         dim = int(torch.tensor(state_shape).prod())
         layers: list[nn.Module] = []
@@ -109,16 +129,18 @@ class VectorCorrector(_Scaled):
         b = state.shape[0]
         x = (state / self.state_scale).reshape(b, -1)
         c = conditions.reshape(b, -1).to(x) / self.cond_scale
-        return self.net(torch.cat([x, c], 1)).reshape(state.shape) * self.state_scale * self.mask
+        out = self.net(torch.cat([x, c], 1)).reshape(state.shape) * self.state_scale
+        return self._conserved(out, tuple(range(1, state.dim())))
 
 
 def build_corrector(state_shape: tuple[int, ...], n_cond: int, *, kind: str = "auto", width: int = 8, depth: int = 2,
                     kernel: int = 5, padding: str = "zeros", out_init_scale: float = 1e-2,
                     state_scale: Tensor | None = None, cond_scale: Tensor | None = None,
-                    mask: Tensor | None = None) -> nn.Module:
+                    mask: Tensor | None = None, conserve: bool = False) -> nn.Module:
     """The corrector for `state_shape` (module docstring); `kind` is auto, conv or mlp."""
     if corrector_kind(tuple(state_shape), kind) == "conv":
         return GridCorrector(tuple(state_shape), n_cond, width=width, depth=depth, kernel=kernel, padding=padding,
-                             out_init_scale=out_init_scale, state_scale=state_scale, cond_scale=cond_scale, mask=mask)
+                             out_init_scale=out_init_scale, state_scale=state_scale, cond_scale=cond_scale, mask=mask,
+                             conserve=conserve)
     return VectorCorrector(tuple(state_shape), n_cond, width=width, depth=depth, out_init_scale=out_init_scale,
-                           state_scale=state_scale, cond_scale=cond_scale, mask=mask)
+                           state_scale=state_scale, cond_scale=cond_scale, mask=mask, conserve=conserve)

@@ -49,6 +49,9 @@ class SolSettings(Strict):
     kernel: int = Field(5, ge=1, le=31, description="convolution kernel size (odd)")
     padding: Literal["auto", "zeros", "circular", "replicate"] = Field(
         "auto", description="convolution padding; auto: the simulator's `padding` (zeros if it declares none)")
+    conserve: Optional[bool] = Field(
+        None, description="zero-mean correction per channel (conserves each channel's total); None: the simulator's "
+                          "`conservative` (False if it declares none)")
     out_init_scale: float = Field(1e-2, gt=0, description="scale of the last layer at init: corrections compound "
                                                           "over a rollout")
     loss_weight: Literal["inverse-variance", "uniform"] = Field(
@@ -135,6 +138,7 @@ def build_sol(config: SolConfig, progress: bool = True, log=print) -> dict[str, 
     weight = loss_weight(s.loss_weight, scales["state_std"], state_shape, mask)
     cap = step_cap(train, weight, s.divergence_factor)
     padding = s.padding if s.padding != "auto" else getattr(sim, "padding", "zeros")
+    conserve = bool(getattr(sim, "conservative", False)) if s.conserve is None else s.conserve
     n_cond = 1 if train_cond.dim() == 1 else train_cond.shape[1]
 
     def new_corrector(seed: int) -> nn.Module:
@@ -142,7 +146,8 @@ def build_sol(config: SolConfig, progress: bool = True, log=print) -> dict[str, 
         try:
             return build_corrector(state_shape, n_cond, kind=s.corrector, width=s.width, depth=s.depth,
                                    kernel=s.kernel, padding=padding, out_init_scale=s.out_init_scale,
-                                   state_scale=scales["state_std"], cond_scale=scales["cond_std"], mask=mask)
+                                   state_scale=scales["state_std"], cond_scale=scales["cond_std"], mask=mask,
+                                   conserve=conserve)
         except ValueError as exc:
             raise ProblemSetupError(f"sol.corrector={s.corrector}: {exc}") from exc
 
