@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC)))))-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install demo test test-slow bench bench-parallel clean
+.PHONY: install demo test test-slow bench bench-parallel stress-parallel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: install
 RANKS ?= 2
 bench-parallel: install
 	$(BIN)/python benchmarks/bench_parallel.py --ranks $(RANKS)
+
+# Distributed teardown: torchrun train + resume CYCLES times, then again under CPU load (0 failures expected)
+CYCLES ?= 30
+stress-parallel: install
+	$(BIN)/python benchmarks/stress_parallel.py --cycles $(CYCLES)
+	$(BIN)/python benchmarks/stress_parallel.py --cycles $(CYCLES) --load
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

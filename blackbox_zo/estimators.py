@@ -15,8 +15,9 @@ coordinates (how gradient sparsity arrives); coordinates outside it get zero.
 
 Estimators are registered by name (`ESTIMATORS`, entry-point group `blackbox_zo.estimators`);
 the config's `estimator.kind` resolves through it (`make_estimator`). A registered estimator
-has a classmethod `from_config(EstimatorConfig) -> estimator`. The finite-difference step is
-called `mu` everywhere.
+names the model of its settings (`config_model`, a subclass of
+`blackbox_zo.config.EstimatorConfig`; the default has `mu` and `scheme` only) and builds itself
+from them (`from_config`). The finite-difference step is called `mu` everywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from .config import CGEConfig, EstimatorConfig, LinearInterpolationConfig, RGEConfig
 from .oracle import Oracle
 from .parallel import PlanSharder
 from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
@@ -98,6 +100,7 @@ class PlanEstimator(ABC):
     """
 
     chunk: int | None = None
+    config_model: type[EstimatorConfig] = EstimatorConfig  # the `estimator` settings of this kind
 
     @abstractmethod
     def plan(self, theta: Tensor, *, coords: Tensor | None = None, seed: int | None = None,
@@ -110,7 +113,7 @@ class PlanEstimator(ABC):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PlanEstimator":
-        raise NotImplementedError(f"{cls.__name__} has no from_config(EstimatorConfig)")
+        raise NotImplementedError(f"{cls.__name__} has no from_config({cls.config_model.__name__})")
 
     def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None,
                  seed: int | None = None, *, sharder: PlanSharder | None = None) -> Estimate:
@@ -135,6 +138,8 @@ class CGE(PlanEstimator):
     forward: g_j = (l(theta + mu e_j) - l(theta)) / mu      |S| + 1 queries, error <= L mu / 2 per coordinate
     central: g_j = (l(theta + mu e_j) - l(theta - mu e_j)) / (2 mu)   2 |S| queries, error O(mu^2)
     """
+
+    config_model = CGEConfig
 
     def __init__(self, mu: float = 5e-3, scheme: Literal["forward", "central"] = "forward"):
         self.mu = _check_mu(mu)
@@ -169,6 +174,8 @@ class RGE(PlanEstimator):
     O(chunk * d), never O(q * d), and the same seed reproduces the same directions. With
     `coords`, directions live in the span of those coordinates and d becomes |coords|.
     """
+
+    config_model = RGEConfig
 
     def __init__(
         self,
@@ -266,6 +273,7 @@ class LinearInterpolation(PlanEstimator):
     Queries: m + 1 (forward) or 2 m (central): a plan of explicit directions (the rows of Q).
     """
 
+    config_model = LinearInterpolationConfig
     DIRECTIONS = ("orthonormal", "dct", "rademacher", "gaussian", "coordinate")
     ORTHONORMAL = ("orthonormal", "dct", "coordinate")  # rows orthonormal: Q^{-1} = Q^T when m = k, ||Q||_2 = 1
 

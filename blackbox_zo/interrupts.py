@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Iterator
 
+from . import parallel
+
 __all__ = ["Interrupted", "GracefulStop", "raise_on_signals", "agreed_signal", "exit_code", "signal_name",
            "HANDLED_SIGNALS"]
 
@@ -139,13 +141,4 @@ class GracefulStop:
 
 def agreed_signal(local: int) -> int:
     """The largest signal number any rank has seen (one all-reduce under torchrun; else `local`)."""
-    from . import parallel
-
-    if not parallel.is_active():
-        return local
-    import torch
-
-    flag = torch.tensor([int(local)], dtype=torch.int64, device=parallel._comm_device())
-    dist = parallel._dist()
-    parallel._collective("all-reduce of the stop request", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
-    return int(flag.item())
+    return parallel.agree_max(local, "all-reduce of the stop request")

@@ -51,6 +51,9 @@ plans and the agreement checks; it knows no estimator. How it runs:
   (``parallel.timeout_s``); a dead peer is seen at once (connection reset), a hung one
   after the timeout, and either becomes a :class:`ParallelError` naming the rank, the
   operation and the timeout. Under torchrun the agent then stops the remaining ranks.
+* Teardown: the CLI ends the group it joined with :func:`shutdown` before it returns, on
+  every exit path (a barrier first when the command succeeded, so no rank leaves while a
+  peer still needs it). See :func:`shutdown` for why this cannot be left to interpreter exit.
 
 Query accounting (the job's ledger). Every loss value some rank evaluated is counted
 once, in the phase it was made in. Each rank's ledger holds the **job** total: after the
@@ -67,13 +70,19 @@ training starts). Evaluation runs on the main rank only and is counted once.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import hashlib
+import importlib
 import os
 import time
+import traceback
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed
 from torch import Tensor
 
 from .oracle import NonFiniteLossError, OracleError, ParamSpace, QueryLedger
@@ -82,9 +91,12 @@ __all__ = [
     "ParallelError",
     "DivergenceError",
     "init_from_env",
+    "shutdown",
     "is_active",
     "rank",
     "world_size",
+    "is_main_process",
+    "agree_max",
     "balanced_bounds",
     "refine_costs",
     "BlockCosts",
@@ -109,9 +121,7 @@ class DivergenceError(ParallelError):
 
 
 def _dist():
-    import torch.distributed as dist
-
-    return dist
+    return torch.distributed
 
 
 def is_active() -> bool:
@@ -130,6 +140,24 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a process group: the rank that writes files and prints."""
+    return rank() == 0
+
+
+def agree_max(value: int, what: str) -> int:
+    """The largest `value` over all ranks (one all-reduce; `value` itself without a process group).
+
+    Used to agree on a decision every rank must take together (e.g. stop before the next step).
+    """
+    if not is_active():
+        return int(value)
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist = _dist()
+    _collective(what, lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    return int(flag.item())
+
+
 def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
@@ -141,15 +169,25 @@ def _env_int(name: str) -> int:
         raise ParallelError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
-def init_from_env(config: Any = None) -> None:
+# Modules that capture the default process group in a default argument when they are first
+# imported (``def all_reduce(tensor, ..., group=group.WORLD)``). Imported after the group
+# exists (torch.optim imports torch._dynamo lazily, which imports this one), they hold the
+# group forever and destroy_process_group() can no longer free it; imported before, they
+# hold None (= "the default group", resolved at call time). See shutdown().
+_CAPTURE_THE_GROUP_AT_IMPORT = ("torch.distributed.nn.functional",)
+
+
+def init_from_env(config: Any = None) -> bool:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...).
 
     gloo for CPU runs, NCCL when ``run.device`` is CUDA (``parallel.backend`` overrides);
     every collective then fails after ``parallel.timeout_s`` instead of waiting forever.
+    Returns True if this call created the group (the caller then ends it with
+    :func:`shutdown`), False if one was already initialised.
     """
     dist = _dist()
     if dist.is_initialized():
-        return
+        return False
     if not dist.is_available():
         raise ParallelError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     world, rank_, local = _env_int("WORLD_SIZE"), _env_int("RANK"), int(os.environ.get("LOCAL_RANK", "0"))
@@ -166,23 +204,94 @@ def init_from_env(config: Any = None) -> None:
             raise ParallelError("parallel.backend: nccl needs CUDA, and none is available (use gloo on CPU)")
         torch.cuda.set_device(local % torch.cuda.device_count())
     timeout = float(getattr(pcfg, "timeout_s", 300.0))
+    for name in _CAPTURE_THE_GROUP_AT_IMPORT:
+        importlib.import_module(name)
     try:
         dist.init_process_group(backend, rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:  # rendezvous failed: another rank never arrived, or the port is taken
         raise ParallelError(f"rank {rank_} of {world}: cannot join the {backend} process group within "
                             f"{timeout:g}s: {type(exc).__name__}: {exc}") from exc
-    import atexit
+    # A fallback for scripts that call init_from_env() and never shutdown(): atexit handlers run
+    # while the interpreter is still whole. The CLI does not rely on it (it calls shutdown()).
+    atexit.register(_shutdown_at_exit)
+    return True
 
-    atexit.register(_destroy)
 
+def shutdown(*, barrier: bool = True, unwinding: BaseException | None = None) -> None:
+    """Leave and free the process group (its backend threads included) now, not at interpreter exit.
 
-def _destroy() -> None:
+    Why this exists (issue 13: a rank of a finished torchrun job died with SIGABRT,
+    "terminate called without an active exception", about 1 run in 8 of the parallel tests).
+    gloo runs every collective on a worker thread of the C++ process group; the worker marks
+    the work done (the caller's wait() returns) and only afterwards drops its reference to it.
+    When that is the last reference to a tensor created in Python (broadcast_object_list
+    makes such tensors; it is the trainer's last collective), dropping it must take the GIL.
+    If the main thread has meanwhile reached Py_FinalizeEx, CPython ends any thread that asks
+    for the GIL with pthread_exit(); the forced unwind passes through the noexcept destructor
+    of the work and libstdc++ calls std::terminate(): SIGABRT. Seen in a core dump: main thread
+    in Py_FinalizeEx -> gc; worker thread in ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork
+    -> TensorImpl::decref_pyobject -> take_gil -> pthread_exit -> std::terminate.
+
+    The old teardown registered destroy_process_group() with atexit, which looks sufficient but
+    was not: destroy_process_group() only forgets the group; the C++ object and its threads
+    live until the last Python reference goes, and torch.distributed.nn.functional (imported
+    by torch._dynamo, which torch.optim imports lazily, i.e. after the group existed) captured
+    the group in the default arguments of its functions. So the worker threads were still alive during
+    finalization, and a rank that exited right after the last collective raced them.
+
+    The fix, at the cause: init_from_env() imports the capturing module before the group
+    exists, and this function is called explicitly (the CLI does so on every exit path) to
+    (1) with ``barrier=True``, wait for every rank, so no rank tears down while a peer still
+    needs a collective; (2) destroy the group; (3) check, through a weak reference, that the
+    C++ group was really freed: its destructor joins the worker threads (releasing the GIL
+    while it waits), so nothing of the group can run during finalization. A group that is
+    still referenced afterwards (a plug-in holding it, or a future torch module capturing it)
+    raises ParallelError instead of leaving the race in place silently.
+
+    Use ``barrier=False`` on error paths: a failed or interrupted rank must not wait
+    ``parallel.timeout_s`` for peers that may be gone. A failed barrier still destroys the
+    group and then raises ParallelError. Does nothing when no group is initialised.
+    ``unwinding``: the exception the process is ending with, if any; the local variables of
+    its finished frames (and of the exceptions chained to it) are cleared, because the frames
+    of a failed collective hold the group. The traceback still prints.
+    """
     dist = _dist()
-    if dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    seen: set[int] = set()
+    while unwinding is not None and id(unwinding) not in seen:
+        seen.add(id(unwinding))
+        traceback.clear_frames(unwinding.__traceback__)  # skips frames still executing (the caller's)
+        unwinding = unwinding.__cause__ or unwinding.__context__
+    # Failures are kept as messages only: an exception's traceback holds the frames of the
+    # collective, whose locals hold the group, and would keep it alive.
+    failure: str | None = None
+    if barrier and dist.get_world_size() > 1:
         try:
-            dist.destroy_process_group()
-        except Exception:  # best effort at exit; a broken group has nothing left to free
-            pass
+            _collective("the final barrier", dist.barrier)
+        except ParallelError as exc:
+            failure = str(exc)
+    group = weakref.ref(dist.group.WORLD)
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # nothing left to free in a group that is already broken
+        failure = failure or f"destroying the process group failed: {type(exc).__name__}: {exc}"
+    if group() is not None:
+        gc.collect()  # frames of a failed collective (reference cycles through their exception) go here
+    if group() is not None:
+        failure = failure or (
+            "the process group is still referenced after destroy_process_group(), so its backend threads "
+            "would outlive this process's teardown (they can abort the interpreter at exit); something "
+            "imported after init_from_env() or a plug-in holds torch.distributed.group.WORLD")
+    if failure is not None:
+        raise ParallelError(failure)
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown(barrier=False)
+    except ParallelError:  # nothing more can be done at exit; the CLI path reports this case
+        pass
 
 
 def _comm_device() -> torch.device:

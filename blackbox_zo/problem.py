@@ -5,6 +5,17 @@ The engine never imports `problems/`: the CLI finds problems through the registr
 `register_experiment` and by the entry-point groups `blackbox_zo.problems` /
 `blackbox_zo.experiments` (this repository's own problems are declared there, exactly as a
 third-party package would declare its own).
+
+Any registered oracle can be trained directly (`blackbox-zo train ORACLE-NAME`): a plug-in
+that ships only an oracle has no data, module or evaluation of its own, so `get_problem`
+falls back to `OracleProblem`, which supplies the minimum around it:
+
+* theta starts at `oracle.initial_theta()` and lives in the trainer's `FlatParams`;
+* every step uses the oracle's own `example_batch()` (the same batch each step: right
+  for deterministic black boxes whose batch is None or fixed; an oracle whose batch
+  must change from step to step needs a real `Problem`);
+* evaluation (`eval_loss`) is the loss at the current theta on that batch (one query, phase `eval`);
+* `--set oracle.options.KEY=VALUE` passes keyword arguments to the oracle's factory.
 """
 
 from __future__ import annotations
@@ -12,13 +23,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from .config import TrainConfig
-from .oracle import Oracle, available_oracles
+from .config import Strict, TrainConfig, resolve_config
+from .oracle import Oracle, available_oracles, make_oracle
+from .plan import QueryPlan, execute
 from .registry import EXPERIMENTS, PROBLEMS, UnknownNameError
 
 __all__ = [
@@ -35,6 +48,10 @@ __all__ = [
     "available_experiments",
     "get_experiment",
     "ProblemSetupError",
+    "OracleSection",
+    "OracleTrainConfig",
+    "OracleProblem",
+    "RepeatedBatch",
 ]
 
 
@@ -95,12 +112,17 @@ class TrainingSetup:
     module: Optional[nn.Module] = None  # whose parameters are theta; None: theta lives in a FlatParams holder
     evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None  # e.g. {"test_acc": 0.97}
     fo_loss: Optional[Callable[[nn.Module, Any], Tensor]] = None  # differentiable loss: FO reference only
-    coord_sampler: Any = None  # set by sparsity (issue 3): .coords(epoch) -> Tensor | None, state_dict()
+    coord_sampler: Any = None  # gradient sparsity: .coords(epoch) -> Tensor | None, state_dict()
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Problem(ABC):
-    """A ready-to-run task: data, trainable module, oracle, default config, evaluation, report."""
+    """A ready-to-run task: data, trainable module, oracle, default config, evaluation, report.
+
+    `config_model` declares the sections the problem uses: a `TrainConfig` subclass that adds
+    `data` and `sparsity` (`blackbox_zo.config.SparsityField`) only if the problem honours
+    them, and sections of its own; a setting outside them is refused, not ignored.
+    """
 
     name: str = "problem"
     description: str = ""
@@ -115,9 +137,83 @@ class Problem(ABC):
     @abstractmethod
     def setup(self, config: TrainConfig) -> TrainingSetup: ...
 
+    def resolve_config(self, file: str | Path | None = None, overrides: Sequence[str] = (),
+                       base: dict[str, Any] | None = None) -> TrainConfig:
+        """This problem's settings: its defaults (or `base`, e.g. a run's saved config.json) <- `file`
+        (TOML/JSON) <- `overrides` (`key.path=value`). ConfigError (one line) names a setting this
+        problem does not use or an invalid value."""
+        defaults = self.default_config() if base is None else base
+        return resolve_config(self.config_model, defaults, file, list(overrides), name=self.name)
+
     def report(self, run_dir: Path, summary: dict[str, Any]) -> None:
         """Optional extra artifacts (plots, tables) after training."""
 
+
+# ----------------------------------------------------------------- a bare oracle as a problem
+
+
+class OracleSection(Strict):
+    """The `oracle` section of a run that trains a registered oracle directly."""
+
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the oracle's factory")
+    steps_per_epoch: int = Field(10, ge=1, description="training steps between evaluations")
+
+
+class OracleTrainConfig(TrainConfig):
+    """A bare oracle's settings: no data (its example batch every step), no sparsity (nothing to prune on)."""
+
+    oracle: OracleSection = Field(default_factory=OracleSection, description="the oracle's factory options and "
+                                  "the steps between evaluations")
+
+
+class RepeatedBatch:
+    """The same batch at every (epoch, index): a BatchSource for oracles without data."""
+
+    def __init__(self, batch: Any, steps_per_epoch: int):
+        self._batch, self.steps_per_epoch = batch, steps_per_epoch
+
+    def num_batches(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def batch(self, epoch: int, index: int) -> Any:
+        return self._batch
+
+
+def _flat_theta(module: nn.Module) -> torch.Tensor:
+    params = module.params_in_order() if hasattr(module, "params_in_order") else list(module.parameters())
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class OracleProblem(Problem):
+    """A registered oracle, trained by queries from its initial theta on its example batch."""
+
+    config_model = OracleTrainConfig
+    headline_metric = "eval_loss"
+
+    def __init__(self, oracle_name: str):
+        self.name = oracle_name
+        self.description = f"the registered oracle {oracle_name!r}, trained directly"
+
+    def default_config(self) -> dict[str, Any]:
+        return {"problem": self.name, "schedule": {"name": "constant"}}
+
+    def setup(self, config: OracleTrainConfig) -> TrainingSetup:
+        options = config.oracle.options
+        try:
+            oracle = make_oracle(self.name, **options)
+            batch = oracle.example_batch()
+        except Exception as exc:  # the factory is third-party code: one line, naming the field
+            raise ProblemSetupError(f"cannot build oracle {self.name!r} with oracle.options={options}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+        def evaluate(module: nn.Module) -> dict[str, float]:
+            return {"eval_loss": float(execute(QueryPlan.at(_flat_theta(module).unsqueeze(0)), oracle, batch).plus[0])}
+
+        return TrainingSetup(oracle=oracle, train_batches=RepeatedBatch(batch, config.oracle.steps_per_epoch),
+                             module=None, evaluate=evaluate)
+
+
+# ------------------------------------------------------------------------------ registries
 
 PROBLEM_GROUP, EXPERIMENT_GROUP = PROBLEMS.group, EXPERIMENTS.group
 
@@ -145,8 +241,6 @@ def get_problem(name: str) -> Problem:
         known = available_problems()
         oracles = available_oracles()
         if name in oracles:  # a registered oracle with no problem of its own: train it directly
-            from .oracle_problem import OracleProblem
-
             return OracleProblem(name)
         raise UnknownNameError(f"unknown problem or oracle {name!r}; problems: {', '.join(known) or '(none)'}; "
                                f"oracles: {', '.join(oracles) or '(none)'}")

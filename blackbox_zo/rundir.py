@@ -55,11 +55,13 @@ __all__ = [
     "write_summary",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
     "find_checkpoint",
     "state_digest",
     "truncate_lines",
     "config_differences",
     "check_resume",
+    "UNSET",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -312,7 +314,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], rotate: bool = True) -
     return path
 
 
-def _load_one(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """One checkpoint file's state, checked against its digest; CheckpointError (one line) if it is damaged."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, I/O error: all mean "cannot use this file"
@@ -352,18 +355,18 @@ def load_checkpoint(run_dir: Path) -> LoadedCheckpoint:
     path, prev = run_dir / CHECKPOINT_NAME, run_dir / PREVIOUS_CHECKPOINT_NAME
     if path.exists():
         try:
-            return LoadedCheckpoint(_load_one(path), path)
+            return LoadedCheckpoint(read_checkpoint(path), path)
         except CheckpointError as exc:
             if not prev.exists():
                 raise
             try:
-                state = _load_one(prev)
+                state = read_checkpoint(prev)
             except CheckpointError:
                 raise exc from None
             return LoadedCheckpoint(state, prev, f"{exc}; using the previous one, {prev.name} "
                                     f"(step {int(state['position'][2])})", damaged=path)
     if prev.exists():
-        state = _load_one(prev)
+        state = read_checkpoint(prev)
         return LoadedCheckpoint(state, prev, f"{path} is missing (the run stopped while replacing it); "
                                 f"using the previous one, {prev.name} (step {int(state['position'][2])})")
     raise CheckpointError(f"no checkpoint in {run_dir} ({CHECKPOINT_NAME} not found)")

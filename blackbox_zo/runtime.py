@@ -33,6 +33,8 @@ import ctypes.util
 import os
 import platform
 
+import torch
+
 __all__ = ["tune_allocator", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "DeviceError", "resolve_device"]
 
 MMAP_THRESHOLD_BYTES = 32 << 20
@@ -68,8 +70,6 @@ def resolve_device(requested: str, supported: tuple[str, ...] = ("cpu",), proble
 
     `supported` lists the device types the problem moves its tensors to (Problem.devices).
     """
-    import torch
-
     req = str(requested).strip().lower()
     if req == "auto":
         if "cuda" in supported and torch.cuda.is_available():

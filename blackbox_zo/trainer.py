@@ -8,17 +8,17 @@ Every way a run ends goes through one path (docs/reliability.md): the state is
 checkpointed at a step boundary (for a failed step: the state before it, parameters
 untouched), `summary.json` says why (`stopped`: completed, query budget, interrupted,
 non-finite, oracle error, error) and at which step (numbered as in metrics.jsonl), and the
-run can be resumed. Files are handled by `blackbox_zo.rundir`, signals by
-`blackbox_zo.interrupts`.
+run can be resumed. The loop's helpers live in modules of their own: files of the run
+directory in `blackbox_zo.rundir`, signals in `blackbox_zo.interrupts`, the optimizer and
+schedule in `blackbox_zo.optim`, random-number state in `blackbox_zo.rng`, the records in
+`blackbox_zo.metrics` (the `MetricsLogger` seam), the plot in `blackbox_zo.plots`, the
+progress bar and counts in `blackbox_zo.progress`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import sys
 import time
 import warnings
 from collections import deque
@@ -26,31 +26,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import parallel, rundir
-from .config import FIRST_ORDER_REFERENCE, ConfigError, OptimizerConfig, ScheduleConfig, TrainConfig, \
-    format_validation_error
+from .config import FIRST_ORDER_REFERENCE, ConfigError, TrainConfig, active_sparsity, resolve_config
 from .estimators import Estimate, make_estimator
 from .interrupts import GracefulStop, Interrupted, agreed_signal, signal_name
+from .metrics import JsonlLogger, MetricsLogger
+from .optim import build_optimizer, build_scheduler
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded, QueryLedger, job_ledger
+from .plots import plot_metrics
 from .problem import Problem, TrainingSetup
-from .rundir import CHECKPOINT_NAME, atomic_write_bytes, atomic_write_text, make_run_dir
+from .progress import human, progress_bar, write
+from .rng import rng_state, seed_everything, set_rng_state, step_seed
 from .runtime import resolve_device, tune_allocator
+from .sparsity import freeze_unselected
 
 __all__ = [
     "FlatParams",
     "TrainingError",
     "Trainer",
     "train",
-    "build_optimizer",
-    "build_scheduler",
-    "make_run_dir",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "CHECKPOINT_NAME",
+    "check_resume_config",
     "RunWarning",
     "ZeroSignalWarning",
     "ZERO_SIGNAL_WINDOW",
@@ -101,66 +99,6 @@ class FlatParams(nn.Module):
         return [self.blocks[b.name.replace(".", "__")] for b in self.space]
 
 
-# ----------------------------------------------------------------------------- builders
-
-
-def build_optimizer(cfg: OptimizerConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(cfg: ScheduleConfig, optimizer, total_steps: int, steps_per_epoch: int):
-    """Per-step LambdaLR: linear warm-up from lr/10, then constant / cosine / step decay."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    total = max(1, total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / max(1, warmup)
-        if cfg.name == "constant":
-            return 1.0
-        if cfg.name == "step":
-            return cfg.gamma ** ((step // max(1, steps_per_epoch)) // cfg.step_every_epochs)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ------------------------------------------------------------------------------ files
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _step_seed(run_seed: int, step: int) -> int:
-    return (run_seed * 1_000_003 + step * 7_919 + 12_345) % (2**62)
-
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 # ---------------------------------------------------------------------------- trainer
 
 
@@ -179,10 +117,14 @@ class Trainer:
         run_dir: Path | None = None,
         problem_name: str = "problem",
         callbacks: Sequence[Callable[["Trainer", dict], None]] = (),
+        loggers: Sequence[MetricsLogger] = (),
     ):
         self.setup, self.config, self.problem_name = setup, config, problem_name
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
+        # metrics.jsonl of the run directory, then any other sink (TensorBoard, MLflow, ...); main rank only
+        self.metrics_log = JsonlLogger(self.run_dir / rundir.METRICS_NAME) if self.run_dir is not None else None
+        self.loggers: list[MetricsLogger] = [*([self.metrics_log] if self.metrics_log else []), *loggers]
         self.oracle = setup.oracle
         self.space = self.oracle.space
         if setup.module is not None:
@@ -191,7 +133,7 @@ class Trainer:
         else:
             self.module = FlatParams(self.space, self.oracle.initial_theta())
             self.params = self.module.params_in_order()
-        self.is_main = _is_main_process()
+        self.is_main = parallel.is_main_process()
         # estimator.kind resolves through the estimator registry; None: the first-order reference path
         self.estimator = None if config.estimator.kind == FIRST_ORDER_REFERENCE else make_estimator(config.estimator)
         if self.estimator is None and setup.fo_loss is None:
@@ -201,11 +143,9 @@ class Trainer:
         self.parallel: parallel.PlanSharder | None = None
         if parallel.is_active():
             pcfg = config.parallel
-            from tqdm.auto import tqdm
-
             self.parallel = parallel.PlanSharder(
                 balance_steps=pcfg.balance_steps, check_every_steps=pcfg.check_every_steps,
-                log=tqdm.write if config.run.progress else None)
+                log=write if config.run.progress else None)
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.optimizer = build_optimizer(config.optimizer, self.params)
         self.steps_per_epoch = setup.train_batches.num_batches(0)
@@ -241,7 +181,7 @@ class Trainer:
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng if rng is not None else _rng_state(),
+            "rng": rng if rng is not None else rng_state(),
             "ledger": self.oracle.ledger.state_dict(),
             "position": [self.pos.epoch, self.pos.index, self.pos.step],
             "elapsed": self.elapsed,
@@ -265,7 +205,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from the checkpoint file `path` (see `resume_from` for a run directory)."""
-        self.load_state(rundir._load_one(Path(path)))
+        self.load_state(rundir.read_checkpoint(Path(path)))
 
     def resume_from(self, run_dir: Path) -> str | None:
         """Continue from the newest usable checkpoint of `run_dir`; returns a note when it had
@@ -287,13 +227,13 @@ class Trainer:
         self.metrics_lines = 0
         if self.run_dir is not None and self.is_main:
             rundir.remove_stale_temporaries(self.run_dir)
-            rundir.truncate_lines(self.run_dir / rundir.METRICS_NAME, 0)
+            self.metrics_log.truncate(0)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.oracle.ledger.load_state_dict(state["ledger"])
         self.pos = _Position(*state["position"])
         self.elapsed = float(state["elapsed"])
@@ -311,18 +251,19 @@ class Trainer:
         ledger, run = self.oracle.ledger, self.config.run
         ledger.budget, ledger.max_retries, ledger.retry_backoff_s = run.query_budget, run.oracle_retries, \
             run.oracle_retry_backoff_s
-        if self.run_dir is not None and self.is_main:  # drop metrics written after the checkpoint
-            rundir.truncate_lines(self.run_dir / rundir.METRICS_NAME, self.metrics_lines)
+        if self.metrics_log is not None and self.is_main:  # drop metrics written after the checkpoint
+            self.metrics_log.truncate(self.metrics_lines)
 
     # -- logging ---------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
         for cb in self.callbacks:
             cb(self, record)
-        if self.run_dir is None or not self.is_main:
+        if not self.is_main:
             return
-        rundir.append_line(self.run_dir / rundir.METRICS_NAME, json.dumps(record))
-        self.metrics_lines += 1
+        for logger in self.loggers:
+            logger.log(record)
+        self.metrics_lines += 1  # records so far: a resume keeps this many lines of metrics.jsonl
 
     def _warn(self, message: str, category: type[Warning] = RunWarning) -> None:
         """Once per run, on the main rank; recorded in summary.json's `warnings`."""
@@ -398,7 +339,7 @@ class Trainer:
         try:
             self.oracle.on_step(theta, batch)
             est = self.estimator.estimate(self.oracle, theta, batch, coords=coords,
-                                          seed=_step_seed(self.config.run.seed, step), sharder=self.parallel)
+                                          seed=step_seed(self.config.run.seed, step), sharder=self.parallel)
             if not torch.isfinite(est.grad).all():
                 raise NonFiniteLossError("gradient estimate has non-finite entries")
         except QueryBudgetExceeded:
@@ -443,12 +384,10 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """optimizer.step(); with `sparsity.freeze_unselected` the coordinates outside this
         step's Sparse-CGE set (and their optimizer state) are left untouched."""
-        sampler, sparsity = self.setup.coord_sampler, getattr(self.config, "sparsity", None)
-        if self.estimator is None or sampler is None or not getattr(sparsity, "freeze_unselected", False):
+        sampler, sparsity = self.setup.coord_sampler, active_sparsity(self.config)
+        if self.estimator is None or sampler is None or sparsity is None or not sparsity.freeze_unselected:
             self.optimizer.step()
             return
-        from .sparsity import freeze_unselected
-
         restore = freeze_unselected(self.optimizer, self.params, self.space, sampler.coords(self.pos.epoch))
         self.optimizer.step()
         restore()
@@ -473,12 +412,8 @@ class Trainer:
         tune_allocator()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not (cfg.progress and self.is_main),
-                   desc=self.problem_name, dynamic_ncols=True, leave=True,
-                   # in a log file (CI, nohup) every redraw is a new line: redraw every 10 s there
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        bar = progress_bar(self.total_steps, initial=self.pos.step, enabled=cfg.progress and self.is_main,
+                           desc=self.problem_name)
         self.module.train()
         # a repeated signal stops a single process at once; under torchrun the launcher repeats
         # the user's signal itself, so only the first one counts there
@@ -490,7 +425,7 @@ class Trainer:
                 except QueryBudgetExceeded as exc:
                     self._stopped("query budget", str(exc), self.pos.step)
                     signum = 0
-                    bar.write(f"stopping: {exc}", file=sys.stderr)
+                    write(f"stopping: {exc}")
                 if signum:
                     stop.repeat_stops_at_once = False  # stopping already: a repeat must not cut the writing short
                     self._stopped("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
@@ -510,7 +445,7 @@ class Trainer:
             self._stopped(exc.reason, str(exc), exc.step)
             rng = None
             if exc.step == self.pos.step + 1 and self._torch_rng_at_step_start is not None:
-                rng = {**_rng_state(), "torch": self._torch_rng_at_step_start}
+                rng = {**rng_state(), "torch": self._torch_rng_at_step_start}
             self.save_checkpoint(rng=rng)
             exc.summary = self._finish_quietly()
             exc.checkpoint_step, exc.run_dir = self.checkpoint_step, self.run_dir
@@ -537,6 +472,16 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self._close_loggers()
+
+    def _close_loggers(self) -> None:
+        if not self.is_main:
+            return
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:  # noqa: BLE001 - a logger must not hide how the run ended
+                warnings.warn(f"could not close the metrics logger {logger!r}: {exc}", RunWarning, stacklevel=2)
 
     def _loop(self, bar, stop: GracefulStop) -> int:
         """The steps and epoch ends; returns the signal number that stopped it (0: ran to the end)."""
@@ -577,8 +522,8 @@ class Trainer:
                 self._log(record)
                 rate = (self.oracle.ledger.total - session_queries) / max(1e-9, time.perf_counter() - session_start)
                 # eval metrics are prefixed so a metric named like a column ("loss") cannot collide
-                bar.set_postfix({"loss": f"{loss:.4f}", "queries": _human(self.oracle.ledger.total),
-                                 "qps": _human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
+                bar.set_postfix({"loss": f"{loss:.4f}", "queries": human(self.oracle.ledger.total),
+                                 "qps": human(rate), **{f"eval/{k}": f"{v:.4f}" for k, v in self.last_eval.items()}},
                                 refresh=False)  # update() redraws, at most every mininterval
                 bar.update(1)
                 if cfg.checkpoint_every_steps and self.pos.step % cfg.checkpoint_every_steps == 0:
@@ -654,64 +599,18 @@ class Trainer:
             summary["warnings"] = list(self.warnings)
         if self._oracle_stats():
             summary["oracle_stats"] = {k[len("oracle/"):]: v for k, v in self._oracle_stats().items()}
-        if self.run_dir is not None and self.is_main:
+        if not self.is_main:
+            return summary
+        if self.run_dir is not None:  # the run's own record first: a logger or a plot must never lose it
             rundir.write_summary(self.run_dir, summary)
-            if plots:
-                try:
-                    plot_metrics(self.run_dir)
-                except Exception as exc:  # a plot must never lose a finished run
-                    warnings.warn(f"could not write plots: {exc}", RunWarning, stacklevel=2)
+        for logger in self.loggers:
+            logger.log_summary(summary)
+        if self.run_dir is not None and plots:
+            try:
+                plot_metrics(self.run_dir)
+            except Exception as exc:  # a plot must never lose a finished run
+                warnings.warn(f"could not write plots: {exc}", RunWarning, stacklevel=2)
         return summary
-
-
-def _human(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def plot_metrics(run_dir: Path) -> Path | None:
-    """training.png: loss and evaluation metrics against queries and against wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    steps = [r for r in records if "loss" in r and r["loss"] == r["loss"]]
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    if not steps:
-        return None
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
-    fig, axes = plt.subplots(2 if keys else 1, 2, figsize=(10, 7 if keys else 3.5), squeeze=False)
-    for col, xkey, xlabel in ((0, "queries", "loss queries"), (1, "wall_s", "wall time [s]")):
-        ax = axes[0][col]
-        ax.plot([r[xkey] for r in steps], [r["loss"] for r in steps], lw=0.8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("training loss")
-        if all(r["loss"] > 0 for r in steps):  # e.g. a negative return as loss: keep a linear axis
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if keys:
-            ax = axes[1][col]
-            for k in keys:
-                ax.plot([r[xkey] for r in evals if k in r], [r[k] for r in evals if k in r], marker="o", ms=3, label=k[5:])
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("evaluation")
-            ax.legend()
-            ax.grid(alpha=0.3)
-    fig.suptitle(f"{Path(run_dir).parent.name}: {Path(run_dir).name}")
-    fig.tight_layout()
-    out = Path(run_dir) / "training.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def train(
@@ -720,8 +619,13 @@ def train(
     run_dir: Path | None = None,
     resume: Path | None = None,
     callbacks: Sequence[Callable[[Trainer, dict], None]] = (),
+    loggers: Sequence[MetricsLogger] = (),
 ) -> dict[str, Any]:
     """Set up `problem` with `config` and train; `resume` continues the run in that directory.
+
+    `callbacks` are called with (trainer, record) for every record, on every rank; `loggers`
+    (`blackbox_zo.metrics.MetricsLogger`) receive the records and the summary on the main
+    rank, besides the run directory's metrics.jsonl.
 
     In this order, so that a refusal leaves nothing behind: the device is resolved
     (`run.device`; DeviceError), a resume is checked against the run's config.json (only
@@ -738,13 +642,11 @@ def train(
                                        f"problem {problem.name!r}")
     if not config.problem:
         config.problem = problem.name
-    main = _is_main_process()
+    main = parallel.is_main_process()
     if resume is not None:
         run_dir = Path(resume)
         check_resume_config(run_dir, problem, config)
-    torch.manual_seed(config.run.seed)
-    np.random.seed(config.run.seed % 2**32)
-    random.seed(config.run.seed)
+    seed_everything(config.run.seed)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     fresh = run_dir is not None and main and resume is None
@@ -779,7 +681,7 @@ def train(
             raise Interrupted(signum, during="setup (nothing was kept)" if resume is None else
                               f"setup ({run_dir} is unchanged)") from None
         raise
-    trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks)
+    trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks, loggers=loggers)
     if resume is not None:
         if rundir.find_checkpoint(run_dir):
             note = trainer.resume_from(run_dir)
@@ -800,16 +702,19 @@ def train(
 
 
 def check_resume_config(run_dir: Path, problem: Problem, config: TrainConfig) -> None:
-    """Refuse (ResumeError, one line) to resume `run_dir` as another problem or with changed settings."""
-    from pydantic import ValidationError
+    """Refuse (ResumeError, one line) to resume `run_dir` as another problem or with changed settings.
 
+    The saved settings are read as the CLI reads them (`resolve_config`), so a config.json
+    written before the sections were split (with settings the run did not use) compares
+    by what the run used.
+    """
     raw = rundir.read_run_config(run_dir)
     rundir.check_same_problem(run_dir, raw, problem.name)
     try:
-        saved = problem.config_model.model_validate(raw)
-    except ValidationError as exc:
+        saved = resolve_config(problem.config_model, raw, name=problem.name)
+    except ConfigError as exc:
         raise rundir.ResumeError(f"{run_dir}/config.json does not fit problem {problem.name!r} (is it a run of "
-                                 f"another problem?): {format_validation_error(exc)}") from None
+                                 f"another problem?): {exc}") from None
     if not saved.problem:
         saved.problem = problem.name
     rundir.check_resume(run_dir, saved.model_dump(), config.model_dump())

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .simulator import ReferenceRuns
+
 __all__ = ["BurgersSimulator", "muscl_rhs", "LIMITERS", "cell_averages"]
 
 LIMITERS = ("minmod", "superbee", "mc")
@@ -220,8 +222,6 @@ class BurgersSimulator:
 
     def reference_data(self, progress: bool = True):
         """Reference trajectories from the high-fidelity twin, on this grid (`ReferenceRuns`)."""
-        from oracles.simulator import ReferenceRuns
-
         runs = self.train_runs + self.test_runs
         rng = np.random.default_rng(self.data_seed)
         nu = self._viscosities(runs, rng)

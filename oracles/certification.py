@@ -17,12 +17,14 @@ sigma * Phi^{-1}(alpha^{1/N}); `max_certifiable_radius` and `samples_needed` com
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = [
     "ABSTAIN",
@@ -202,16 +204,12 @@ def certify_dataset(
     """CERTIFY every image; point i uses its own generator seeded by (seed, i), so results do
     not depend on the order or on a subset being run, and two base classifiers certified with
     the same seed see the same noise draws (a paired comparison)."""
-    import time
-
     preds = np.empty(len(images), dtype=np.int64)
     radii = np.empty(len(images), dtype=np.float64)
     q0 = query_counter() if query_counter else 0
     start = time.perf_counter()
     iterator = range(len(images))
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc=desc, dynamic_ncols=True, leave=False)
     with torch.no_grad():
         for i in iterator:

@@ -17,7 +17,9 @@ uncounted session wrapper we use for our own models (the denoiser at certificati
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -167,9 +169,6 @@ def export_onnx(
     exporter is deprecated) with a dynamic batch axis, weights inside the file. The file
     appears only once it is complete (temp file + os.replace).
     """
-    import logging
-    import warnings
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")

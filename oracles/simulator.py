@@ -36,6 +36,7 @@ batch until it knows which members diverged. Every query whose rollouts diverged
 from __future__ import annotations
 
 import math
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from blackbox_zo.oracle import CheckReport, CheckResult, Oracle, ParamSpace
+from blackbox_zo.registry import SIMULATORS
 
 __all__ = ["Simulator", "SimulationDiverged", "ReferenceRuns", "SolBatch", "SolverInTheLoopOracle", "unrolled_loss",
            "weighted_mse", "is_differentiable", "check_simulator", "check_registered_simulator",
@@ -339,10 +341,6 @@ def make_simulator(name: str, **options: Any) -> Simulator:
 
     Unknown option names are refused before the factory runs, with the names it accepts.
     """
-    import inspect
-
-    from blackbox_zo.registry import SIMULATORS
-
     factory = SIMULATORS.get(name)
     try:
         sig = inspect.signature(factory)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from blackbox_zo.oracle import Oracle, ParamSpace
 
@@ -203,8 +204,6 @@ class DenoisedSmoothingOracle(Oracle):
             )  # [B, P*C, H, W]
             residual = residual.view(noisy.shape[0], p, c, *residual.shape[2:]).transpose(0, 1)
             return noisy.unsqueeze(0) - residual
-        from torch.func import functional_call
-
         fixed = {n: t.detach() for n, t in self.denoiser.named_parameters() if n not in self.space.names}
         fixed.update(dict(self.denoiser.named_buffers()))
         # Batch norms use their (pretrained) running statistics: a loss value must not depend

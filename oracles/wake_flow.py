@@ -43,6 +43,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from .simulator import ReferenceRuns, SolBatch, SolverInTheLoopOracle
 
 __all__ = ["WakeFlowGeometry", "WakeFlowSimulator", "shared_simulator", "restrict_staggered", "pack", "unpack", "face_mask", "vorticity",
            "wake_flow_sol_oracle", "high_fidelity_frames", "WakeFlowTwin",
@@ -308,8 +311,6 @@ def high_fidelity_frames(hi: WakeFlowGeometry, factor: int, reynolds: Tensor, *,
     sideways poke; the first `skip_steps` steps (the transient) are dropped, then
     `record_steps + 1` frames are restricted onto the `factor` times coarser grid
     (flux-conserving). Returns [R, T+1, 2, nx+1, ny+1] (the low-fidelity layout)."""
-    from tqdm.auto import tqdm
-
     min_re = float(reynolds.min()) if min_reynolds is None else min_reynolds
     sim = shared_simulator(hi, min_reynolds=min_re, cg_tolerance=cg_tolerance)
     state = sim.initial_state(reynolds.numel(), poke=poke)
@@ -386,8 +387,6 @@ class WakeFlowTwin:
         return state, re
 
     def reference_data(self, progress: bool = True):
-        from oracles.simulator import ReferenceRuns
-
         re = torch.tensor(self.train_re + self.test_re, dtype=torch.float32)
         frames = high_fidelity_frames(self.hi, self.hifi_factor, re, skip_steps=self.skip_steps,
                                       record_steps=self.record_steps, poke=self.poke, cg_tolerance=self.cg_tolerance,
@@ -419,8 +418,6 @@ class _ExampleCorrector(torch.nn.Module):
 
 def wake_flow_sol_oracle(nx: int = 8, ny: int = 16, unroll: int = 2, windows: int = 2, seed: int = 0):
     """A tiny wake-flow solver-in-the-loop oracle with an example batch (`blackbox-zo check-oracle`)."""
-    from oracles.simulator import SolBatch, SolverInTheLoopOracle
-
     sim = shared_simulator(WakeFlowGeometry(nx=nx, ny=ny))
     torch.manual_seed(seed)
     oracle = SolverInTheLoopOracle(sim, _ExampleCorrector(nx, ny), weight=sim.mask)

@@ -22,8 +22,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from blackbox_zo.config import DataConfig, Strict, TrainConfig
+from blackbox_zo.config import SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, ProblemSetupError, TrainingSetup
+from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 from problems.models import resnet20
 
@@ -175,26 +176,37 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
 # ------------------------------------------------------------------------------ problem
 
 
-class Cifar10DataConfig(DataConfig):
+class Cifar10DataConfig(Strict):
+    """The `data` section of CIFAR-10: where it is, the batches and the augmentation (the split is CIFAR's own)."""
+
+    batch_size: int = Field(64, ge=1, description="images per step (one query evaluates one batch)")
     root: str = Field("data", description=f"directory holding {CIFAR_DIRNAME}/")
     augment: bool = Field(True, description="random crop (pad 4) + horizontal flip, per step")
-    train_size: Optional[int] = Field(None, ge=1, description="use the first n training images (default: all)")
-    test_size: Optional[int] = Field(None, ge=1, description="evaluate on the first n test images (default: all)")
-    eval_batch_size: int = Field(1000, ge=1)
+    train_size: Optional[int] = Field(None, ge=1, description="use the first n training images (none: all)")
+    test_size: Optional[int] = Field(None, ge=1, description="evaluate on the first n test images (none: all)")
+    eval_batch_size: int = Field(1000, ge=1, description="test images per forward pass of an evaluation")
 
 
 class Cifar10ModelConfig(Strict):
+    """The `model` section of CIFAR-10: how ResNet-20's coordinate queries are evaluated."""
+
     feature_reuse: bool = Field(True, description="exact feature reuse for coordinate queries (blackbox_zo.reuse)")
     reuse_granularity: Literal["layer", "stage"] = Field(
-        "layer", description="layer: linearity inside blocks; stage: DeepZero's block-level reuse")
+        "layer", description="with feature_reuse: layer (linearity inside blocks) or stage (DeepZero's "
+        "block-level reuse)")
     memory_cap_mb: Optional[int] = Field(
         None, ge=1, description="memory for perturbations evaluated at once (default 256 on CPU, 4096 on CUDA, "
                                 "where bigger chunks mean fewer kernel launches)")
 
 
 class Cifar10Config(TrainConfig):
-    data: Cifar10DataConfig = Cifar10DataConfig()
-    model: Cifar10ModelConfig = Cifar10ModelConfig()
+    """cifar10: the data set (data), ZO-GraSP sparsity, ResNet-20's query path (model)."""
+
+    # run directories written before the sections were split recorded data.seed, which CIFAR-10 never used
+    retired_settings = ("data.seed",)
+    data: Cifar10DataConfig = Field(default_factory=Cifar10DataConfig, description="CIFAR-10 and its batches")
+    sparsity: SparsityField = None
+    model: Cifar10ModelConfig = Field(default_factory=Cifar10ModelConfig, description="ResNet-20's query path")
 
 
 def _device(name: str) -> torch.device:
@@ -220,7 +232,7 @@ class Cifar10Problem(Problem):
             "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
             "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
             "schedule": {"name": "cosine", "warmup_epochs": 3.0},
-            "data": {"batch_size": 256, "seed": 0},
+            "data": {"batch_size": 256},
             "run": {"epochs": 50, "seed": 0},
             "sparsity": {"enabled": True, "method": "zo-grasp", "sparsity": 0.9, "q": 192, "mu": 5e-3,
                          "resample_every_epochs": 5},
@@ -257,15 +269,14 @@ class Cifar10Problem(Problem):
             return nn.functional.cross_entropy(m(x), y)
 
         coord_sampler, extras = None, {"device": str(device), "parameters": oracle.space.dim}
-        if config.sparsity.enabled and config.estimator.kind == "cge":
+        sparsity = active_sparsity(config)
+        if sparsity is not None:
             # DeepZero: ZO-GraSP on a class-balanced batch at init (queries charged to `prune`),
             # layer-wise ratios, then Sparse-CGE on a fresh coordinate set every K epochs.
-            from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-
-            idx = balanced_indices(y_tr.cpu(), config.sparsity.samples_per_class, seed=config.run.seed).to(device)
+            idx = balanced_indices(y_tr.cpu(), sparsity.samples_per_class, seed=config.run.seed).to(device)
             prune_batch = (normalize(x_tr[idx]), y_tr[idx])
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, oracle.initial_theta(), prune_batch, config.sparsity, seed=config.run.seed)
+                oracle, oracle.initial_theta(), prune_batch, sparsity, seed=config.run.seed)
 
         return TrainingSetup(
             oracle=oracle,

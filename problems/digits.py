@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.config import DataConfig, SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from blackbox_zo.rundir import atomic_write_text
+from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
 __all__ = ["load_digits_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig"]
@@ -16,6 +21,7 @@ __all__ = ["load_digits_split", "make_digits_cnn", "DigitsProblem", "DigitsConfi
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_train, y_train, x_test, y_test): images [N, 1, 8, 8] in [0, 1], a fixed stratified split."""
+    # scikit-learn takes seconds to import: only a run that reads the data pays for it
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -45,11 +51,18 @@ def make_digits_cnn(width: int = 8) -> nn.Sequential:
 
 
 class DigitsModelConfig(Strict):
-    width: int = 8
+    """The `model` section of digits: the CNN's width."""
+
+    width: int = Field(8, ge=1, description="channels of the first conv (the second has 2x): 8 gives 3,818 "
+                       "parameters")
 
 
 class DigitsConfig(TrainConfig):
-    model: DigitsModelConfig = DigitsModelConfig()
+    """digits: 8x8 images (data), ZO-GraSP sparsity, the CNN (model)."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="mini-batches and the train/test split")
+    sparsity: SparsityField = None
+    model: DigitsModelConfig = Field(default_factory=DigitsModelConfig, description="the CNN")
 
 
 def accuracy(module: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -99,14 +112,12 @@ class DigitsProblem(Problem):
             return nn.functional.cross_entropy(m(x), y)
 
         coord_sampler, extras = None, {}
-        if config.sparsity.enabled and config.estimator.kind == "cge":
+        sparsity = active_sparsity(config)  # Sparse-CGE only: the config has no sparsity for other estimators
+        if sparsity is not None:
             # DeepZero: ZO-GraSP on a balanced batch at init (queries charged to `prune`) -> LPRs -> Sparse-CGE.
-            # Gradient sparsity is a CGE feature (Sparse-CGE); other estimators run dense.
-            from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-
-            idx = balanced_indices(y_tr, config.sparsity.samples_per_class, seed=config.run.seed)
+            idx = balanced_indices(y_tr, sparsity.samples_per_class, seed=config.run.seed)
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, oracle.initial_theta(), (x_tr[idx], y_tr[idx]), config.sparsity, seed=config.run.seed)
+                oracle, oracle.initial_theta(), (x_tr[idx], y_tr[idx]), sparsity, seed=config.run.seed)
         self._sparsity_report = extras.get("sparsity")
 
         return TrainingSetup(
@@ -123,9 +134,4 @@ class DigitsProblem(Problem):
         """sparsity.json: the pruning method, its query cost and the layer-wise ratios used."""
         report = getattr(self, "_sparsity_report", None)
         if report is not None:
-            import json
-            from pathlib import Path
-
-            from blackbox_zo.trainer import atomic_write_text
-
             atomic_write_text(Path(run_dir) / "sparsity.json", json.dumps(report, indent=2) + "\n")

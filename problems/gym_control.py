@@ -22,16 +22,20 @@ from pydantic import Field
 
 from blackbox_zo.config import Strict, TrainConfig
 from blackbox_zo.problem import Problem, TrainingSetup
+from blackbox_zo.trainer import train
+from oracles.gym import GymPolicyOracle, episode_seeds
 
 __all__ = ["GymSection", "GymControlConfig", "EpisodeSeedBatches", "CartPoleProblem", "PendulumProblem", "experiment"]
 
 
 class GymSection(Strict):
+    """The `gym` section: the environment, the policy and the episodes of a step."""
+
     env_id: str = Field("CartPole-v1", description="registered gymnasium id")
     hidden: list[int] = Field([8], description="hidden widths of the tanh MLP policy")
     episodes_per_step: int = Field(8, ge=1, description="episode seeds per batch, shared by all perturbations")
     steps_per_epoch: int = Field(5, ge=1, description="training steps between evaluations")
-    max_episode_steps: Optional[int] = Field(None, ge=1, description="episode length cap (None: the env's own)")
+    max_episode_steps: Optional[int] = Field(None, ge=1, description="episode length cap (none: the env's own)")
     test_episodes: int = Field(20, ge=1, description="fresh test episodes per evaluation")
     vectorization: Literal["auto", "sync", "async", "vector"] = Field(
         "auto", description="auto: gymnasium's numpy-vectorised env where supported (CartPole), else SyncVectorEnv")
@@ -40,7 +44,10 @@ class GymSection(Strict):
 
 
 class GymControlConfig(TrainConfig):
-    gym: GymSection = GymSection()
+    """cartpole / pendulum: no data set (a batch is a list of episode seeds) and no gradient sparsity
+    (a policy of ~50 parameters: dense CGE or RGE)."""
+
+    gym: GymSection = Field(default_factory=GymSection, description="environment, policy, episodes")
 
 
 class EpisodeSeedBatches:
@@ -53,8 +60,6 @@ class EpisodeSeedBatches:
         return self.steps_per_epoch
 
     def batch(self, epoch: int, index: int) -> list[int]:
-        from oracles.gym import episode_seeds
-
         return episode_seeds(self.seed, epoch * self.steps_per_epoch + index, self.episodes)
 
 
@@ -67,8 +72,6 @@ class _GymControlProblem(Problem):
         return json.loads(json.dumps(self.defaults))  # a deep copy
 
     def setup(self, config: GymControlConfig) -> TrainingSetup:
-        from oracles.gym import GymPolicyOracle, episode_seeds
-
         g = config.gym
         oracle = GymPolicyOracle(
             g.env_id, None, max_episode_steps=g.max_episode_steps, hidden=tuple(g.hidden), obs_norm=g.obs_norm,
@@ -129,12 +132,9 @@ def _run_one(problem: _GymControlProblem, estimator: str, seed: int, run_dir: Pa
              extra_sets: Sequence[str]) -> dict[str, Any]:
     """Train one (problem, estimator, seed) with the problem's defaults; RGE gets q = d, the
     same queries per step as forward CGE (d + 1)."""
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import train
-
     sets = [f"estimator.kind={estimator}", f"run.seed={seed}", "run.progress=false", f"run.threads={threads}",
             *extra_sets]
-    config = resolve_config(problem.config_model, problem.default_config(), None, sets)
+    config = problem.resolve_config(None, sets)
     curve: list[tuple[int, float, float]] = []  # (queries, wall_s, test_return)
 
     def record(trainer, rec: dict) -> None:

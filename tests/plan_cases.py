@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from blackbox_zo.config import EstimatorConfig
+from blackbox_zo.config import EstimatorConfig, EstimatorSettings
 from blackbox_zo.estimators import available_estimators, make_estimator
 from blackbox_zo.plan import QueryPlan, execute
 from helpers import SmoothBlocks
@@ -28,10 +28,11 @@ def cases() -> list[tuple[str, dict[str, Any], bool, int | None]]:
     """(case name, EstimatorConfig fields, restrict to a coordinate subset, oracle memory cap)."""
     out = []
     for kind in available_estimators():  # every registered estimator, plug-ins included
+        takes = EstimatorSettings.variant(kind).model_fields  # the settings of this kind (q: RGE's)
         for scheme in ("forward", "central"):
             for sub in (False, True):
-                out.append((f"{kind}-{scheme}{'-subset' if sub else ''}",
-                            {"kind": kind, "mu": MU, "scheme": scheme, "q": 24}, sub, None))
+                fields = {"kind": kind, "mu": MU, "scheme": scheme, **({"q": 24} if "q" in takes else {})}
+                out.append((f"{kind}-{scheme}{'-subset' if sub else ''}", fields, sub, None))
     # the direction stream redrawn by combine (a memory cap too small to keep it), chunks of 3
     out.append(("rge-sphere-central-redrawn", {"kind": "rge", "mu": MU, "scheme": "central", "q": 24,
                                                "distribution": "sphere"}, False, 1000))

@@ -10,6 +10,7 @@ import torch
 from scipy.stats import binom, binomtest, norm
 from torch import nn
 
+from blackbox_zo.config import SparsityConfig
 from blackbox_zo.estimators import CGE
 from blackbox_zo.oracle import check_oracle
 from oracles.certification import (
@@ -381,7 +382,7 @@ def test_experiment_end_to_end_at_toy_size(tiny, tmp_path):
 
 def test_zo_grasp_sparsity_hook_charges_prune_queries_and_keeps_biases(tiny):
     problem, config, _, _, _ = tiny
-    sparse = config.sparsity.model_copy(update={"enabled": True, "q": 4, "sparsity": 0.5, "samples_per_class": 2})
+    sparse = SparsityConfig(q=4, sparsity=0.5, samples_per_class=2)
     setup = problem.setup(config.model_copy(update={"sparsity": sparse}))
     report = setup.extras["sparsity"]
     assert report["prune_queries"] == 2 * (4 + 1) == setup.oracle.ledger.counts["prune"]  # eq. (3): two RGEs

@@ -216,7 +216,7 @@ def test_two_steps_with_and_without_feature_reuse_agree(fake_root):
 def test_cli_trains_on_fake_cifar(fake_root, tmp_path, capsys):
     out = tmp_path / "runs"
     code = cli_main(["train", "cifar10", "--set", f"data.root={fake_root}", "--set", "estimator=rge",
-                     "--set", "estimator.q=2", "--set", "sparsity.enabled=false", "--set", "data.batch_size=8",
+                     "--set", "estimator.q=2", "--set", "data.batch_size=8",
                      "--set", "run.max_steps=3", "--set", "run.progress=false", "--set", f"run.out_dir={out}",
                      "--set", "run.device=cpu"])
     assert code == 0, capsys.readouterr().err

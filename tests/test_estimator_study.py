@@ -9,10 +9,10 @@ import torch
 from blackbox_zo.estimators import CGE, RGE
 from oracles.model_loss import ModelLossOracle
 from problems.experiments.estimators import (
-    _autograd,
-    _cos,
-    _digits,
-    _plain_oracle,
+    autograd_gradient,
+    cosine_similarity,
+    digits_data,
+    plain_oracle,
     main,
     make_simple_cnn,
     n_params,
@@ -25,7 +25,7 @@ from problems.experiments.estimators import (
 def cnn_and_batch():
     torch.manual_seed(0)
     module = make_simple_cnn(3)
-    x, y, _, _ = _digits(False)
+    x, y, _, _ = digits_data(False)
     return module, (x[:32], y[:32])
 
 
@@ -41,7 +41,7 @@ def test_timed_estimators_are_the_library_estimators(cnn_and_batch):
     # The Table A1 timings are only meaningful if the instrumented code computes the same
     # estimate: same perturbed points, same directions (same generator stream), same arithmetic.
     module, batch = cnn_and_batch
-    oracle = _plain_oracle(module)
+    oracle = plain_oracle(module)
     theta = oracle.initial_theta()
     g_cge, t_cge = timed_cge(oracle, theta, batch, 5e-3)
     torch.testing.assert_close(g_cge, CGE(mu=5e-3).estimate(oracle, theta, batch).grad, rtol=0, atol=0)
@@ -52,16 +52,16 @@ def test_timed_estimators_are_the_library_estimators(cnn_and_batch):
 
 
 def test_reference_gradient_is_the_gradient_of_the_oracles_loss(cnn_and_batch):
-    # The cosine table compares against _autograd; it must differentiate the very function the
+    # The cosine table compares against autograd_gradient; it must differentiate the very function the
     # oracle evaluates (batch-norm with batch statistics). Central CGE with mu = 1e-3 in float32
     # has truncation O(mu^2) and rounding ~1e-7 * |l| / mu ~ 2e-4 per coordinate, so it agrees
     # with the true gradient to cosine > 0.999; a reference using running statistics scores ~0.
     module, batch = cnn_and_batch
     oracle = ModelLossOracle(module)
     theta = oracle.initial_theta()
-    g = _autograd(module, theta, oracle.space, batch)
+    g = autograd_gradient(module, theta, oracle.space, batch)
     est = CGE(mu=1e-3, scheme="central").estimate(oracle, theta, batch)
-    assert _cos(est.grad, g) > 0.999
+    assert cosine_similarity(est.grad, g) > 0.999
 
 
 def test_experiment_writes_its_tables(tmp_path):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +23,8 @@ from blackbox_zo import parallel
 from blackbox_zo.config import TrainConfig, resolve_config
 from blackbox_zo.estimators import CGE, RGE
 from blackbox_zo.problem import TensorBatches, TrainingSetup
-from blackbox_zo.trainer import CHECKPOINT_NAME, Trainer, train
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import Trainer, train
 
 pytestmark = pytest.mark.distributed
 
@@ -34,22 +35,44 @@ MU = 5e-3
 # ------------------------------------------------------------------------------ harness
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _Ranks(list):
+    """The spawned rank processes, and the TCPStore they meet at (hosted here, as torchrun's agent does)."""
+
+    store: Any = None
 
 
-def _start(tmp_path: Path, scenario: str, **options) -> list:
-    """Spawn WORLD ranks running `scenario`; each writes its result dict (or its error) to a file."""
+def _start(tmp_path: Path, scenario: str, **options) -> _Ranks:
+    """Spawn WORLD ranks running `scenario`; each writes its result dict (or its error) to a file.
+
+    The rendezvous store is hosted by this process on a port the kernel picks (port 0), and the
+    ranks join it as clients (TORCHELASTIC_USE_AGENT_STORE, torchrun's own arrangement), so no
+    port is chosen by probing and released before use: nothing else can take it in between.
+    """
     import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
 
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, scenario, str(tmp_path), options)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
+    procs = _Ranks()
+    procs.store = TCPStore("127.0.0.1", 0, WORLD, True, wait_for_workers=False)
+    procs.extend(ctx.Process(target=_worker, args=(r, procs.store.port, scenario, str(tmp_path), options))
+                 for r in range(WORLD))
+    try:
+        for p in procs:
+            p.start()
+    except BaseException:
+        _stop(procs)
+        raise
     return procs
+
+
+def _stop(procs: list) -> None:
+    """Kill every rank still running and reap it (the test that started them stops them)."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        if p.pid is not None:
+            p.join(10)
 
 
 def _collect(tmp_path: Path, procs: list, deadline_s: float) -> list[dict]:
@@ -57,28 +80,27 @@ def _collect(tmp_path: Path, procs: list, deadline_s: float) -> list[dict]:
     end = time.monotonic() + deadline_s
     files = [tmp_path / f"rank{r}.pt" for r in range(len(procs))]
     results: dict[int, dict] = {}
-    while time.monotonic() < end and len(results) < len(procs):
-        for r, (p, f) in enumerate(zip(procs, files)):
-            if r not in results and f.exists():
-                results[r] = torch.load(f, weights_only=True)
-                if "error" in results[r]:
-                    end = min(end, time.monotonic() + 1)
-            elif r not in results and not p.is_alive():
-                p.join()
-                if f.exists():
-                    continue
-                results[r] = {"exitcode": p.exitcode}
-        time.sleep(0.05)
-    for p in procs:  # a hung rank is ours to stop
-        if p.is_alive():
-            p.kill()
-        p.join(5)
+    try:
+        while time.monotonic() < end and len(results) < len(procs):
+            for r, (p, f) in enumerate(zip(procs, files)):
+                if r not in results and f.exists():
+                    results[r] = torch.load(f, weights_only=True)
+                    if "error" in results[r]:
+                        end = min(end, time.monotonic() + 1)
+                elif r not in results and not p.is_alive():
+                    p.join()
+                    if f.exists():
+                        continue
+                    results[r] = {"exitcode": p.exitcode}
+            time.sleep(0.05)
+    finally:  # a hung rank is ours to stop, and so is every rank when this loop fails
+        _stop(procs)
     return [results.get(r, {"exitcode": None, "hung": True}) for r in range(len(procs))]
 
 
 def _worker(rank: int, port: int, scenario: str, out_dir: str, options: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate({"parallel": {"timeout_s": options.get("timeout_s", 120),
                                                    "check_every_steps": options.get("check_every", 1),
@@ -282,7 +304,62 @@ def _scenario_fail(rank: int, out: Path, options: dict) -> dict:
     return {"finished": True}
 
 
-SCENARIOS = {"healthy": _scenario_healthy, "fail": _scenario_fail}
+def _backend_threads() -> list[str] | None:
+    """Names of this process's gloo threads (Linux; None where /proc is not there)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for t in tasks.iterdir():
+        try:
+            names.append((t / "comm").read_text().strip())
+        except OSError:  # a thread that ended while we looked
+            pass
+    return [n for n in names if "gloo" in n]
+
+
+def _scenario_teardown(rank: int, out: Path, options: dict) -> dict:
+    """The end of a CLI run, then parallel.shutdown(): the group and its threads must be gone.
+
+    Training with a torch optimizer imports torch._dynamo after the group exists; that import
+    used to capture the group in default arguments (torch.distributed.nn.functional), so the
+    old teardown left gloo's threads running into interpreter finalization (issue 13: SIGABRT).
+    """
+    import weakref
+
+    import torch.distributed as dist
+    import torch.distributed.nn.functional  # noqa: F401  (what torch._dynamo imports, explicitly)
+
+    setup = _mlp_setup(40)
+    trainer = Trainer(setup, _train_config(steps=2))
+    trainer.fit()  # ends with the main rank's evaluation shared by broadcast_object_list
+    group = weakref.ref(dist.group.WORLD)
+    threads_before = _backend_threads()
+    case = options["case"]
+    held = [dist.group.WORLD] if case == "still-referenced" else []
+    result = {"threads_before": threads_before}
+    start = time.perf_counter()
+    if case == "failed-collective" and rank == 0:  # rank 1 has left; the CLI's exception path tears down
+        try:
+            parallel._collective("an all-reduce after the peer left", lambda: dist.all_reduce(torch.ones(3)))
+        except parallel.ParallelError as exc:  # its traceback's frames hold the group
+            result["collective_error"] = str(exc)
+            try:
+                parallel.shutdown(barrier=False, unwinding=exc)
+            except parallel.ParallelError as exc2:
+                result["error_message"] = str(exc2)
+    else:  # "peer-left": rank 1 fails and leaves at once (as the CLI does on an error), rank 0 succeeded
+        try:
+            parallel.shutdown(barrier=not (case in ("peer-left", "failed-collective") and rank == 1))
+        except parallel.ParallelError as exc:
+            result["error_message"] = str(exc)
+    result["seconds"] = time.perf_counter() - start
+    result.update(freed=group() is None, initialized=dist.is_initialized(), threads_after=_backend_threads(),
+                  held=len(held))
+    return result
+
+
+SCENARIOS = {"healthy": _scenario_healthy, "fail": _scenario_fail, "teardown": _scenario_teardown}
 
 
 # ------------------------------------------------------------------------------- tests
@@ -341,8 +418,10 @@ def healthy(tmp_path_factory):
     here while the ranks run."""
     tmp = tmp_path_factory.mktemp("healthy")
     procs = _start(tmp, "healthy")
-    single = {"estimates": _estimates(), "params": _single_process_training()}
-    ranks = _collect(tmp, procs, deadline_s=120)
+    try:
+        single = {"estimates": _estimates(), "params": _single_process_training()}
+    finally:  # generous (2 shared cores, other suites running) but bounded; stops the ranks in any case
+        ranks = _collect(tmp, procs, deadline_s=300)
     for r in ranks:
         assert "error" not in r, r.get("trace", r)
     return ranks, single, tmp
@@ -423,11 +502,50 @@ def test_failed_rank_gives_clear_error_within_timeout(tmp_path, mode):
         assert ranks[1] == {"exitcode": 17} and waited < timeout
 
 
+@pytest.mark.parametrize("case", ["released", "still-referenced", "peer-left", "failed-collective"])
+def test_shutdown_frees_the_group_and_its_threads_before_exit(tmp_path, case):
+    ranks = _collect(tmp_path, _start(tmp_path, "teardown", case=case, timeout_s=120), deadline_s=300)
+    for rank, r in enumerate(ranks):
+        assert "error" not in r, r.get("trace", r)
+        assert not r["initialized"]
+        if r["threads_before"] is not None:
+            assert r["threads_before"]  # the check below can see gloo's threads
+        if case == "still-referenced":  # a group someone still holds cannot be freed: said, not left to abort at exit
+            assert not r["freed"] and "still referenced" in r["error_message"], r
+            if r["threads_after"] is not None:
+                assert r["threads_after"], r
+            continue
+        # freed now, threads joined: nothing of the group is left for interpreter finalization
+        assert r["freed"], r
+        assert r["threads_after"] in ([], None), r["threads_after"]
+        if case == "peer-left" and rank == 0:  # its barrier sees the peer gone at once, not after timeout_s
+            assert "the final barrier failed" in r["error_message"] and r["seconds"] < 60, r
+        elif case == "failed-collective" and rank == 0:
+            assert "died or hung" in r["collective_error"] and "error_message" not in r, r
+        else:
+            assert "error_message" not in r, r
+
+
+TORCHRUN_TIMEOUT_S = 300  # a job takes ~20 s on 2 idle cores; bounded, so a hang fails instead of stalling CI
+
+
+def _stress_module():
+    """benchmarks/stress_parallel.py: its torchrun runner stops the launcher and every rank on a
+    timeout or an interrupt (torchrun gives each rank a session of its own)."""
+    import importlib.util
+
+    if "stress_parallel" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "stress_parallel.py"
+        spec = importlib.util.spec_from_file_location("stress_parallel", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["stress_parallel"] = module  # before running it: its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    return sys.modules["stress_parallel"]
+
+
 def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
-           str(_free_port()), "-m", "blackbox_zo", "train", "digits", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    """`torchrun --standalone` (it binds a free port itself) running the CLI on digits."""
+    return _stress_module().torchrun(["-m", "blackbox_zo", "train", "digits", *args], cwd, TORCHRUN_TIMEOUT_S)
 
 
 CLI_SET = ["model.width=2", "data.batch_size=32", "run.epochs=1", "run.progress=false", "run.checkpoint_every_steps=1",
@@ -444,6 +562,7 @@ def test_torchrun_resumes_a_parallel_run_and_only_main_writes(healthy, tmp_path)
     (run_dir,) = (tmp / "runs" / "digits").iterdir()  # one run directory, made by the main rank only
     resumed = _torchrun(tmp_path, "--resume", str(run_dir), "--set", "run.max_steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "terminate called" not in resumed.stderr and "teardown failed" not in resumed.stderr, resumed.stderr[-3000:]
     assert resumed.stdout.count("digits: test_acc=") == 1  # one final line, from the main rank
     assert len(list((tmp / "runs" / "digits").iterdir())) == 1
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -464,3 +583,51 @@ def test_torchrun_resumes_a_parallel_run_and_only_main_writes(healthy, tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["queries"]["train"] == single["queries"]["train"] + 4 * (WORLD - 1)
     assert summary["steps"] == 4
+
+
+def _processes_with_arg(marker: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace").split("\0"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+def test_a_torchrun_that_times_out_leaves_no_process(tmp_path):
+    # torchrun gives every rank a session of its own, so killing the launcher alone leaves them running
+    marker = f"{600 + os.getpid() % 1000}.{time.time_ns() % 997}"  # a `sleep` argument no one else uses
+    try:
+        job = _stress_module().torchrun(["--no-python", "sleep", marker], tmp_path, timeout_s=15)
+        assert job.returncode == 124
+        deadline = time.monotonic() + 10  # a killed process can take a moment to be reaped
+        while _processes_with_arg(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with_arg(marker) == []
+    finally:  # if the runner failed, the test still stops what it started
+        for pid in _processes_with_arg(marker):
+            os.kill(pid, 9)
+
+
+@pytest.mark.slow
+def test_stress_parallel_train_resume_cycles_under_load():
+    """The stress script in small: CLI train + resume cycles and exit-race jobs, under load, 0 failures.
+    (`python benchmarks/stress_parallel.py --cycles 30 [--load]` is the full run.)"""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stress_parallel.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--cycles", "3", "--exit-race", "10", "--load"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    finally:
+        if proc.poll() is None:  # SIGTERM: the script stops its job and its load processes itself
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, out[-5000:]
+    assert "stress_parallel: 0 failures in 13 jobs" in out, out[-5000:]

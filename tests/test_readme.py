@@ -134,6 +134,12 @@ def _strip_comment(line: str) -> str:
     return re.split(r"\s+#", line, maxsplit=1)[0].strip()
 
 
+def _command_words(line: str) -> list[str]:
+    """The words of a shell command line, without an output redirection (`> my.toml`)."""
+    words = shlex.split(line)
+    return words[: words.index(">")] if ">" in words else words
+
+
 def shown_commands(page: Path) -> list[Command]:
     out = []
     for b in page_blocks(page):
@@ -142,7 +148,7 @@ def shown_commands(page: Path) -> list[Command]:
             for i, line in enumerate(joined.splitlines()):
                 line = _strip_comment(line)
                 if line:
-                    out.append(Command(f"{b.where()}+{i}", shlex.split(line)))
+                    out.append(Command(f"{b.where()}+{i}", _command_words(line)))
         elif b.lang == "text":
             lines = b.code.splitlines()
             for i, line in enumerate(lines):
@@ -184,8 +190,7 @@ def check_blackbox_zo(cmd: Command, argv: list[str], own_names: set[str]) -> Non
     from blackbox_zo.cli import build_parser
     from blackbox_zo.config import ConfigError, resolve_config
     from blackbox_zo.oracle import available_oracles
-    from blackbox_zo.oracle_problem import OracleProblem
-    from blackbox_zo.problem import available_experiments, available_problems, get_problem
+    from blackbox_zo.problem import OracleProblem, available_experiments, available_problems, get_problem
 
     parser = build_parser()
     if cmd.inline and len(argv) <= 1:  # `blackbox-zo` or `blackbox-zo train`: a name, not a command

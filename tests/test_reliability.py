@@ -22,7 +22,7 @@ import fault_oracles
 from blackbox_zo import rundir
 from blackbox_zo.config import TrainConfig, resolve_config
 from blackbox_zo.oracle import OracleError, ParamSpace, QueryLedger, TransientOracleError
-from blackbox_zo.oracle_problem import OracleProblem
+from blackbox_zo.problem import OracleProblem
 from blackbox_zo.trainer import TrainingError, ZeroSignalWarning, train
 
 BOWL = fault_oracles.NAME
@@ -142,7 +142,7 @@ def test_rotation_keeps_the_one_before_and_the_digest_finds_a_flipped_bit(tmp_pa
     for s in states:
         rundir.save_checkpoint(tmp_path, s)
     assert rundir.load_checkpoint(tmp_path).step == 2
-    assert rundir._load_one(tmp_path / rundir.PREVIOUS_CHECKPOINT_NAME)["position"][2] == 1
+    assert rundir.read_checkpoint(tmp_path / rundir.PREVIOUS_CHECKPOINT_NAME)["position"][2] == 1
     assert not list(tmp_path.glob(".*"))  # no temp files left
     path = tmp_path / rundir.CHECKPOINT_NAME
     data = bytearray(path.read_bytes())
@@ -191,9 +191,9 @@ class MostlyFlat(fault_oracles.FaultBowl):
 
 
 def test_the_zero_signal_guard_warns_once_when_nearly_all_differences_vanish(monkeypatch):
-    from blackbox_zo import oracle_problem
+    from blackbox_zo import problem as problem_module
 
-    monkeypatch.setattr(oracle_problem, "make_oracle", lambda name, **kw: MostlyFlat())
+    monkeypatch.setattr(problem_module, "make_oracle", lambda name, **kw: MostlyFlat())
     p, cfg = bowl()
     with pytest.warns(ZeroSignalWarning) as caught:
         s = train(p, cfg)

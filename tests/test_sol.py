@@ -341,6 +341,26 @@ def test_a_conservative_corrector_keeps_each_channels_total_and_only_that():
 # ------------------------------------------------------------------------ the sol problem
 
 
+@pytest.mark.parametrize("ranking", ["largest", "abs"])
+def test_zo_grasp_gives_the_shrunk_last_layer_coordinates_only_when_scored_at_default_scale(tmp_path, ranking):
+    """The last layer starts at out_init_scale = 1e-2 of its default size, so its ZO-GraSP scores
+    S = -theta * Hg are ~1e-2 of the others and a global ranking prunes it entirely (either
+    ranking); scored with the shrink undone, it competes and gets coordinates."""
+    from problems.sol import SolProblem
+
+    problem = SolProblem()
+    keep = {}
+    for where in ("as-initialised", "default-scale"):
+        config = problem.resolve_config(None, small_settings(
+            tmp_path, "sol.unroll=4", "sparsity.enabled=true", "sparsity.method=zo-grasp", "sparsity.sparsity=0.9",
+            f"sparsity.ranking={ranking}", f"sol.grasp_at={where}"))
+        layers = problem.setup(config).extras["sparsity"]["layers"]
+        keep[where] = {name: v["keep"] for name, v in layers.items()}
+        assert sum(v["keep"] for k, v in layers.items() if k.endswith("weight")) == round(0.1 * (80 + 320 + 40))
+    assert keep["as-initialised"]["net.4.weight"] == 0
+    assert keep["default-scale"]["net.4.weight"] >= 2  # measured 5 (largest) and 6 (abs) of 40
+
+
 def test_train_sol_refuses_fo_sol_for_a_non_differentiable_simulator(tmp_path, capsys):
     from blackbox_zo.cli import main
 

@@ -23,7 +23,8 @@ from blackbox_zo.sparsity import (
     uniform_ratios,
     zo_grasp_scores,
 )
-from blackbox_zo.trainer import CHECKPOINT_NAME, train
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import train
 from oracles.model_loss import ModelLossOracle
 from problems.digits import DigitsProblem
 from problems.experiments.fo_grasp_reference import fo_grasp_scores

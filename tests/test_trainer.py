@@ -6,16 +6,17 @@ import torch
 from blackbox_zo.config import resolve_config
 from blackbox_zo.oracle import Oracle, ParamSpace
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
-from blackbox_zo.trainer import CHECKPOINT_NAME, TrainingError, train
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import TrainingError, train
 from problems.digits import DigitsProblem
 
-FAST = ["model.width=2", "data.batch_size=32", "estimator=rge", "estimator.q=16", "run.progress=false",
-        "run.epochs=2"]
+BASE = ["model.width=2", "data.batch_size=32", "run.progress=false", "run.epochs=2"]
+FAST = [*BASE, "estimator=rge", "estimator.q=16"]
 
 
-def digits_config(*extra):
+def digits_config(*extra, base=FAST):
     p = DigitsProblem()
-    return p, resolve_config(p.config_model, p.default_config(), overrides=FAST + list(extra))
+    return p, resolve_config(p.config_model, p.default_config(), overrides=list(base) + list(extra))
 
 
 def final_params(run_dir):
@@ -43,7 +44,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, split, every):
 
 
 def test_run_directory_contents_and_fo_reference(tmp_path):
-    p, cfg = digits_config("estimator=autograd", "run.epochs=3", "model.width=8")
+    p, cfg = digits_config("estimator=autograd", "run.epochs=3", "model.width=8", base=BASE)
     summary = train(p, cfg, run_dir=tmp_path)
     for name in ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT_NAME, "training.png"):
         assert (tmp_path / name).is_file(), name
@@ -78,7 +79,7 @@ class NaNProblem(Problem):
 
     def default_config(self):
         return {"estimator": {"kind": "cge"}, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
-                "schedule": {"name": "constant"}, "data": {"batch_size": 1}, "run": {"epochs": 1, "progress": False}}
+                "schedule": {"name": "constant"}, "run": {"epochs": 1, "progress": False}}
 
     def setup(self, config):
         self.oracle = NaNAfter(self.bad_from)
@@ -137,3 +138,42 @@ def test_progress_bar_accepts_an_eval_metric_named_like_its_columns(capsys):
     summary = train(prob, cfg)  # the epoch-1 evaluation is on the bar during epoch 2
     assert summary["steps"] == 10 and summary["loss"] == 3.0
     assert "eval/loss=3.0000" in capsys.readouterr().err
+
+
+class RecordingLogger:
+    """A MetricsLogger that keeps what it is given."""
+
+    def __init__(self):
+        self.records, self.summaries, self.closed = [], [], 0
+
+    def log(self, record):
+        self.records.append(dict(record))
+
+    def log_summary(self, summary):
+        self.summaries.append(dict(summary))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_metrics_logger_gets_every_record_of_metrics_jsonl_and_the_summary(tmp_path):
+    from blackbox_zo.metrics import MetricsLogger
+
+    logger = RecordingLogger()
+    assert isinstance(logger, MetricsLogger)
+    p, cfg = digits_config("run.max_steps=5", "run.eval_every_epochs=1")
+    summary = train(p, cfg, run_dir=tmp_path, loggers=[logger])
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logger.records == written and [r["step"] for r in written if "loss" in r] == [1, 2, 3, 4, 5]
+    assert logger.summaries == [summary] == [json.loads((tmp_path / "summary.json").read_text())]
+    assert logger.closed == 1
+
+
+def test_a_metrics_logger_is_closed_and_told_why_when_a_run_fails(tmp_path):
+    logger = RecordingLogger()
+    prob = NaNProblem(bad_from=5)
+    cfg = resolve_config(prob.config_model, prob.default_config())
+    with pytest.raises(TrainingError):
+        train(prob, cfg, run_dir=tmp_path, loggers=[logger])
+    assert [r["step"] for r in logger.records] == [1, 2]
+    assert logger.summaries[-1]["stopped"] == "non-finite" and logger.closed == 1

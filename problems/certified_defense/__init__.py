@@ -27,11 +27,15 @@ from typing import Any, Callable, Optional
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.config import DataConfig, SparsityConfig, SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
+from blackbox_zo.rundir import atomic_write_bytes, atomic_write_text
+from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.classifier import OnnxClassifier, export_onnx, predict_labels
 from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
+from problems.digits import load_digits_split, make_digits_cnn
 
 __all__ = [
     "CertifiedDefenseProblem",
@@ -49,22 +53,29 @@ IMAGE_SHAPE = (1, 8, 8)
 
 
 class DefenseSettings(Strict):
+    """The `defense` section: the smoothing noise, the black-box classifier and the denoiser (stages 1-2)."""
+
     sigma: float = Field(0.25, gt=0, description="smoothing noise std (images in [0, 1])")
     classifier_width: int = Field(8, ge=1, description="width of the digits CNN behind the black box")
     classifier_epochs: int = Field(30, ge=1, description="Adam epochs of the base classifier, stage 1")
     classifier_lr: float = Field(1e-2, gt=0, description="Adam, stage 1")
     denoiser_depth: int = Field(5, ge=2, description="DnCNN depth (reference: 17)")
     denoiser_width: int = Field(32, ge=1, description="DnCNN width (reference: 64)")
-    denoiser_batch_norm: bool = True
+    denoiser_batch_norm: bool = Field(True, description="batch norm between the DnCNN's convolutions")
     pretrain_epochs: int = Field(60, ge=1, description="MSE pretraining epochs, stage 2 (Appx. G: 90)")
     pretrain_lr: float = Field(1e-3, gt=0, description="Adam, stage 2 (cosine to 0)")
-    artifacts_dir: Optional[str] = Field(None, description="stage cache; default <run.out_dir>/certified-defense/_stages")
+    artifacts_dir: Optional[str] = Field(None, description="stage cache (none: <run.out_dir>/certified-defense/"
+                                         "_stages)")
     eval_noise_draws: int = Field(4, ge=1, description="noise draws per test image in the training-time evaluation")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
 
 
 class CertifiedDefenseConfig(TrainConfig):
-    defense: DefenseSettings = DefenseSettings()
+    """certified-defense: digits images (data), optional Sparse-CGE on the denoiser, the defense itself."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="mini-batches and the digits train/test split")
+    sparsity: SparsityField = None
+    defense: DefenseSettings = Field(default_factory=DefenseSettings, description="noise, black box, denoiser")
 
 
 @dataclass
@@ -74,12 +85,6 @@ class Stages:
     classifier_torch: Path  # state_dict of the same network: white-box reference only
     denoiser_mse: Path  # state_dict of the MSE-pretrained DnCNN
     info: dict[str, Any]
-
-
-def _digits(seed: int):
-    from problems.digits import load_digits_split
-
-    return load_digits_split(seed)
 
 
 def make_denoiser(d: DefenseSettings) -> DnCNN:
@@ -120,8 +125,6 @@ def _stage_key(d: DefenseSettings, data_seed: int, seed: int) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    from blackbox_zo.trainer import atomic_write_bytes
-
     atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
@@ -133,11 +136,6 @@ def stage_directory(config: CertifiedDefenseConfig) -> Path:
 
 def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = print) -> Stages:
     """Stages 1 and 2 (first-order, cached): base classifier -> ONNX, MSE-pretrained denoiser."""
-    from tqdm.auto import tqdm
-
-    from blackbox_zo.trainer import atomic_write_text
-    from problems.digits import make_digits_cnn
-
     d = config.defense
     directory = stage_directory(config)
     directory.mkdir(parents=True, exist_ok=True)
@@ -150,7 +148,7 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
         return stages
 
     progress = config.run.progress
-    x_tr, y_tr, x_te, y_te = _digits(config.data.seed)
+    x_tr, y_tr, x_te, y_te = load_digits_split(config.data.seed)
     batches = TensorBatches(x_tr, y_tr, batch_size=64, seed=config.run.seed)
     # Stage 1: the classifier owner's model (first-order, clean data only).
     t0 = time.perf_counter()
@@ -208,8 +206,6 @@ def prepare_stages(config: CertifiedDefenseConfig, log: Callable[[str], None] = 
 
 def load_stage_models(stages: Stages, d: DefenseSettings) -> tuple[OnnxClassifier, nn.Module, DnCNN]:
     """(black-box ONNX classifier, white-box torch copy of it, MSE-pretrained denoiser)."""
-    from problems.digits import make_digits_cnn
-
     black_box = OnnxClassifier(stages.classifier_onnx, threads=d.onnx_threads)
     white_box = make_digits_cnn(d.classifier_width)
     white_box.load_state_dict(torch.load(stages.classifier_torch, map_location="cpu", weights_only=True))
@@ -244,7 +240,7 @@ class CertifiedDefenseProblem(Problem):
         d = config.defense
         stages = prepare_stages(config)
         black_box, white_box, denoiser = load_stage_models(stages, d)
-        x_tr, _, x_te, y_te = _digits(config.data.seed)
+        x_tr, _, x_te, y_te = load_digits_split(config.data.seed)
         # Labels of eq. (A2) are the black box's own predictions on clean images (counted queries).
         pseudo = predict_labels(black_box, x_tr)
         label_queries = black_box.reset_queries()
@@ -272,8 +268,9 @@ class CertifiedDefenseProblem(Problem):
         extras: dict[str, Any] = {"stages": stages, "black_box": black_box, "white_box": white_box,
                                   "label_queries": label_queries, "x_test": x_te, "y_test": y_te}
         coord_sampler = None
-        if config.sparsity.enabled and config.estimator.kind == "cge":
-            coord_sampler, extras["sparsity"] = _sparse_sampler(config, oracle, x_tr, pseudo)
+        sparsity = active_sparsity(config)
+        if sparsity is not None:
+            coord_sampler, extras["sparsity"] = _sparse_sampler(config, sparsity, oracle, x_tr, pseudo)
         return TrainingSetup(
             oracle=oracle,
             train_batches=batches,
@@ -285,16 +282,15 @@ class CertifiedDefenseProblem(Problem):
         )
 
 
-def _sparse_sampler(config: CertifiedDefenseConfig, oracle: DenoisedSmoothingOracle, x: Tensor, labels: Tensor):
+def _sparse_sampler(config: CertifiedDefenseConfig, sparsity: SparsityConfig, oracle: DenoisedSmoothingOracle,
+                    x: Tensor, labels: Tensor):
     """DeepZero: ZO-GraSP (eq. 3) on a class-balanced noisy batch -> layer-wise ratios -> Sparse-CGE.
 
     The pruning batch carries its own delta (drawn once, shared by all 2(q+1) queries); its
     queries are charged to the `prune` phase.
     """
-    from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-
-    idx = balanced_indices(labels, config.sparsity.samples_per_class, seed=config.run.seed)
+    idx = balanced_indices(labels, sparsity.samples_per_class, seed=config.run.seed)
     gen = torch.Generator().manual_seed(20_000 + config.run.seed)
     xb = x[idx]
     batch = DefenseBatch(xb, labels[idx], config.defense.sigma * torch.randn(xb.shape, generator=gen))
-    return build_sparse_sampler(oracle, oracle.initial_theta(), batch, config.sparsity, seed=config.run.seed)
+    return build_sparse_sampler(oracle, oracle.initial_theta(), batch, sparsity, seed=config.run.seed)

@@ -23,7 +23,10 @@ grasp_layers.md/.csv, summary.json, and the two training runs zo/ and fo/.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import hashlib
+import io
 import json
 import sys
 import time
@@ -36,10 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from blackbox_zo.config import ConfigError, resolve_config
-from blackbox_zo.trainer import CHECKPOINT_NAME, atomic_write_text, train
+from blackbox_zo.rundir import CHECKPOINT_NAME, atomic_write_text
+from blackbox_zo.sparsity import balanced_indices, global_keep_mask, layer_ratios, prunable_mask, zo_grasp_scores
+from blackbox_zo.trainer import train
 from oracles.certification import CertifyResult, certify_dataset, max_certifiable_radius, samples_needed
 from oracles.classifier import BlackBoxClassifier, OnnxFunction, export_onnx
 from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN
+from problems.digits import load_digits_split
 
 from . import (
     IMAGE_SHAPE,
@@ -77,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grasp-per-class", type=int, default=10,
                    help="images per class of the ZO-GraSP layer analysis; 0 skips it")
     p.add_argument("--grasp-sparsity", type=float, default=0.95, help="ZO-GraSP pruning ratio (Appx. G: 95%%)")
+    p.add_argument("--grasp-q", type=int, default=192, help="RGE directions of the ZO-GraSP layer analysis")
+    p.add_argument("--grasp-mu", type=float, default=5e-3, help="finite-difference step of the ZO-GraSP layer analysis")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training/stage settings for both fine-tunes, e.g. --set defense.denoiser_width=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -85,13 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     for name, low in (("n", 1), ("n0", 1), ("test_size", 1), ("sample_batch", 1), ("threads", 1),
-                      ("grasp_per_class", 0)):
+                      ("grasp_per_class", 0), ("grasp_q", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not 0 < args.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
     if not 0 <= args.grasp_sparsity < 1:
         raise ConfigError(f"--grasp-sparsity must be in [0, 1), got {args.grasp_sparsity}")
+    if not args.grasp_mu > 0:
+        raise ConfigError(f"--grasp-mu must be > 0, got {args.grasp_mu}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_args(args)
         overrides = list(args.set) + (["run.progress=false"] if args.no_progress else [])
-        config: CertifiedDefenseConfig = resolve_config(
-            CertifiedDefenseConfig, problem.default_config(), None, overrides)  # type: ignore[assignment]
+        config: CertifiedDefenseConfig = problem.resolve_config(None, overrides)  # type: ignore[assignment]
     except ConfigError as exc:
         print(f"blackbox-zo: error: {exc}", file=sys.stderr)
         return 2
@@ -131,7 +140,8 @@ def _train_stage(problem, config: CertifiedDefenseConfig, run_dir: Path) -> tupl
 
 
 def grasp_layer_analysis(config: CertifiedDefenseConfig, denoiser: DnCNN, black_box: BlackBoxClassifier,
-                         per_class: int, sparsity: float) -> tuple[list[dict[str, Any]], int]:
+                         per_class: int, sparsity: float, q: int = 192, mu: float = 5e-3
+                         ) -> tuple[list[dict[str, Any]], int]:
     """ZO-GraSP (DeepZero eq. 3) over every denoiser parameter, through the black box.
 
     Appx. G: after MSE pretraining, ZO-GraSP at 95% keeps almost nothing except in the first
@@ -139,11 +149,6 @@ def grasp_layer_analysis(config: CertifiedDefenseConfig, denoiser: DnCNN, black_
     for GraSP's ranking (prune the largest scores) and for |score|.
     Returns (one row per conv layer, loss queries spent).
     """
-    import copy
-
-    from blackbox_zo.sparsity import balanced_indices, global_keep_mask, layer_ratios, prunable_mask, zo_grasp_scores
-    from problems.digits import load_digits_split
-
     x_tr, _, _, _ = load_digits_split(config.data.seed)
     with torch.no_grad():
         labels = black_box(x_tr).argmax(1)
@@ -155,7 +160,7 @@ def grasp_layer_analysis(config: CertifiedDefenseConfig, denoiser: DnCNN, black_
     names = [n for n, _ in den.named_parameters()]
     oracle = DenoisedSmoothingOracle(den, black_box, trainable=names, feature_reuse=False)
     theta = oracle.initial_theta()
-    res = zo_grasp_scores(oracle, theta, batch, q=config.sparsity.q, mu=config.sparsity.mu, seed=config.run.seed)
+    res = zo_grasp_scores(oracle, theta, batch, q=q, mu=mu, seed=config.run.seed)
     prunable = prunable_mask(oracle.space, weights_only=True)
     # Both rankings from the same scores (no extra queries): GraSP prunes the largest scores,
     # DeepZero's reference code ranks by |score|.
@@ -203,8 +208,6 @@ class FastDenoisers:
 
     @staticmethod
     def _key(den: DnCNN) -> str:
-        import hashlib
-
         h = hashlib.sha256()
         for name, t in sorted(den.prefix.state_dict().items()):
             h.update(name.encode())
@@ -318,7 +321,7 @@ def run(config: CertifiedDefenseConfig, out: Path, args: argparse.Namespace) -> 
     if args.grasp_per_class > 0:
         t = time.perf_counter()
         grasp_rows, grasp_queries = grasp_layer_analysis(config, den_mse, black_box, args.grasp_per_class,
-                                                         args.grasp_sparsity)
+                                                         args.grasp_sparsity, args.grasp_q, args.grasp_mu)
         timings["grasp_analysis_s"] = time.perf_counter() - t
         print(f"[grasp] {grasp_queries} loss queries of {10 * args.grasp_per_class} images each, "
               f"{timings['grasp_analysis_s']:.0f} s")
@@ -331,8 +334,9 @@ def run(config: CertifiedDefenseConfig, out: Path, args: argparse.Namespace) -> 
     t = time.perf_counter()
     zo_summary, zo_images = _train_stage(problem, config, out / "zo")
     timings["zo_finetune_s"] = time.perf_counter() - t
-    fo_config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"kind": "autograd"}),
-                                          "sparsity": config.sparsity.model_copy(update={"enabled": False})})
+    # the same settings with the first-order reference (which takes no mu, scheme or sparsity)
+    fo_config = resolve_config(CertifiedDefenseConfig, config.model_dump(), None, ["estimator=autograd"],
+                               name=problem.name)
     t = time.perf_counter()
     fo_summary, _ = _train_stage(problem, fo_config, out / "fo")
     timings["fo_finetune_s"] = time.perf_counter() - t
@@ -344,8 +348,6 @@ def run(config: CertifiedDefenseConfig, out: Path, args: argparse.Namespace) -> 
     denoisers = {"none": None, "mse": den_mse, "fo": finetuned(out / "fo"), "zo": finetuned(out / "zo")}
 
     # Stage 4: certification on a class-balanced test subset.
-    from problems.digits import load_digits_split
-
     _, _, x_te, y_te = load_digits_split(config.data.seed)
     idx = stratified_subset(y_te, args.test_size, seed=0)
     x, y = x_te[idx], y_te[idx]
@@ -420,8 +422,6 @@ def run(config: CertifiedDefenseConfig, out: Path, args: argparse.Namespace) -> 
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
     writer.writeheader()

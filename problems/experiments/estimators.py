@@ -40,6 +40,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from blackbox_zo.config import TrainConfig
 from blackbox_zo.estimators import CGE, RGE, LinearInterpolation
@@ -48,11 +50,13 @@ from blackbox_zo.contrib.hzo import HZO, TorchStages
 from blackbox_zo.problem import Problem, TensorBatches, TrainingSetup
 from blackbox_zo.trainer import train
 from oracles.model_loss import ModelLossOracle
+from problems.digits import load_digits_split
 
 from .args import int_list, positive
 from .tables import experiment_dir, write_table
 
-__all__ = ["make_simple_cnn", "timed_cge", "timed_rge", "fig2", "timing_table", "cosine_table", "main"]
+__all__ = ["make_simple_cnn", "digits_data", "plain_oracle", "autograd_gradient", "cosine_similarity", "timed_cge",
+           "timed_rge", "fig2", "timing_table", "cosine_table", "main"]
 
 METHODS = ("fo", "cge", "rge")
 LABELS = {"fo": "FO SGD (backprop)", "cge": "ZO CGE", "rge": "ZO RGE (q = d)"}
@@ -78,10 +82,8 @@ def n_params(width: int) -> int:
     return sum(p.numel() for p in make_simple_cnn(width).parameters())
 
 
-def _digits(validation: bool, seed: int = 0):
+def digits_data(validation: bool, seed: int = 0):
     """Train/test tensors; with `validation`, the test set is a held-out 20% of the training set."""
-    from problems.digits import load_digits_split
-
     x_tr, y_tr, x_te, y_te = load_digits_split(0)
     if not validation:
         return x_tr, y_tr, x_te, y_te
@@ -102,7 +104,7 @@ class SimpleCNNDigits(Problem):
         return {}
 
     def setup(self, config: TrainConfig) -> TrainingSetup:
-        x_tr, y_tr, x_te, y_te = _digits(self.validation)
+        x_tr, y_tr, x_te, y_te = digits_data(self.validation)
         torch.manual_seed(config.run.seed)
         module = make_simple_cnn(self.width)
 
@@ -205,7 +207,7 @@ def tune(width, epochs, batch_size, mu, grid: dict[str, list[float]], progress) 
 # ------------------------------------------------------------------ 2. Table A1 analogue
 
 
-def _plain_oracle(module: nn.Module) -> ModelLossOracle:
+def plain_oracle(module: nn.Module) -> ModelLossOracle:
     """The oracle on its plain vmapped forward (feature reuse off, where the oracle has it)."""
     if "feature_reuse" in inspect.signature(ModelLossOracle.__init__).parameters:
         return ModelLossOracle(module, feature_reuse=False)
@@ -241,15 +243,13 @@ def timed_rge(oracle, theta: Tensor, batch, q: int, mu: float, seed: int) -> tup
 
 
 def timing_table(widths, reps, batch_size, mu, progress) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    x_tr, y_tr, _, _ = _digits(False)
+    x_tr, y_tr, _, _ = digits_data(False)
     batch = (x_tr[:batch_size], y_tr[:batch_size])
     rows = []
     for width in tqdm(list(widths), desc="timing", disable=not progress, dynamic_ncols=True):
         torch.manual_seed(0)
         module = make_simple_cnn(width)
-        oracle = _plain_oracle(module)
+        oracle = plain_oracle(module)
         theta = oracle.initial_theta()
         d = theta.numel()
         execute(QueryPlan.at(theta.repeat(2, 1)), oracle, batch)  # warm-up (first vmap call)
@@ -312,10 +312,8 @@ def plot_timing(rows, path: Path) -> None:
 # ---------------------------------------------------------------------- 3. cosine table
 
 
-def _autograd(module: nn.Module, theta: Tensor, space, batch) -> Tensor:
+def autograd_gradient(module: nn.Module, theta: Tensor, space, batch) -> Tensor:
     """Reference gradient of the same function the oracle computes (BN with batch statistics, no buffer update)."""
-    from torch.func import functional_call
-
     x, y = batch
     params = {k: v.clone().requires_grad_(True) for k, v in space.views(theta).items()}
     buffers = {n: None for n, _ in module.named_buffers()}  # norm layers in training mode: batch statistics only
@@ -325,21 +323,19 @@ def _autograd(module: nn.Module, theta: Tensor, space, batch) -> Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def _cos(a: Tensor, b: Tensor) -> float:
+def cosine_similarity(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
 def cosine_table(width, fractions, seeds, batch_size, mu, progress) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from tqdm.auto import tqdm
-
-    x_tr, y_tr, _, _ = _digits(False)
+    x_tr, y_tr, _, _ = digits_data(False)
     batch = (x_tr[:batch_size], y_tr[:batch_size])
     torch.manual_seed(0)
     module = make_simple_cnn(width)
     oracle = ModelLossOracle(module)
     theta = oracle.initial_theta()
     d = theta.numel()
-    g = _autograd(module, theta, oracle.space, batch)
+    g = autograd_gradient(module, theta, oracle.space, batch)
     raw = []
     jobs = [(f, s) for f in fractions for s in seeds]
     for frac, seed in tqdm(jobs, desc="cosines", disable=not progress, dynamic_ncols=True):
@@ -358,14 +354,15 @@ def cosine_table(width, fractions, seeds, batch_size, mu, progress) -> tuple[lis
         }
         for name, fn in estimators.items():
             e = fn()
-            raw.append({"estimator": name, "fraction": frac, "budget_Q": e.queries, "seed": seed, "cos": _cos(e.grad, g)})
+            raw.append({"estimator": name, "fraction": frac, "budget_Q": e.queries, "seed": seed,
+                        "cos": cosine_similarity(e.grad, g)})
     # HZO on the same network with BN in eval mode (HZO needs sample-independent stages), at its own cost.
     module.eval()
     staged = TorchStages(module)
     g_eval = _autograd_eval(module, staged.theta(), staged.space, batch)
     e = HZO(mu=mu).estimate(staged, staged.theta(), batch)
     hzo_row = {"estimator": "HZO (BN in eval mode)", "fraction": e.queries / (staged.num_stages + 1) / d,
-               "budget_Q": round(e.queries / (staged.num_stages + 1)), "seed": 0, "cos": _cos(e.grad, g_eval)}
+               "budget_Q": round(e.queries / (staged.num_stages + 1)), "seed": 0, "cos": cosine_similarity(e.grad, g_eval)}
     raw.append(hzo_row)
     table = []
     for name in dict.fromkeys(r["estimator"] for r in raw):
@@ -380,8 +377,6 @@ def cosine_table(width, fractions, seeds, batch_size, mu, progress) -> tuple[lis
 
 
 def _autograd_eval(module, theta, space, batch) -> Tensor:
-    from torch.func import functional_call
-
     x, y = batch
     params = {k: v.clone().requires_grad_(True) for k, v in space.views(theta).items()}
     with torch.enable_grad():

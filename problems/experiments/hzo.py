@@ -30,11 +30,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from blackbox_zo.estimators import RGE
 from blackbox_zo.contrib.hzo import HZO, TorchStages
 from blackbox_zo.problem import TensorBatches
 from oracles.model_loss import ModelLossOracle
+from problems.digits import load_digits_split
 
 from .args import int_list, positive
 from .tables import experiment_dir, write_table
@@ -102,8 +104,6 @@ def cosine(a: Tensor, b: Tensor) -> float:
 
 
 def digits_batch(n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from problems.digits import load_digits_split
-
     x_tr, y_tr, x_te, y_te = load_digits_split(0)
     idx = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))[:n]
     return x_tr[idx], y_tr[idx], x_tr, y_tr, x_te, y_te
@@ -114,8 +114,6 @@ def digits_batch(n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor,
 
 def cosine_vs_depth(depths: Sequence[int], channels: int, batch: int, mu: float, seeds: Sequence[int],
                     with_direct: bool, progress: bool = True) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     jobs = [(d, kind, s) for d in depths for kind in ("plain", "residual") for s in seeds]
     rows = []
     for depth, kind, seed in tqdm(jobs, desc="cosine vs depth", disable=not progress, dynamic_ncols=True):
@@ -178,8 +176,6 @@ def plot_cosine(rows, path: Path) -> None:
 
 
 def query_counts(depths: Sequence[int], channels: int, with_direct: bool, progress: bool = True) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     rows = []
     x, y, *_ = digits_batch(1, 0)
     for depth in tqdm(list(depths), desc="query counts", disable=not progress, dynamic_ncols=True):
@@ -240,8 +236,6 @@ def plot_queries(rows, path: Path) -> None:
 def train_digits_hzo(depth: int, channels: int, epochs: int, batch_size: int, lr: float, mu: float,
                      methods: Sequence[str] = ("hzo", "fo"), seed: int = 0, progress: bool = True) -> tuple[list, list]:
     """Train the residual staged CNN on digits with HZO (queries only) and with backprop; same recipe."""
-    from tqdm.auto import tqdm
-
     _, _, x_tr, y_tr, x_te, y_te = digits_batch(1, seed)
     results, curves = [], []
     for method in methods:

@@ -33,10 +33,13 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from blackbox_zo.config import OptimizerConfig, ScheduleConfig
+from blackbox_zo.config import CosineSchedule, SGDConfig
+from blackbox_zo.optim import build_optimizer, build_scheduler
 from blackbox_zo.oracle import ParamSpace
 from blackbox_zo.problem import TensorBatches
+from blackbox_zo.rundir import make_run_dir
 from blackbox_zo.sparsity import (
     balanced_indices,
     global_keep_mask,
@@ -48,6 +51,10 @@ from blackbox_zo.sparsity import (
     random_scores,
     zo_grasp_scores,
 )
+from oracles.model_loss import ModelLossOracle
+from problems.digits import load_digits_split, make_digits_cnn
+
+from .fo_grasp_reference import fo_grasp_scores
 
 __all__ = ["PruningSettings", "masked_fo_train", "mask_agreement", "run_experiment", "main"]
 
@@ -94,8 +101,6 @@ def masked_fo_train(
 ) -> float:
     """Train the weight-sparse model first-order (masked weights are zero and stay zero) and
     return its test accuracy. The recipe is the digits FO recipe: SGD + momentum, cosine."""
-    from blackbox_zo.trainer import build_optimizer, build_scheduler
-
     x_tr, y_tr, x_te, y_te = data
     params = dict(module.named_parameters())
     masks = {n: keep[n].view_as(params[n]).to(params[n].dtype) for n in keep}
@@ -103,10 +108,10 @@ def masked_fo_train(
         for n, m in masks.items():
             params[n].mul_(m)
     batches = TensorBatches(x_tr, y_tr, batch_size=settings.batch_size, seed=seed)
-    opt = build_optimizer(OptimizerConfig(name="sgd", lr=settings.lr, momentum=settings.momentum),
+    opt = build_optimizer(SGDConfig(lr=settings.lr, momentum=settings.momentum),
                           list(params.values()))
     steps_per_epoch = batches.num_batches(0)
-    schedule = ScheduleConfig(name="cosine", warmup_epochs=settings.warmup_epochs)
+    schedule = CosineSchedule(warmup_epochs=settings.warmup_epochs)
     sched = build_scheduler(schedule, opt, settings.epochs * steps_per_epoch, steps_per_epoch)
     module.train()
     for epoch in range(settings.epochs):
@@ -158,10 +163,6 @@ def mask_agreement(space: ParamSpace, key_zo: Tensor, key_fo: Tensor, keep_zo: T
 
 
 def _scores_for_seed(settings: PruningSettings, seed: int, data, module_factory):
-    from oracles.model_loss import ModelLossOracle
-
-    from .fo_grasp_reference import fo_grasp_scores
-
     x_tr, y_tr = data[0], data[1]
     idx = balanced_indices(y_tr, settings.samples_per_class, seed=seed)
     prune_batch = (x_tr[idx], y_tr[idx])
@@ -190,10 +191,6 @@ def _scores_for_seed(settings: PruningSettings, seed: int, data, module_factory)
 
 
 def run_experiment(settings: PruningSettings, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from problems.digits import load_digits_split, make_digits_cnn
-
     torch.set_num_threads(settings.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_digits_split(0)
@@ -483,8 +480,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        from blackbox_zo.trainer import make_run_dir
-
         out = make_run_dir("runs/experiments", "pruning")
     summary = run_experiment(settings, out, progress=not args.no_progress)
     print((out / "pruning_table.md").read_text())

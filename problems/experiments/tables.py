@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from blackbox_zo.trainer import atomic_write_text
+from blackbox_zo.rundir import atomic_write_text
 
 __all__ = ["write_table", "markdown_table", "experiment_dir", "fmt"]
 

@@ -24,12 +24,13 @@ smooth, high-viscosity test run worse than no correction at all; docs/sol.md).
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GridCorrector", "VectorCorrector", "build_corrector", "corrector_kind"]
+__all__ = ["GridCorrector", "VectorCorrector", "build_corrector", "corrector_kind", "unshrunk"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -144,3 +145,16 @@ def build_corrector(state_shape: tuple[int, ...], n_cond: int, *, kind: str = "a
                              conserve=conserve)
     return VectorCorrector(tuple(state_shape), n_cond, width=width, depth=depth, out_init_scale=out_init_scale,
                            state_scale=state_scale, cond_scale=cond_scale, mask=mask, conserve=conserve)
+
+
+def unshrunk(corrector: nn.Module, out_init_scale: float) -> nn.Module:
+    """A copy of `corrector` with its last layer divided by `out_init_scale`: the default-scale
+    initialisation the shrink started from. ZO-GraSP scores S = -theta * Hg of a layer scaled
+    by 1e-2 are ~1e-2 of the others, so a global ranking prunes that layer entirely; scored
+    here, every layer competes at its natural scale (problems/sol/problem.py: sol.grasp_at)."""
+    copy = deepcopy(corrector)
+    last = copy.net[-1]
+    with torch.no_grad():
+        last.weight.div_(out_init_scale)
+        last.bias.div_(out_init_scale)
+    return copy

@@ -34,11 +34,23 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from blackbox_zo.config import ConfigError
+from blackbox_zo.problem import ProblemSetupError
+from blackbox_zo.registry import SIMULATORS
+from blackbox_zo.rundir import atomic_write_text, make_run_dir
+from blackbox_zo.trainer import Trainer
+from oracles.simulator import is_differentiable, make_simulator
+
+from .data import WindowBatches
+from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
+from .problem import SolProblem, build_sol
+from .report import COLORS, mae_table, plot_mae_over_time, plot_test_run, pyplot, run_labels, seed_table, write_table
+
 METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
 
 # A smoke run: few steps of everything, on the simulator's own `quick_options` if it declares them.
 QUICK: list[str] = ["sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
-                    "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2", "sparsity.q=4"]
+                    "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2"]
 
 
 def _cpu_s() -> float:
@@ -97,8 +109,6 @@ def _config_key(config, method: str, seed: int, extra: dict[str, Any]) -> str:
 
 def _train_sol(problem, config, run_dir: Path, label: str):
     """The trainer on the sol problem, keeping the module (the experiment evaluates it itself)."""
-    from blackbox_zo.trainer import Trainer, atomic_write_text
-
     _seed_all(config.run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
@@ -111,21 +121,15 @@ def _train_sol(problem, config, run_dir: Path, label: str):
 
 def resolve(args: argparse.Namespace):
     """The config and the method list, checked before anything runs (FO-SOL refused here)."""
-    from blackbox_zo.config import ConfigError, resolve_config
-    from blackbox_zo.registry import SIMULATORS
-    from oracles.simulator import is_differentiable, make_simulator
-
-    from .problem import SolProblem
-
     problem = SolProblem()
-    base = resolve_config(problem.config_model, problem.default_config(), args.config, args.set)
+    base = problem.resolve_config(args.config, args.set)
     overrides = list(args.set)
     if args.quick:
         quick_opts = getattr(SIMULATORS.get(base.sol.simulator), "quick_options", {}) or {}
         overrides = QUICK + [f"sol.simulator_options.{k}={json.dumps(v)}" for k, v in quick_opts.items()] + overrides
     if args.no_progress:
         overrides.append("run.progress=false")
-    config = resolve_config(problem.config_model, problem.default_config(), args.config, overrides)
+    config = problem.resolve_config(args.config, overrides)
     try:
         sim = make_simulator(config.sol.simulator, **config.sol.simulator_options)
     except Exception as exc:
@@ -145,13 +149,6 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from blackbox_zo.trainer import atomic_write_text, make_run_dir
-
-    from .data import WindowBatches
-    from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
-    from .problem import build_sol
-    from .report import mae_table, plot_mae_over_time, plot_test_run, run_labels, seed_table, write_table
-
     problem, config, methods, seeds = resolve(args)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -283,9 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot_seed_bars(per_seed: dict[str, dict[int, float]], seeds: list[int], path: Path, title: str) -> None:
-    from .report import COLORS, _plt
-
-    plt = _plt()
+    plt = pyplot()
     names = list(per_seed)
     vals = [torch.tensor([per_seed[n][sd] for sd in seeds], dtype=torch.float64) for n in names]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -305,9 +300,6 @@ def _plot_seed_bars(per_seed: dict[str, dict[int, float]], seeds: list[int], pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """SRC / NON / ZO-SOL (/ FO-SOL) for a registered simulator over seeds: test MAE table and plots."""
-    from blackbox_zo.config import ConfigError
-    from blackbox_zo.problem import ProblemSetupError
-
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.methods is not None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from oracles.simulator import Simulator, weighted_mse
 
@@ -90,8 +91,6 @@ def train_non(corrector: nn.Module, pairs: tuple[Tensor, Tensor, Tensor], weight
     The loss is the n = 1 case of eq. (A3) with the simulator output precomputed: the same
     weighted MSE the solver-in-the-loop methods use, so only the training regime differs.
     """
-    from tqdm.auto import tqdm
-
     if steps < 0 or not lr > 0 or batch_size < 1:
         raise ValueError(f"NON needs steps >= 0, lr > 0, batch_size >= 1; got {steps}, {lr}, {batch_size}")
     stepped, targets, cond = pairs

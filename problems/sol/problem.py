@@ -23,9 +23,16 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
-from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.config import SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, ProblemSetupError, TrainingSetup
 from blackbox_zo.registry import SIMULATORS
+from blackbox_zo.sparsity import build_sparse_sampler
+from oracles.simulator import SolverInTheLoopOracle, is_differentiable, make_simulator, unrolled_loss, weighted_mse
+
+from .corrector import build_corrector, unshrunk
+from .data import ReferenceDataError, WindowBatches, normalisation, reference_runs
+from .methods import evaluate_mae
+from .report import report_single_run
 
 __all__ = ["SolSettings", "SolConfig", "SolProblem", "loss_weight", "step_cap", "build_sol"]
 
@@ -58,10 +65,14 @@ class SolSettings(Strict):
         "inverse-variance", description="eq. (A3)'s per-entry weight: 1/variance of each channel, or uniform")
     max_batch: int = Field(512, ge=1, description="states simulated at once by the oracle")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
+    grasp_at: Literal["default-scale", "as-initialised"] = Field(
+        "default-scale", description="where ZO-GraSP scores the corrector for its layer ratios: with the last "
+        "layer at its default initialisation scale (out_init_scale undone), or as initialised (the near-zero last "
+        "layer then scores ~0 and is pruned entirely; docs/sol.md)")
     divergence: Literal["cap", "nan"] = Field(
         "cap", description="a diverged rollout: cap (a capped loss, counted) or nan (run.nan_policy decides)")
     divergence_factor: float = Field(10.0, gt=0, description="step cap = this x the loss of the all-zero state")
-    cache_dir: str = "data_cache"
+    cache_dir: str = Field("data_cache", description="where the twin's reference data are cached (sol/ below it)")
 
     @field_validator("simulator")
     @classmethod
@@ -82,7 +93,10 @@ class SolSettings(Strict):
 
 
 class SolConfig(TrainConfig):
-    sol: SolSettings = SolSettings()
+    """sol: no data section (the data are reference windows: sol.*), DeepZero sparsity."""
+
+    sparsity: SparsityField = None
+    sol: SolSettings = Field(default_factory=SolSettings, description="simulator, reference data, corrector, windows")
 
 
 def loss_weight(kind: str, state_std: Tensor, state_shape: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
@@ -99,8 +113,6 @@ def loss_weight(kind: str, state_std: Tensor, state_shape: tuple[int, ...], mask
 def step_cap(frames: Tensor, weight: Tensor | None, factor: float) -> float:
     """The divergence cap of one unrolled step: `factor` times the mean loss of predicting the
     all-zero state (a state that far off has lost the flow)."""
-    from oracles.simulator import weighted_mse
-
     flat = frames.reshape(-1, *frames.shape[2:])
     zero = float(weighted_mse(flat, None if weight is None else weight.to(flat)).mean())
     return factor * (zero if zero > 0 else 1.0)
@@ -112,11 +124,6 @@ def build_sol(config: SolConfig, progress: bool = True, log=print) -> dict[str, 
     Everything the problem, the experiment and the report share; ProblemSetupError (one line)
     for anything the user can fix.
     """
-    from oracles.simulator import is_differentiable, make_simulator
-
-    from .corrector import build_corrector
-    from .data import ReferenceDataError, normalisation, reference_runs
-
     s = config.sol
     try:
         sim = make_simulator(s.simulator, **s.simulator_options)
@@ -175,11 +182,6 @@ class SolProblem(Problem):
         }
 
     def setup(self, config: SolConfig, progress: bool | None = None) -> TrainingSetup:
-        from oracles.simulator import SolverInTheLoopOracle, unrolled_loss
-
-        from .data import WindowBatches
-        from .methods import evaluate_mae
-
         s = config.sol
         progress = config.run.progress if progress is None else progress
         first_order = config.estimator.kind == "autograd"
@@ -214,18 +216,18 @@ class SolProblem(Problem):
                 return unrolled_loss(sim, m, batch.start, batch.targets, batch.conditions, weight, cap).mean()
 
         coord_sampler, extras = None, dict(parts)
-        if config.sparsity.enabled and not first_order:
-            from blackbox_zo.sparsity import build_sparse_sampler
-
+        sparsity = active_sparsity(config)
+        if sparsity is not None and not first_order:
             gen = torch.Generator().manual_seed(config.run.seed + 1)
             pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: s.prune_windows]]
+            probe = oracle.initial_theta()
+            if s.grasp_at == "default-scale":  # DeepZero uses the scores for layer ratios only (then random
+                probe = oracle.space.flatten_module(unshrunk(corrector, s.out_init_scale))  # coordinates in each)
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, oracle.initial_theta(), batches.windows_at(pick), config.sparsity, seed=config.run.seed)
+                oracle, probe, batches.windows_at(pick), sparsity, seed=config.run.seed)
         return TrainingSetup(oracle=oracle, train_batches=batches, module=corrector, evaluate=evaluate,
                              fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)
 
     def report(self, run_dir, summary: dict[str, Any]) -> None:
         """Test MAE of this run's corrector next to SRC, and a plot of one test run."""
-        from .report import report_single_run
-
         report_single_run(self, run_dir)

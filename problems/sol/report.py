@@ -15,7 +15,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["COLORS", "run_labels", "mae_table", "seed_table", "write_table", "plot_mae_bars", "plot_mae_over_time",
+from blackbox_zo.config import resolve_config
+from blackbox_zo.rundir import CHECKPOINT_NAME, atomic_write_text
+
+from .methods import evaluate_mae
+
+__all__ = ["COLORS", "pyplot", "run_labels", "mae_table", "seed_table", "write_table", "plot_mae_bars", "plot_mae_over_time",
            "plot_test_run", "report_single_run"]
 
 COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c"}
@@ -81,8 +86,6 @@ def _fmt(v: Any) -> str:
 
 
 def write_table(out_dir: Path, markdown: str, rows: list[dict[str, Any]], stem: str = "results") -> None:
-    from blackbox_zo.trainer import atomic_write_text
-
     atomic_write_text(Path(out_dir) / f"{stem}.md", markdown)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
@@ -91,7 +94,8 @@ def write_table(out_dir: Path, markdown: str, rows: list[dict[str, Any]], stem: 
     atomic_write_text(Path(out_dir) / f"{stem}.csv", buf.getvalue())
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: ~1 s)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +106,7 @@ def _plt():
 
 def plot_mae_bars(mae: Mapping[str, Tensor], conditions: Tensor, path: Path, title: str = "", label: str = "Re") -> Path:
     """Fig. 6-like: mean test MAE per method, error bar = std over the test runs, dots = runs."""
-    plt = _plt()
+    plt = pyplot()
     names = list(mae)
     means = [float(mae[n].mean()) for n in names]
     stds = [float(mae[n].std(unbiased=False)) for n in names]
@@ -126,7 +130,7 @@ def plot_mae_bars(mae: Mapping[str, Tensor], conditions: Tensor, path: Path, tit
 
 def plot_mae_over_time(curves: Mapping[str, Tensor], path: Path) -> Path:
     """MAE (mean over the test runs) at each step of the rollout, per method. curves: {name: [R, steps]}."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, c in curves.items():
         ax.plot(range(1, c.shape[1] + 1), c.mean(0).tolist(), label=name, color=COLORS.get(name))
@@ -147,7 +151,7 @@ def plot_test_run(rows: Mapping[str, Tensor], path: Path, title: str = "") -> Pa
     a 2-D grid as channel 0 at five times; a vector state as its first entries over time.
     All panels share the colour scale of the first row (the reference).
     """
-    plt = _plt()
+    plt = pyplot()
     first = next(iter(rows.values()))
     state_dims = first.dim() - 1
     if state_dims == 2:  # (channels, N)
@@ -191,15 +195,10 @@ def plot_test_run(rows: Mapping[str, Tensor], path: Path, title: str = "") -> Pa
 
 def report_single_run(problem, run_dir: Path) -> None:
     """After `blackbox-zo train sol`: this run's corrector vs SRC on the test runs."""
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import CHECKPOINT_NAME
-
-    from .methods import evaluate_mae
-
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
     raw.setdefault("sparsity", {})["enabled"] = False  # no ZO-GraSP queries just to rebuild the module
-    config = resolve_config(problem.config_model, raw)
+    config = resolve_config(problem.config_model, raw, name=problem.name)
     setup = problem.setup(config, progress=False)
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     setup.module.load_state_dict(state["module"])

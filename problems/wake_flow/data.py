@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from oracles.wake_flow import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeFlowGeometry, face_mask, high_fidelity_frames
 from problems.sol.data import WindowBatches  # generic; imported here for the wake flow's callers

@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
+
+from blackbox_zo.config import ConfigError, resolve_config
+from blackbox_zo.rng import seed_everything
+from blackbox_zo.rundir import atomic_write_text, make_run_dir
+from blackbox_zo.trainer import Trainer
+from oracles.wake_flow import shared_simulator
+
+from .data import WindowBatches, cache_path, load_or_generate
+from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
+from .problem import PAPER_SCALE, WakeFlowProblem, build_corrector, data_spec, loss_weight
+from .report import mae_table, plot_mae_bars, plot_mae_over_time, plot_vorticity_strip, write_table
 
 METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
 
@@ -77,18 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def _train_sol(problem, config, run_dir: Path, label: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trainer on the wake-flow problem (as `blackbox_zo.trainer.train`), keeping the module.
     The test evaluation is left to the experiment (it needs the trajectories)."""
-    from blackbox_zo.trainer import Trainer, atomic_write_text
-
-    _seed_all(config.run.seed)
+    seed_everything(config.run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     setup = problem.setup(config)
@@ -100,22 +101,13 @@ def _train_sol(problem, config, run_dir: Path, label: str) -> tuple[torch.nn.Mod
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import atomic_write_text, make_run_dir
-    from oracles.wake_flow import shared_simulator
-
-    from .data import WindowBatches, cache_path, load_or_generate
-    from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
-    from .problem import PAPER_SCALE, WakeFlowProblem, build_corrector, data_spec, loss_weight
-    from .report import mae_table, plot_mae_bars, plot_mae_over_time, plot_vorticity_strip, write_table
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     problem = WakeFlowProblem()
     paper = [f"{k}={json.dumps(v)}" for k, v in PAPER_SCALE.items()] if args.paper_scale else []
     overrides = (QUICK if args.quick else []) + paper + list(args.set)
     if args.no_progress:
         overrides.append("run.progress=false")
-    config = resolve_config(problem.config_model, problem.default_config(), args.config, overrides)
+    config = problem.resolve_config(args.config, overrides)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, "wake-flow-experiment")
@@ -168,9 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, kind in (("FO-SOL", "autograd"), ("ZO-SOL", None)):
         if name not in methods:
             continue
-        cfg = config.model_copy(deep=True)
-        if kind is not None:
-            cfg.estimator.kind = kind
+        # FO-SOL: the same settings with the first-order reference (which takes no mu, scheme or sparsity)
+        cfg = config.model_copy(deep=True) if kind is None else \
+            resolve_config(problem.config_model, config.model_dump(), None, [f"estimator={kind}"], name=problem.name)
         with _Clock() as c:
             corrector, summary = _train_sol(problem, cfg, out / name.lower(), name)
         timing[name] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
@@ -207,8 +199,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """SRC / NON / FO-SOL / ZO-SOL on the wake flow: test MAE table and plots (DeepZero Fig. 6)."""
-    from blackbox_zo.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

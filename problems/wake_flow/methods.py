@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from oracles.simulator import Simulator
-from problems.sol import methods as _generic
+from problems.sol import methods as sol_methods
 from problems.sol.methods import evaluate_mae, mae_per_step, rollout, train_non
 
 from .data import WakeData
@@ -28,4 +28,4 @@ __all__ = ["rollout", "mae_per_step", "evaluate_mae", "one_step_pairs", "train_n
 
 def one_step_pairs(sim: Simulator, data: WakeData, max_batch: int = 128) -> tuple[Tensor, Tensor, Tensor]:
     """NON's training set: (P_s(y_t), y_{t+1}, Re) for every recorded training frame t < T."""
-    return _generic.one_step_pairs(sim, data.train, data.train_re, max_batch=max_batch)
+    return sol_methods.one_step_pairs(sim, data.train, data.train_re, max_batch=max_batch)

@@ -21,11 +21,17 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from blackbox_zo.config import Strict, TrainConfig
+from blackbox_zo.config import SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, TrainingSetup
+from blackbox_zo.sparsity import build_sparse_sampler
+from oracles.simulator import SolverInTheLoopOracle, unrolled_loss
+from oracles.wake_flow import shared_simulator
+from problems.sol.corrector import unshrunk
 
 from .data import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeData, WakeDataSpec, WindowBatches, load_or_generate
+from .methods import evaluate_mae
 from .model import CORRECTOR_SIZES, WakeCorrector, make_corrector
+from .report import report_single_run
 
 __all__ = ["WakeSettings", "WakeFlowConfig", "WakeFlowProblem", "PAPER_SCALE", "loss_weight", "data_spec"]
 
@@ -39,8 +45,10 @@ class WakeSettings(Strict):
     hifi_factor: int = Field(2, ge=1, le=8, description="high fidelity is this much finer (2: 64x128, 4: 128x256)")
     skip_steps: int = Field(2000, ge=0, description="high-fidelity transient dropped before recording")
     record_steps: int = Field(200, ge=2, description="recorded frames per run after the transient (paper: 500)")
-    train_re: tuple[PositiveFloat, ...] = Field(PAPER_TRAIN_RE, min_length=1)
-    test_re: tuple[PositiveFloat, ...] = Field(PAPER_TEST_RE, min_length=1)
+    train_re: tuple[PositiveFloat, ...] = Field(PAPER_TRAIN_RE, min_length=1,
+                                                description="Reynolds numbers of the training simulations (paper's)")
+    test_re: tuple[PositiveFloat, ...] = Field(PAPER_TEST_RE, min_length=1,
+                                               description="Reynolds numbers of the held-out test simulations")
     corrector: Literal["paper", "medium", "small", "tiny"] = Field(
         "tiny", description="paper: the reference's 56,898-parameter net; tiny: conv 3->4->2 (506); small: 3->8->2")
     out_init_scale: float = Field(
@@ -55,12 +63,20 @@ class WakeSettings(Strict):
     max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
                                                   "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
-    cg_tolerance: float = Field(1e-5, gt=0, lt=1)
-    cache_dir: str = "data_cache"
+    grasp_at: Literal["default-scale", "as-initialised"] = Field(
+        "default-scale", description="sparsity.method=zo-grasp: score the corrector for the layer ratios with its "
+        "last layer at the default initialisation scale (out_init_scale undone), or as initialised (the near-zero "
+        "last layer then gets no coordinates at all; docs/wake-flow.md)")
+    cg_tolerance: float = Field(1e-5, gt=0, lt=1, description="relative tolerance of the pressure solve "
+                                "(conjugate gradient)")
+    cache_dir: str = Field("data_cache", description="where the generated high-fidelity data are cached")
 
 
 class WakeFlowConfig(TrainConfig):
-    wake: WakeSettings = WakeSettings()
+    """wake-flow: no data section (the data are simulated windows: wake.*), DeepZero sparsity."""
+
+    sparsity: SparsityField = None
+    wake: WakeSettings = Field(default_factory=WakeSettings, description="simulation, corrector, windows")
 
 
 # The paper-scale configuration (DeepZero Appx. H; a GPU job): `--paper-scale` of the
@@ -122,11 +138,6 @@ class WakeFlowProblem(Problem):
         }
 
     def setup(self, config: WakeFlowConfig, progress: bool | None = None) -> TrainingSetup:
-        from oracles.simulator import SolverInTheLoopOracle, unrolled_loss
-        from oracles.wake_flow import shared_simulator
-
-        from .methods import evaluate_mae
-
         w = config.wake
         progress = config.run.progress if progress is None else progress
         spec = data_spec(w)
@@ -146,22 +157,22 @@ class WakeFlowProblem(Problem):
             return unrolled_loss(sim, m, batch.start, batch.targets, batch.conditions, weight).mean()
 
         coord_sampler, extras = None, {"data": data, "simulator": sim, "weight": weight}
-        if config.sparsity.enabled and config.estimator.kind == "cge":
+        sparsity = active_sparsity(config)
+        if sparsity is not None:
             # DeepZero: ZO-GraSP at init on one fixed batch (queries charged to `prune`) -> LPRs -> Sparse-CGE.
-            from blackbox_zo.sparsity import build_sparse_sampler
-
             gen = torch.Generator().manual_seed(config.run.seed + 1)
             pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: w.prune_windows]]
+            probe = oracle.initial_theta()
+            if w.grasp_at == "default-scale":  # the scores set layer ratios only; coordinates are random in each
+                probe = oracle.space.flatten_module(unshrunk(corrector, w.out_init_scale))
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, oracle.initial_theta(), batches.windows_at(pick), config.sparsity, seed=config.run.seed)
+                oracle, probe, batches.windows_at(pick), sparsity, seed=config.run.seed)
 
         return TrainingSetup(oracle=oracle, train_batches=batches, module=corrector, evaluate=evaluate,
                              fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)
 
     def report(self, run_dir, summary: dict[str, Any]) -> None:
         """Test MAE of this run's corrector next to SRC, and a vorticity strip (PNG)."""
-        from .report import report_single_run
-
         report_single_run(self, run_dir)
 
 

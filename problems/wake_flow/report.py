@@ -12,8 +12,13 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from blackbox_zo.config import resolve_config
+from blackbox_zo.rundir import CHECKPOINT_NAME, atomic_write_text
+from oracles.wake_flow import vorticity
 # The generic tables and plots (the wake flow's condition is the Reynolds number, "Re").
-from problems.sol.report import COLORS, _plt, mae_table, plot_mae_bars, plot_mae_over_time, write_table  # noqa: F401
+from problems.sol.report import COLORS, mae_table, plot_mae_bars, plot_mae_over_time, pyplot, write_table  # noqa: F401
+
+from .methods import evaluate_mae
 
 __all__ = ["mae_table", "write_table", "plot_mae_bars", "plot_mae_over_time", "plot_vorticity_strip",
            "report_single_run"]
@@ -25,9 +30,7 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
     Flow goes up (+y); every panel shares one symmetric colour scale taken from the first
     row (the reference), so a damped wake looks pale and a wrong one looks wrong.
     """
-    from oracles.wake_flow import vorticity
-
-    plt = _plt()
+    plt = pyplot()
     vort = {name: vorticity(traj[times], dx) for name, traj in rows.items()}
     first = next(iter(vort.values()))
     vmax = float(first.abs().quantile(0.99)) or 1.0
@@ -54,15 +57,10 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
 
 def report_single_run(problem, run_dir: Path) -> None:
     """After `blackbox-zo train wake-flow`: this run's corrector vs SRC on the test runs."""
-    from blackbox_zo.config import resolve_config
-    from blackbox_zo.trainer import CHECKPOINT_NAME
-
-    from .methods import evaluate_mae
-
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
     raw.setdefault("sparsity", {})["enabled"] = False  # no ZO-GraSP queries just to rebuild the module
-    config = resolve_config(problem.config_model, raw)
+    config = resolve_config(problem.config_model, raw, name=problem.name)
     setup = problem.setup(config, progress=False)
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     setup.module.load_state_dict(state["module"])
