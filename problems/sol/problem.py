@@ -66,7 +66,7 @@ class SolSettings(Strict):
     max_batch: int = Field(512, ge=1, description="states simulated at once by the oracle")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
     grasp_at: Literal["default-scale", "as-initialised"] = Field(
-        "default-scale", description="where ZO-GraSP scores the corrector for its layer ratios: with the last "
+        "as-initialised", description="where ZO-GraSP scores the corrector for its layer ratios: with the last "
         "layer at its default initialisation scale (out_init_scale undone), or as initialised (the near-zero last "
         "layer then scores ~0 and is pruned entirely; docs/sol.md)")
     divergence: Literal["cap", "nan"] = Field(
@@ -118,11 +118,12 @@ def step_cap(frames: Tensor, weight: Tensor | None, factor: float) -> float:
     return factor * (zero if zero > 0 else 1.0)
 
 
-def build_sol(config: SolConfig, progress: bool = True, log=print) -> dict[str, Any]:
+def build_sol(config: SolConfig, progress: bool = True, log=print, first_order: bool = False) -> dict[str, Any]:
     """The simulator, its reference runs and the corrector, oracle pieces and scales of a config.
 
     Everything the problem, the experiment and the report share; ProblemSetupError (one line)
-    for anything the user can fix.
+    for anything the user can fix, and for `first_order` (FO-SOL) with a simulator that does not
+    declare itself differentiable.
     """
     s = config.sol
     try:
@@ -130,6 +131,11 @@ def build_sol(config: SolConfig, progress: bool = True, log=print) -> dict[str, 
     except Exception as exc:  # the factory is plug-in code: one line naming the settings
         raise ProblemSetupError(f"cannot build simulator {s.simulator!r} with sol.simulator_options="
                                 f"{s.simulator_options}: {type(exc).__name__}: {exc}") from exc
+    if first_order and not is_differentiable(sim):  # refused before any data is made
+        raise ProblemSetupError(
+            f"FO-SOL (estimator=autograd) needs a differentiable simulator; {s.simulator!r} declares "
+            "differentiable=False, so there is no gradient to backpropagate: train it by loss values "
+            "(the default estimator=cge, ZO-SOL)")
     try:
         runs, info = reference_runs(sim, s.simulator, s.simulator_options, s.data, s.cache_dir, progress, log)
     except ReferenceDataError as exc:
@@ -185,13 +191,8 @@ class SolProblem(Problem):
         s = config.sol
         progress = config.run.progress if progress is None else progress
         first_order = config.estimator.kind == "autograd"
-        parts = build_sol(config, progress)
+        parts = build_sol(config, progress, first_order=first_order)
         sim = parts["simulator"]
-        if first_order and not parts["differentiable"]:
-            raise ProblemSetupError(
-                f"FO-SOL (estimator=autograd) needs a differentiable simulator; {s.simulator!r} declares "
-                "differentiable=False, so there is no gradient to backpropagate: train it by loss values "
-                "(the default estimator=cge, ZO-SOL)")
         corrector = parts["new_corrector"](config.run.seed)
         weight, cap = parts["weight"], parts["step_cap"]
         oracle = SolverInTheLoopOracle(sim, corrector, weight=weight, max_batch=s.max_batch, step_cap=cap,

@@ -64,7 +64,7 @@ class WakeSettings(Strict):
                                                   "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
     grasp_at: Literal["default-scale", "as-initialised"] = Field(
-        "default-scale", description="sparsity.method=zo-grasp: score the corrector for the layer ratios with its "
+        "as-initialised", description="sparsity.method=zo-grasp: score the corrector for the layer ratios with its "
         "last layer at the default initialisation scale (out_init_scale undone), or as initialised (the near-zero "
         "last layer then gets no coordinates at all; docs/wake-flow.md)")
     cg_tolerance: float = Field(1e-5, gt=0, lt=1, description="relative tolerance of the pressure solve "
