@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,sim,gym,onnx
+EXTRAS ?= dev,sim,gym,onnx,tensorboard,mlflow
 BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC)))))-$(subst $(comma),_,$(EXTRAS))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import parallel, rundir
+from .compare import compare_runs, headline_metrics, write_comparison
 from .config import ConfigError, parse_overrides, resolve_config
 from .config_text import config_toml, settings_help
 from .estimators import available_estimators
@@ -39,7 +40,7 @@ from .runtime import DeviceError, resolve_device, tune_allocator
 from .trainer import RunWarning, Trainer, TrainingError, train
 
 __all__ = ["PROG", "EXIT_FAULT", "EXIT_USAGE", "COMMANDS", "run_command", "cmd_list", "cmd_train", "cmd_config",
-           "cmd_eval", "cmd_check_oracle", "cmd_check_simulator", "cmd_experiment"]
+           "cmd_eval", "cmd_compare", "cmd_check_oracle", "cmd_check_simulator", "cmd_experiment"]
 
 PROG = "blackbox-zo"
 EXIT_FAULT = 1
@@ -283,6 +284,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 @_one_line_errors
+def cmd_compare(args: argparse.Namespace) -> int:
+    problems = []
+    for d in args.run_dirs:  # the registry is asked only for what the runs' config.json name
+        raw = rundir.read_run_config(Path(d)) if (Path(d) / rundir.CONFIG_NAME).is_file() else {}
+        problems.append(str(raw.get("problem", "")))
+    comparison = compare_runs([Path(d) for d in args.run_dirs], metric=args.metric, target=args.target,
+                              goal=args.goal, force=args.force, headline=headline_metrics(problems, get_problem))
+    out = Path(args.out) if args.out else rundir.make_run_dir("runs", "compare")
+    paths = write_comparison(comparison, out)
+    print(paths["md"].read_text(), end="")
+    print(f"\nwritten: {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
+    return 0
+
+
+@_one_line_errors
 def cmd_check_oracle(args: argparse.Namespace) -> int:
     known = available_oracles()
     if args.name not in known:
@@ -347,6 +363,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "config": cmd_config,
     "eval": cmd_eval,
+    "compare": cmd_compare,
     "check-oracle": cmd_check_oracle,
     "check-simulator": cmd_check_simulator,
     "experiment": cmd_experiment,

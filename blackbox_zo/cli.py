@@ -1,4 +1,4 @@
-"""The `blackbox-zo` command: list, train, config, eval, check-oracle, check-simulator, experiment.
+"""The `blackbox-zo` command: list, train, config, eval, compare, check-oracle, check-simulator, experiment.
 
 This module only parses the command line; the commands live in `blackbox_zo._commands`,
 imported when a command runs, so that `blackbox-zo --help` does not import torch. Exit
@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate the checkpoint of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(fn=_command("eval"))
+
+    p = sub.add_parser("compare", help="overlay runs' curves and tabulate their summaries (PNG, Markdown, CSV)",
+                       description="Compare run directories: one figure (the metric and the training loss against "
+                       "queries and wall time, one line per run, labelled by the settings that differ), one table "
+                       "(final metric, queries, wall time, queries to --target), as compare.png, compare.md and "
+                       "compare.csv. Runs of different problems are refused unless --force.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--metric", help="the metric to compare: an evaluation metric (test_acc, eval_loss, ...) or loss "
+                   "(the training loss); default: the problem's headline metric if the runs evaluated it, else loss")
+    p.add_argument("--target", type=float, help="also tabulate the queries each run took to reach this value")
+    p.add_argument("--goal", choices=("min", "max"), help="lower or higher is better (default: min for a loss or an "
+                   "error, else max)")
+    p.add_argument("--out", help="directory for compare.png/.md/.csv (default: runs/compare/<timestamp>)")
+    p.add_argument("--force", action="store_true", help="compare runs of different problems")
+    p.set_defaults(fn=_command("compare"))
 
     p = sub.add_parser("check-oracle", help="run the conformance checks on a registered oracle")
     p.add_argument("name")

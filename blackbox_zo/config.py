@@ -340,6 +340,23 @@ class RunConfig(Strict):
                                 "TransientOracleError (other errors stop the run at once)")
     oracle_retry_backoff_s: float = Field(1.0, ge=0, le=600, description="wait before retry k is this x 2^(k-1) s "
                                           "(at most 60 s)")
+    loggers: list[Literal["jsonl", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="where the records go besides metrics.jsonl (always "
+        "written): tensorboard (RUN_DIR/tensorboard/), mlflow (MLFLOW_TRACKING_URI, else "
+        "sqlite:///OUT_DIR/mlflow.db); each needs its extra (pip install 'blackbox-zo[tensorboard,mlflow]'); "
+        "may change on resume (docs/tracking.md)")
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _jsonl_first(cls, value: Any) -> Any:
+        """'tensorboard,mlflow' or a list; metrics.jsonl is always on, each logger once, in a fixed order."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            names = [v.strip().lower() if isinstance(v, str) else v for v in value]
+            return ["jsonl", *[n for n in ("tensorboard", "mlflow") if n in names],
+                    *[n for n in names if n not in ("jsonl", "tensorboard", "mlflow")]]
+        return value
 
 
 class ParallelConfig(Strict):

@@ -72,8 +72,8 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 
 # Settings that may change when a run is resumed: none of them changes what a step computes.
-# run.epochs also stretches the LR schedule (it is built for epochs x steps per epoch); every
-# other difference (model, estimator, optimizer, seeds, data, device, ...) is refused.
+# run.epochs also stretches the LR schedule (it is built for epochs x steps per epoch); a logger
+# added with run.loggers is filled from metrics.jsonl first (docs/tracking.md); every other difference (model, estimator, optimizer, seeds, data, device, ...) is refused.
 RESUMABLE_SETTINGS: tuple[str, ...] = (
     "run.epochs",
     "run.max_steps",
@@ -86,6 +86,7 @@ RESUMABLE_SETTINGS: tuple[str, ...] = (
     "run.oracle_retries",
     "run.oracle_retry_backoff_s",
     "run.out_dir",
+    "run.loggers",
     "parallel.timeout_s",
     "parallel.check_every_steps",
 )

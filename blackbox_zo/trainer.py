@@ -36,12 +36,13 @@ from .interrupts import GracefulStop, Interrupted, agreed_signal, signal_name
 from .metrics import JsonlLogger, MetricsLogger
 from .optim import build_optimizer, build_scheduler
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded, QueryLedger, job_ledger
-from .plots import plot_metrics
+from .plots import plot_metrics, read_metrics
 from .problem import Problem, TrainingSetup
 from .progress import human, progress_bar, write
 from .rng import rng_state, seed_everything, set_rng_state, step_seed
 from .runtime import resolve_device, tune_allocator
 from .sparsity import freeze_unselected
+from .trackers import TRACKERS, RunHistory, check_loggers, note_resume, open_trackers
 
 __all__ = [
     "FlatParams",
@@ -201,7 +202,20 @@ class Trainer:
         """checkpoint.pt, atomically; the one it replaces is kept as checkpoint.prev.pt."""
         if self.run_dir is not None and self.is_main:
             rundir.save_checkpoint(self.run_dir, self.state_dict(rng=rng))
+            self._checkpointed()
         self.checkpoint_step = self.pos.step
+
+    def _checkpointed(self) -> None:
+        """Tell the loggers that want to know (`checkpointed(records)`: a tracker that cannot take a point
+        back, blackbox_zo.trackers) how many records the checkpoint just written holds."""
+        for logger in self.loggers:
+            notify = getattr(logger, "checkpointed", None)
+            if notify is None:
+                continue
+            try:
+                notify(self.metrics_lines)
+            except Exception as exc:  # noqa: BLE001 - a logger must never stop a run
+                warnings.warn(f"the metrics logger {logger!r} failed at a checkpoint: {exc}", RunWarning, stacklevel=2)
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from the checkpoint file `path` (see `resume_from` for a run directory)."""
@@ -603,13 +617,13 @@ class Trainer:
             return summary
         if self.run_dir is not None:  # the run's own record first: a logger or a plot must never lose it
             rundir.write_summary(self.run_dir, summary)
-        for logger in self.loggers:
-            logger.log_summary(summary)
-        if self.run_dir is not None and plots:
+        if self.run_dir is not None and plots:  # before the loggers' summary: a tracker keeps the plot
             try:
                 plot_metrics(self.run_dir)
             except Exception as exc:  # a plot must never lose a finished run
                 warnings.warn(f"could not write plots: {exc}", RunWarning, stacklevel=2)
+        for logger in self.loggers:
+            logger.log_summary(summary)
         return summary
 
 
@@ -646,6 +660,17 @@ def train(
     if resume is not None:
         run_dir = Path(resume)
         check_resume_config(run_dir, problem, config)
+    wants_trackers = any(name in TRACKERS for name in config.run.loggers)
+    if wants_trackers:  # a missing package is one line before anything is written or queried, on every rank
+        try:
+            if run_dir is None and main:
+                raise ConfigError(f"run.loggers={config.run.loggers}: a tracker logs a run directory; "
+                                  "give train() a run_dir (the CLI always does)")
+            check_loggers(config.run.loggers, config.run.out_dir)
+        except ConfigError:
+            if run_dir is not None and resume is None and main:
+                rundir.discard_if_unused(Path(run_dir))
+            raise
     seed_everything(config.run.seed)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -692,12 +717,23 @@ def train(
             warnings.warn(note, RunWarning, stacklevel=2)
         if main:  # the resume is on: record the settings it changed (RESUMABLE_SETTINGS only)
             rundir.write_config(run_dir, config)
+            note_resume(run_dir, trainer.metrics_lines)  # for a tracker left out now and added back later
+    trackers: list[Any] = []
+    if wants_trackers and main and run_dir is not None:  # TensorBoard, MLflow: continued from what metrics.jsonl keeps
+        history = RunHistory(run_dir=Path(run_dir), problem=problem.name, config=config.model_dump(mode="json"),
+                             records=read_metrics(Path(run_dir)), elapsed=trainer.elapsed,
+                             resumed=resume is not None, out_dir=Path(config.run.out_dir))
+        trackers = open_trackers(history, config.run.loggers)
+        trainer.loggers.extend(trackers)
     summary = trainer.fit()
     if run_dir is not None and main:
         try:
             problem.report(Path(run_dir), summary)
         except Exception as exc:
             warnings.warn(f"problem report failed: {exc}", RunWarning, stacklevel=2)
+        for tracker in trackers:  # the report's plots too
+            if hasattr(tracker, "log_artifacts"):
+                tracker.log_artifacts(Path(run_dir))
     return summary
 
 

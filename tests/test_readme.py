@@ -8,7 +8,8 @@
   with `blackbox-zo `) is checked without running anything: `blackbox-zo ...` parses with the
   CLI's own parser and names an existing problem, oracle or experiment; `train` resolves its
   `--set` keys against the problem's config model; an experiment's flags appear in its
-  `--help`; `make` targets exist; a benchmark script exists and defines the flags shown.
+  `--help`; `make` targets exist; a benchmark script exists and defines the flags shown;
+  `tensorboard ...` and `mlflow ...` parse with those tools' own parsers.
 * Every relative link between the README and docs/ resolves, anchors included.
 """
 
@@ -254,6 +255,25 @@ def check_command(cmd: Command, own_names: set[str]) -> None:
         source = script.read_text()
         for flag in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
             assert f'"{flag}"' in source, f"{cmd.where}: {argv[1]} defines no {flag}"
+    elif argv[0] == "tensorboard":  # parsed by TensorBoard's own flags (nothing is started)
+        program = pytest.importorskip("tensorboard.program")
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                program.TensorBoard().configure(argv=argv)
+        except (SystemExit, ValueError) as exc:
+            pytest.fail(f"{cmd.where}: {' '.join(argv)} is not a TensorBoard command line: {exc} {err.getvalue()}")
+    elif argv[0] == "mlflow":  # parsed by MLflow's own click command (nothing is started)
+        mlflow_cli = pytest.importorskip("mlflow.cli")
+        import click
+
+        try:
+            group = mlflow_cli.cli
+            with group.make_context("mlflow", list(argv[1:]), resilient_parsing=True) as ctx:
+                sub = group.get_command(ctx, argv[1])
+                assert sub is not None, f"{cmd.where}: mlflow has no command {argv[1]!r}"
+                sub.make_context(argv[1], list(argv[2:]))
+        except click.exceptions.ClickException as exc:
+            pytest.fail(f"{cmd.where}: {' '.join(argv)} is not an MLflow command line: {exc}")
     else:
         pytest.fail(f"{cmd.where}: a command this test cannot check: {' '.join(argv)}")
 
