@@ -94,6 +94,7 @@ _EXPORTS: dict[str, str] = {
     "PROBLEMS": "registry",
     "EXPERIMENTS": "registry",
     "ESTIMATORS": "registry",
+    "SIMULATORS": "registry",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -127,5 +128,6 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
     from .problem import (BatchSource, OracleProblem, Problem, ProblemSetupError, TensorBatches, TrainingSetup,
                           available_experiments, available_problems, get_problem, register_experiment,
                           register_problem)
-    from .registry import ESTIMATORS, EXPERIMENTS, ORACLES, PROBLEMS, DuplicateNameError, Registry, UnknownNameError
+    from .registry import (ESTIMATORS, EXPERIMENTS, ORACLES, PROBLEMS, SIMULATORS, DuplicateNameError, Registry,
+                           UnknownNameError)
     from .trainer import RunWarning, Trainer, TrainingError, ZeroSignalWarning, train

@@ -35,12 +35,12 @@ from .parallel import ParallelError
 from .problem import (OracleTrainConfig, Problem, ProblemSetupError, available_experiments, available_problems,
                       get_experiment, get_problem)
 from .progress import final_line, write
-from .registry import UnknownNameError, plugin_errors
+from .registry import CHECKS, SIMULATORS, UnknownNameError, plugin_errors
 from .runtime import DeviceError, resolve_device, tune_allocator
 from .trainer import RunWarning, Trainer, TrainingError, train
 
 __all__ = ["PROG", "EXIT_FAULT", "EXIT_USAGE", "COMMANDS", "run_command", "cmd_list", "cmd_train", "cmd_config",
-           "cmd_eval", "cmd_compare", "cmd_check_oracle", "cmd_experiment"]
+           "cmd_eval", "cmd_compare", "cmd_check_oracle", "cmd_check_simulator", "cmd_experiment"]
 
 PROG = "blackbox-zo"
 EXIT_FAULT = 1
@@ -160,7 +160,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     sections = (("oracles (each can be trained directly: blackbox-zo train NAME)", available_oracles()),
                 ("problems", available_problems()),
                 ("experiments", available_experiments()),
-                ("estimators (--set estimator.kind=NAME; autograd: the first-order reference)", available_estimators()))
+                ("estimators (--set estimator.kind=NAME; autograd: the first-order reference)", available_estimators()),
+                ("simulators (blackbox-zo train sol --set sol.simulator=NAME; blackbox-zo check-simulator NAME)",
+                 SIMULATORS.available()))
     for title, items in sections:
         print(f"{title}:")
         for name, obj in items.items():
@@ -327,6 +329,27 @@ def cmd_check_oracle(args: argparse.Namespace) -> int:
 
 
 @_one_line_errors
+def cmd_check_simulator(args: argparse.Namespace) -> int:
+    """The conformance check of a registered simulator. The engine knows simulators by name only:
+    the check is the one registered for the kind (CHECKS["simulator"], next to the protocol in oracles/)."""
+    if args.name not in SIMULATORS:
+        return _unknown_name(args.name, UnknownNameError(
+            f"unknown simulator {args.name!r}; known: {', '.join(SIMULATORS.available()) or '(none)'}"))
+    given = parse_overrides(args.set)
+    bad = sorted(k for k in given if k != "options") or (
+        [] if isinstance(given.get("options", {}), dict) else ["options"])
+    if bad:
+        return _err(f"check-simulator --set takes options.KEY=VALUE (the simulator's options), got {', '.join(bad)}")
+    try:
+        check = CHECKS.get("simulator")
+    except UnknownNameError as exc:
+        return _unknown_name("simulator", exc)
+    report = check(args.name, given.get("options", {}))
+    print(report)
+    return 0 if report.ok else EXIT_FAULT
+
+
+@_one_line_errors
 def cmd_experiment(args: argparse.Namespace) -> int:
     try:
         fn = get_experiment(args.name)
@@ -342,6 +365,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": cmd_eval,
     "compare": cmd_compare,
     "check-oracle": cmd_check_oracle,
+    "check-simulator": cmd_check_simulator,
     "experiment": cmd_experiment,
     # ask / tell (blackbox_zo/asktell_cli.py): AskTellError is a ConfigError, so bad input is one line, exit 2
     "init-ask": _one_line_errors(asktell_cli.cmd_init_ask),

@@ -1,5 +1,5 @@
-"""The `blackbox-zo` command: list, train, config, eval, compare, check-oracle, experiment, init-ask, ask,
-tell (and the commands of installed packages).
+"""The `blackbox-zo` command: list, train, config, eval, compare, check-oracle, check-simulator, experiment,
+init-ask, ask, tell (and the commands of installed packages).
 
 This module only parses the command line; the commands live in `blackbox_zo._commands`,
 imported when a command runs, so that `blackbox-zo --help` does not import torch. Exit
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list oracles, problems, experiments and estimators (built-in and plug-ins)")
+    p = sub.add_parser("list", help="list oracles, problems, experiments, estimators and simulators (built-in and "
+                                   "plug-ins)")
     p.set_defaults(fn=_command("list"))
 
     p = sub.add_parser("train", help="train a problem by queries", add_help=False, description=(
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle.options.KEY=VALUE (the factory's keyword arguments) or estimator.mu=VALUE "
                         "(the finite-difference step the loss must respond to; default 0.005)")
     p.set_defaults(fn=_command("check-oracle"))
+
+    p = sub.add_parser("check-simulator", help="run the conformance checks on a registered simulator (solver in the loop)")
+    p.add_argument("name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="options.KEY=VALUE: the simulator's options (keyword arguments of its factory)")
+    p.set_defaults(fn=_command("check-simulator"))
 
     p = sub.add_parser("experiment", help="run a named experiment (arguments after NAME go to it; try NAME --help)")
     p.add_argument("name")

@@ -1,4 +1,5 @@
-"""One registry class for everything found by name: oracles, problems, experiments, estimators.
+"""One registry class for everything found by name: oracles, problems, experiments, estimators,
+simulators, and the conformance checks of kinds the engine does not know.
 
 Each kind has one `Registry`, filled two ways:
 
@@ -34,6 +35,8 @@ __all__ = [
     "EXPERIMENTS",
     "ESTIMATORS",
     "CLI_COMMANDS",
+    "SIMULATORS",
+    "CHECKS",
 ]
 
 T = TypeVar("T")
@@ -174,9 +177,9 @@ def plugin_errors() -> dict[str, str]:
     return {f"{r.group}:{name}": err for r in _ALL for name, err in sorted(r.errors.items())}
 
 
-# The four registries of blackbox_zo. The engine's estimators register themselves in
-# blackbox_zo/estimators.py; this repository's oracles, problems and experiments through
-# its pyproject.toml entry points, exactly as a plug-in does.
+# The registries of blackbox_zo. The engine's estimators register themselves in
+# blackbox_zo/estimators.py; this repository's oracles, problems, experiments and
+# simulators through its pyproject.toml entry points, exactly as a plug-in does.
 ORACLES: Registry[Any] = Registry("oracle")
 PROBLEMS: Registry[Any] = Registry("problem")
 EXPERIMENTS: Registry[Any] = Registry("experiment")
@@ -185,3 +188,10 @@ ESTIMATORS: Registry[Any] = Registry("estimator", builtins=("blackbox_zo.estimat
 # Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
 # with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
 CLI_COMMANDS: Registry[Any] = Registry("command")
+# Simulators for solver-in-the-loop (`blackbox-zo train sol --set sol.simulator=NAME`): factories
+# `(**options) -> Simulator`. The engine holds the names only; the protocol and its checker live
+# with the adapters (oracles/simulator.py), found through CHECKS.
+SIMULATORS: Registry[Any] = Registry("simulator")
+# Conformance checks of kinds defined outside the engine, by kind: CHECKS["simulator"] is a
+# function `(name, options) -> report` (with `.ok` and a printable form) for `blackbox-zo check-simulator`.
+CHECKS: Registry[Any] = Registry("check")

@@ -195,6 +195,8 @@ class Trainer:
             state["coord_sampler"] = self.setup.coord_sampler.state_dict()
         if hasattr(self.estimator, "state_dict"):  # e.g. the warm start of linear interpolation
             state["estimator"] = self.estimator.state_dict()
+        if callable(getattr(self.oracle, "state_dict", None)):  # an oracle's own counters (e.g. diverged rollouts)
+            state["oracle"] = self.oracle.state_dict()
         return state
 
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
@@ -258,6 +260,8 @@ class Trainer:
             self.setup.coord_sampler.load_state_dict(state["coord_sampler"])
         if "estimator" in state and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(state["estimator"])
+        if "oracle" in state and callable(getattr(self.oracle, "load_state_dict", None)):
+            self.oracle.load_state_dict(state["oracle"])
         # the budget, the retry policy and the other resumable settings come from this run's config
         ledger, run = self.oracle.ledger, self.config.run
         ledger.budget, ledger.max_retries, ledger.retry_backoff_s = run.query_budget, run.oracle_retries, \
@@ -570,7 +574,8 @@ class Trainer:
         self.elapsed = elapsed()
         record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
                   "queries": self.oracle.ledger.total, "step_queries": queries,
-                  "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4)}
+                  "lr": self.optimizer.param_groups[0]["lr"], "wall_s": round(self.elapsed, 4),
+                  **self._oracle_stats()}
         self._log(record)
         every = self.config.run.checkpoint_every_steps
         if every and self.pos.step % every == 0:
@@ -600,6 +605,11 @@ class Trainer:
     def done(self) -> bool:
         """Every step of the run has been taken."""
         return self.pos.epoch >= self.config.run.epochs or self.pos.step >= self.total_steps
+
+    def _oracle_stats(self) -> dict[str, Any]:
+        """An oracle's own counters (`oracle.stats()`, e.g. diverged rollouts), as `oracle/<name>`."""
+        stats = getattr(self.oracle, "stats", None)
+        return {f"oracle/{k}": v for k, v in stats().items()} if callable(stats) else {}
 
     def _stopped(self, reason: str, detail: str | None, step: int | None) -> None:
         self.stopped_reason, self.stop_detail, self.stop_step = reason, detail, step
@@ -652,6 +662,8 @@ class Trainer:
                 summary.update(self.setup.summary())
             except Exception as exc:  # noqa: BLE001 - a problem's extra entries must never lose the summary
                 summary["summary_error"] = f"{type(exc).__name__}: {exc}"
+        if self._oracle_stats():
+            summary["oracle_stats"] = {k[len("oracle/"):]: v for k, v in self._oracle_stats().items()}
         if not self.is_main:
             return summary
         if self.run_dir is not None:  # the run's own record first: a logger or a plot must never lose it

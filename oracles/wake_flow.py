@@ -43,11 +43,16 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .simulator import SolBatch, SolverInTheLoopOracle
+from .simulator import ReferenceRuns, SolBatch, SolverInTheLoopOracle
 
 __all__ = ["WakeFlowGeometry", "WakeFlowSimulator", "shared_simulator", "restrict_staggered", "pack", "unpack", "face_mask", "vorticity",
-           "wake_flow_sol_oracle"]
+           "wake_flow_sol_oracle", "high_fidelity_frames", "WakeFlowTwin",
+           "PAPER_TRAIN_RE", "PAPER_TEST_RE"]
+
+PAPER_TRAIN_RE = (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
+PAPER_TEST_RE = (146.5, 293.0, 585.9, 1171.9, 2343.8)
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,99 @@ def shared_simulator(geometry: WakeFlowGeometry, *, min_reynolds: float = 90.0,
     # Same sub-step count, so the held simulator is as stable for the lower of both bounds.
     held.min_reynolds = min(held.min_reynolds, sim.min_reynolds)
     return held
+
+
+def high_fidelity_frames(hi: WakeFlowGeometry, factor: int, reynolds: Tensor, *, skip_steps: int, record_steps: int,
+                         poke: float = 1.0, cg_tolerance: float = 1e-5, min_reynolds: float | None = None,
+                         progress: bool = True) -> Tensor:
+    """All Reynolds numbers as ONE batched high-fidelity simulation on `hi`, from rest plus a
+    sideways poke; the first `skip_steps` steps (the transient) are dropped, then
+    `record_steps + 1` frames are restricted onto the `factor` times coarser grid
+    (flux-conserving). Returns [R, T+1, 2, nx+1, ny+1] (the low-fidelity layout)."""
+    min_re = float(reynolds.min()) if min_reynolds is None else min_reynolds
+    sim = shared_simulator(hi, min_reynolds=min_re, cg_tolerance=cg_tolerance)
+    state = sim.initial_state(reynolds.numel(), poke=poke)
+    frames = []
+    total = skip_steps + record_steps
+    with torch.no_grad(), tqdm(total=total, desc=f"wake-flow data: {reynolds.numel()} high-fidelity runs {hi.nx}x{hi.ny}",
+                               disable=not progress, dynamic_ncols=True, unit="step") as bar:
+        for i in range(total + 1):
+            if i > 0:
+                state = sim.step(state, reynolds)
+                bar.update(1)
+            if i >= skip_steps:
+                frames.append(restrict_staggered(state, factor))
+    traj = torch.stack(frames, 1)
+    if not torch.isfinite(traj).all():
+        raise FloatingPointError("the high-fidelity simulation produced non-finite values")
+    return traj
+
+
+class WakeFlowTwin:
+    """The wake flow as a registered simulator (`wake-flow-v1`) with its high-fidelity twin.
+
+    The low-fidelity step is `WakeFlowSimulator` on `lo_nx` x 2 `lo_nx` cells (conditions:
+    the Reynolds number); `reference_data()` runs the `hifi_factor` times finer grid
+    (`high_fidelity_frames`) for `train_re` and `test_re`. Differentiable (PhiFlow's torch
+    backend): FO-SOL runs through it.
+    """
+
+    differentiable = True
+    padding = "zeros"
+    description = "2-D wake flow behind a rod, PhiFlow 3 torch backend (differentiable), Um et al. 2020"
+    quick_options = {"lo_nx": 8, "skip_steps": 20, "record_steps": 8, "train_re": [100.0, 400.0], "test_re": [200.0]}
+
+    def __init__(self, lo_nx: int = 32, hifi_factor: int = 2, skip_steps: int = 2000, record_steps: int = 200,
+                 train_re: tuple[float, ...] = PAPER_TRAIN_RE, test_re: tuple[float, ...] = PAPER_TEST_RE,
+                 poke: float = 1.0, cg_tolerance: float = 1e-5):
+        if not train_re or not test_re or min(tuple(train_re) + tuple(test_re)) <= 0:
+            raise ValueError("train_re and test_re must be non-empty and > 0")
+        if hifi_factor < 1 or skip_steps < 0 or record_steps < 1:
+            raise ValueError(f"need hifi_factor >= 1, skip_steps >= 0, record_steps >= 1; got {hifi_factor}, "
+                             f"{skip_steps}, {record_steps}")
+        self.lo = WakeFlowGeometry(nx=int(lo_nx), ny=2 * int(lo_nx))
+        self.hi = WakeFlowGeometry(nx=self.lo.nx * hifi_factor, ny=self.lo.ny * hifi_factor)
+        self.hifi_factor, self.skip_steps, self.record_steps = int(hifi_factor), int(skip_steps), int(record_steps)
+        self.train_re, self.test_re = tuple(map(float, train_re)), tuple(map(float, test_re))
+        self.poke, self.cg_tolerance = float(poke), float(cg_tolerance)
+        self.min_reynolds = min(self.train_re + self.test_re)
+        self.sim = shared_simulator(self.lo, min_reynolds=self.min_reynolds, cg_tolerance=self.cg_tolerance)
+        self.mask = self.sim.mask
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return self.sim.state_shape
+
+    def reset(self, state: Tensor) -> Tensor:
+        return self.sim.reset(state)
+
+    def step(self, state: Tensor, conditions: Tensor) -> Tensor:
+        return self.sim.step(state, conditions)
+
+    def cache_key(self) -> str:
+        try:
+            import phi
+
+            version = str(phi.__version__)
+        except Exception:  # pragma: no cover
+            version = "unknown"
+        return f"wake-flow-data-v2-phiflow-{version}"
+
+    def example_states(self, batch: int) -> tuple[Tensor, Tensor]:
+        re = torch.linspace(self.min_reynolds, max(self.train_re + self.test_re), batch)
+        with torch.no_grad():
+            state = self.sim.step(self.sim.initial_state(batch, poke=self.poke), re)
+        return state, re
+
+    def reference_data(self, progress: bool = True):
+        re = torch.tensor(self.train_re + self.test_re, dtype=torch.float32)
+        frames = high_fidelity_frames(self.hi, self.hifi_factor, re, skip_steps=self.skip_steps,
+                                      record_steps=self.record_steps, poke=self.poke, cg_tolerance=self.cg_tolerance,
+                                      min_reynolds=self.min_reynolds, progress=progress)
+        test = torch.zeros(re.numel(), dtype=torch.bool)
+        test[len(self.train_re):] = True
+        return ReferenceRuns(frames, re, test, description=f"wake flow {self.hi.nx}x{self.hi.ny} restricted onto "
+                                                            f"{self.lo.nx}x{self.lo.ny}")
 
 
 # ------------------------------------------------------------------ check-oracle example

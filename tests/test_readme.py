@@ -163,7 +163,7 @@ def shown_commands(page: Path) -> list[Command]:
 
 
 def guide_defined_names(page: Path) -> set[str]:
-    """Oracles a page defines itself (an example's `name = "..."`, a plug-in's entry point)."""
+    """Oracles and simulators a page defines itself (an example's `name = "..."`, a plug-in's entry point)."""
     names = set()
     for b in page_blocks(page):
         if b.lang == "python":
@@ -192,6 +192,7 @@ def check_blackbox_zo(cmd: Command, argv: list[str], own_names: set[str]) -> Non
     from blackbox_zo.config import ConfigError, resolve_config
     from blackbox_zo.oracle import available_oracles
     from blackbox_zo.problem import OracleProblem, available_experiments, available_problems, get_problem
+    from blackbox_zo.registry import SIMULATORS
 
     parser = build_parser()
     if cmd.inline and len(argv) <= 1:  # `blackbox-zo` or `blackbox-zo train`: a name, not a command
@@ -206,6 +207,9 @@ def check_blackbox_zo(cmd: Command, argv: list[str], own_names: set[str]) -> Non
     if args.command == "check-oracle":
         assert PLACEHOLDER.match(args.name) or args.name in available_oracles() or args.name in own_names, \
             f"{cmd.where}: no oracle {args.name!r}"
+    elif args.command == "check-simulator":
+        assert PLACEHOLDER.match(args.name) or args.name in SIMULATORS or args.name in own_names, \
+            f"{cmd.where}: no simulator {args.name!r}"
     elif args.command == "experiment":
         assert args.name in available_experiments(), f"{cmd.where}: no experiment {args.name!r}"
         shown = {a.split("=", 1)[0] for a in args.args if a.startswith("--")}
@@ -225,8 +229,10 @@ def check_blackbox_zo(cmd: Command, argv: list[str], own_names: set[str]) -> Non
                 assert args.fn(args) == 2, f"{cmd.where}: expected exit status 2"
             assert err.getvalue().strip() == cmd.error, f"{cmd.where}: the docs show {cmd.error!r}"
             return
+        # a simulator the page itself defines (a plug-in's entry point) is not registered here
+        settings = [a for a in args.set if not (a.startswith("sol.simulator=") and a.split("=", 1)[1] in own_names)]
         try:
-            resolve_config(problem.config_model, problem.default_config(), None, args.set)
+            resolve_config(problem.config_model, problem.default_config(), None, settings)
         except ConfigError as exc:
             pytest.fail(f"{cmd.where}: {exc}")
 

@@ -26,14 +26,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from oracles.simulator import SolBatch
-from oracles.wake_flow import WakeFlowGeometry, face_mask, restrict_staggered, shared_simulator
+from oracles.wake_flow import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeFlowGeometry, face_mask, high_fidelity_frames
+from problems.sol.data import WindowBatches  # generic; imported here for the wake flow's callers
 
 __all__ = ["PAPER_TRAIN_RE", "PAPER_TEST_RE", "WakeDataSpec", "WakeData", "generate", "load_or_generate",
            "cache_path", "WindowBatches", "normalisation_stats", "DATA_FORMAT_VERSION"]
 
-PAPER_TRAIN_RE = (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
-PAPER_TEST_RE = (146.5, 293.0, 585.9, 1171.9, 2343.8)
 DATA_FORMAT_VERSION = 2  # bump when the generator changes in a way the key does not see
 
 
@@ -112,23 +110,10 @@ def normalisation_stats(train: Tensor, train_re: Tensor, mask: Tensor) -> dict[s
 def generate(spec: WakeDataSpec, progress: bool = True) -> WakeData:
     """Run the high-fidelity simulations (all Reynolds numbers in one batch) and downsample."""
     start = time.perf_counter()
-    sim = shared_simulator(spec.hi_geometry, min_reynolds=spec.min_reynolds, cg_tolerance=spec.cg_tolerance)
     re = torch.tensor(spec.train_re + spec.test_re, dtype=torch.float32)
-    state = sim.initial_state(re.numel(), poke=spec.poke)
-    frames = []
-    total = spec.skip_steps + spec.record_steps
-    hi = spec.hi_geometry
-    with torch.no_grad(), tqdm(total=total, desc=f"wake-flow data: {re.numel()} high-fidelity runs {hi.nx}x{hi.ny}",
-                               disable=not progress, dynamic_ncols=True, unit="step") as bar:
-        for i in range(total + 1):
-            if i > 0:
-                state = sim.step(state, re)
-                bar.update(1)
-            if i >= spec.skip_steps:
-                frames.append(restrict_staggered(state, spec.hifi_factor))
-    traj = torch.stack(frames, 1)  # [R, T+1, 2, nx+1, ny+1]
-    if not torch.isfinite(traj).all():
-        raise FloatingPointError("the high-fidelity simulation produced non-finite values")
+    traj = high_fidelity_frames(spec.hi_geometry, spec.hifi_factor, re, skip_steps=spec.skip_steps,
+                                record_steps=spec.record_steps, poke=spec.poke, cg_tolerance=spec.cg_tolerance,
+                                min_reynolds=spec.min_reynolds, progress=progress)  # [R, T+1, 2, nx+1, ny+1]
     n_train = len(spec.train_re)
     lo_mask = face_mask(spec.lo_nx, spec.lo_ny)
     data = WakeData(spec, traj[:n_train].contiguous(), traj[n_train:].contiguous(), re[:n_train], re[n_train:])
@@ -177,48 +162,3 @@ def load_or_generate(spec: WakeDataSpec, cache_dir: str | Path = "data_cache", p
                         "stats": data.stats, "generation_s": data.generation_s,
                         "spec": json.dumps(asdict(spec))}, path)
     return data
-
-
-class WindowBatches:
-    """Batches of W (simulation, start frame) windows of n unrolled steps; implements BatchSource.
-
-    Window (r, t): start = frame t of run r, targets = frames t+1 .. t+n. The order of
-    epoch e is a pure function of (seed, e), so a resumed run sees the same batches.
-    `batches_per_epoch` caps an epoch (each epoch then sees a fresh random subset), which
-    makes an "epoch" short enough for the sparsity resampling period of a CPU run.
-    """
-
-    def __init__(self, frames: Tensor, reynolds: Tensor, unroll: int, windows: int, seed: int = 0, stride: int = 1,
-                 batches_per_epoch: int | None = None):
-        runs, t1 = frames.shape[:2]
-        if unroll < 1 or unroll >= t1:
-            raise ValueError(f"unroll must be in [1, {t1 - 1}] for {t1} recorded frames, got {unroll}")
-        if windows < 1:
-            raise ValueError(f"windows must be >= 1, got {windows}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        if batches_per_epoch is not None and batches_per_epoch < 1:
-            raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
-        self.frames, self.reynolds, self.unroll, self.seed = frames, reynolds, int(unroll), int(seed)
-        starts = torch.arange(0, t1 - unroll, stride)
-        self.index = torch.cartesian_prod(torch.arange(runs), starts)  # [N, 2] (run, t)
-        self.windows = min(int(windows), self.index.shape[0])
-        full = self.index.shape[0] // self.windows
-        self._per_epoch = full if batches_per_epoch is None else min(full, int(batches_per_epoch))
-
-    def num_batches(self, epoch: int) -> int:
-        return self._per_epoch
-
-    def batch(self, epoch: int, index: int) -> SolBatch:
-        if not 0 <= index < self._per_epoch:
-            raise IndexError(f"batch index {index} outside [0, {self._per_epoch})")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.index.shape[0], generator=gen)
-        picked = self.index[order[index * self.windows : (index + 1) * self.windows]]
-        return self.windows_at(picked)
-
-    def windows_at(self, picked: Tensor) -> SolBatch:
-        r, t = picked[:, 0], picked[:, 1]
-        offsets = torch.arange(1, self.unroll + 1)
-        targets = self.frames[r[:, None], t[:, None] + offsets[None, :]]  # [W, n, ...]
-        return SolBatch(self.frames[r, t].clone(), targets.clone(), self.reynolds[r].clone())

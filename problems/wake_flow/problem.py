@@ -26,6 +26,7 @@ from blackbox_zo.problem import Problem, TrainingSetup
 from blackbox_zo.sparsity import build_sparse_sampler
 from oracles.simulator import SolverInTheLoopOracle, unrolled_loss
 from oracles.wake_flow import shared_simulator
+from problems.sol.corrector import unshrunk
 
 from .data import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeData, WakeDataSpec, WindowBatches, load_or_generate
 from .methods import evaluate_mae
@@ -62,6 +63,10 @@ class WakeSettings(Strict):
     max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
                                                   "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
     prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
+    grasp_at: Literal["default-scale", "as-initialised"] = Field(
+        "as-initialised", description="sparsity.method=zo-grasp: score the corrector for the layer ratios with its "
+        "last layer at the default initialisation scale (out_init_scale undone), or as initialised (the near-zero "
+        "last layer then gets no coordinates at all; docs/wake-flow.md)")
     cg_tolerance: float = Field(1e-5, gt=0, lt=1, description="relative tolerance of the pressure solve "
                                 "(conjugate gradient)")
     cache_dir: str = Field("data_cache", description="where the generated high-fidelity data are cached")
@@ -157,8 +162,11 @@ class WakeFlowProblem(Problem):
             # DeepZero: ZO-GraSP at init on one fixed batch (queries charged to `prune`) -> LPRs -> Sparse-CGE.
             gen = torch.Generator().manual_seed(config.run.seed + 1)
             pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: w.prune_windows]]
+            probe = oracle.initial_theta()
+            if w.grasp_at == "default-scale":  # the scores set layer ratios only; coordinates are random in each
+                probe = oracle.space.flatten_module(unshrunk(corrector, w.out_init_scale))
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, oracle.initial_theta(), batches.windows_at(pick), sparsity, seed=config.run.seed)
+                oracle, probe, batches.windows_at(pick), sparsity, seed=config.run.seed)
 
         return TrainingSetup(oracle=oracle, train_batches=batches, module=corrector, evaluate=evaluate,
                              fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)

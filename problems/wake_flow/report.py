@@ -1,14 +1,13 @@
 """Tables and plots of the wake-flow comparison (DeepZero Fig. 6): MAE table (Markdown + CSV),
-a bar chart of the mean test MAE per method with its spread, the MAE over time, and a
-vorticity strip (reference, source, corrected) of one test run."""
+a bar chart of the mean test MAE per method with its spread, the MAE over time (all three the
+generic ones of problems/sol/report.py), and a vorticity strip (reference, source, corrected)
+of one test run."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -16,100 +15,13 @@ from torch import Tensor
 from blackbox_zo.config import resolve_config
 from blackbox_zo.rundir import CHECKPOINT_NAME, atomic_write_text
 from oracles.wake_flow import vorticity
+# The generic tables and plots (the wake flow's condition is the Reynolds number, "Re").
+from problems.sol.report import COLORS, mae_table, plot_mae_bars, plot_mae_over_time, pyplot, write_table  # noqa: F401
 
 from .methods import evaluate_mae
 
 __all__ = ["mae_table", "write_table", "plot_mae_bars", "plot_mae_over_time", "plot_vorticity_strip",
            "report_single_run"]
-
-COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c"}
-
-
-def mae_table(mae: Mapping[str, Tensor], test_re: Tensor, extra: Mapping[str, Mapping[str, Any]] | None = None
-              ) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown table and CSV rows: per method the mean and std of the test MAE over the runs,
-    each run's MAE, and any extra columns (e.g. wall time, queries)."""
-    extra = extra or {}
-    res = [f"{float(r):g}" for r in test_re]
-    extra_keys = sorted({k for v in extra.values() for k in v})
-    rows = []
-    for name, values in mae.items():
-        row = {"method": name, "mae_mean": float(values.mean()), "mae_std": float(values.std(unbiased=False))}
-        row.update({f"mae_re_{r}": float(v) for r, v in zip(res, values)})
-        row.update({k: extra.get(name, {}).get(k, "") for k in extra_keys})
-        rows.append(row)
-    head = ["method", "MAE mean", "MAE std"] + [f"Re {r}" for r in res] + extra_keys
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["method"], f"{row['mae_mean']:.4f}", f"{row['mae_std']:.4f}"]
-        cells += [f"{row[f'mae_re_{r}']:.4f}" for r in res]
-        cells += [_fmt(row[k]) for k in extra_keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", rows
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
-    return str(v)
-
-
-def write_table(out_dir: Path, markdown: str, rows: list[dict[str, Any]], stem: str = "results") -> None:
-    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(Path(out_dir) / f"{stem}.csv", buf.getvalue())
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_mae_bars(mae: Mapping[str, Tensor], test_re: Tensor, path: Path, title: str = "") -> Path:
-    """Fig. 6-like: mean test MAE per method, error bar = std over the test runs, dots = runs."""
-    plt = _plt()
-    names = list(mae)
-    means = [float(mae[n].mean()) for n in names]
-    stds = [float(mae[n].std(unbiased=False)) for n in names]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(names, means, yerr=stds, capsize=6, color=[COLORS.get(n, "#9467bd") for n in names], alpha=0.85)
-    markers = "osD^v<>"
-    for k, re in enumerate(test_re.tolist()):
-        ax.scatter(range(len(names)), [float(mae[n][k]) for n in names], color="k", s=14, zorder=3,
-                   marker=markers[k % len(markers)], label=f"Re {re:g}")
-    for i, m in enumerate(means):
-        ax.annotate(f"{m:.4f}", (i, m), ha="left", va="bottom", fontsize=8, xytext=(14, 2), textcoords="offset points")
-    ax.set_ylabel("test MAE vs high fidelity (mean over steps)")
-    ax.set_title(title or "Wake flow: corrected low-fidelity error (bars: mean +- std over test runs)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_mae_over_time(curves: Mapping[str, Tensor], path: Path) -> Path:
-    """MAE (mean over the test runs) at each step of the rollout, per method. curves: {name: [R, steps]}."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, c in curves.items():
-        ax.plot(range(1, c.shape[1] + 1), c.mean(0).tolist(), label=name, color=COLORS.get(name))
-    ax.set_xlabel("time step after the start frame")
-    ax.set_ylabel("MAE (mean over test runs)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int], path: Path, title: str = "") -> Path:
@@ -118,7 +30,7 @@ def plot_vorticity_strip(rows: Mapping[str, Tensor], dx: float, times: list[int]
     Flow goes up (+y); every panel shares one symmetric colour scale taken from the first
     row (the reference), so a damped wake looks pale and a wrong one looks wrong.
     """
-    plt = _plt()
+    plt = pyplot()
     vort = {name: vorticity(traj[times], dx) for name, traj in rows.items()}
     first = next(iter(vort.values()))
     vmax = float(first.abs().quantile(0.99)) or 1.0

@@ -1,0 +1,330 @@
+"""`blackbox-zo experiment sol`: SRC / NON / ZO-SOL (and FO-SOL) for any simulator, over seeds.
+
+For the simulator of `sol.simulator` and its reference trajectories: SRC (the solver alone),
+NON (first-order on pre-generated one-step pairs, outside the loop), ZO-SOL (eq. (A3) by loss
+values only, through the trainer) and, when the simulator declares itself differentiable,
+FO-SOL (eq. (A3) backpropagated through it). Asking for FO-SOL with a non-differentiable
+simulator is refused in one line before anything runs. FO-SOL and ZO-SOL share the config,
+the initial corrector, the batches, the optimizer and the number of steps.
+
+`--seeds 0,1,2` repeats the trained methods for each seed (SRC has no seed) and reports each
+seed's mean test MAE and the mean and spread over the seeds. Every finished (method, seed)
+is cached in the output directory (`seed<S>/<method>.json` and its weights `.pt`, keyed by
+the settings), so an interrupted study run again with the same `--out` continues where it
+stopped.
+
+Writes to `runs/sol-experiment/<timestamp>/` (or `--out`): results.md / results.csv (the
+methods x seeds table, then each seed's per-run table), mae_bars.png (mean over seeds, spread
+over seeds, a dot per seed), mae_over_time.png and test_run.png (first seed), summary.json,
+and the trainer's run directories `seed<S>/zo-sol/`, `seed<S>/fo-sol/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from blackbox_zo.config import ConfigError
+from blackbox_zo.problem import ProblemSetupError
+from blackbox_zo.registry import SIMULATORS
+from blackbox_zo.rundir import atomic_write_text, make_run_dir
+from blackbox_zo.trainer import Trainer
+from oracles.simulator import is_differentiable, make_simulator
+
+from .data import WindowBatches
+from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
+from .problem import SolProblem, build_sol
+from .report import COLORS, mae_table, plot_mae_over_time, plot_test_run, pyplot, run_labels, seed_table, write_table
+
+METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
+
+# A smoke run: few steps of everything, on the simulator's own `quick_options` if it declares them.
+QUICK: list[str] = ["sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
+                    "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2"]
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Clock:
+    """Wall and process-CPU seconds of a phase (CPU time is what a quiet machine would take)."""
+
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), _cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self.wall0
+        self.cpu_s = _cpu_s() - self.cpu0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blackbox-zo experiment sol",
+        description="Solver-in-the-loop for any registered simulator (--set sol.simulator=NAME): SRC / NON / "
+                    "ZO-SOL, and FO-SOL when the simulator is differentiable; test MAE per method and seed, plots. "
+                    "Settings are the sol problem's (`blackbox-zo train sol --help`); --set applies to every run.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set sol.simulator=burgers-v1 --set sol.unroll=4")
+    p.add_argument("--config", help="TOML or JSON file with settings")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all the simulator allows)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: run.seed)")
+    p.add_argument("--non-steps", type=int, default=None,
+                   help="NON: Adam steps on one-step pairs (default: the SOL runs' steps)")
+    p.add_argument("--non-batch", type=int, default=None,
+                   help="NON: pairs per step (default: windows x unroll, the (state, target) pairs of one SOL step)")
+    p.add_argument("--out", help="output directory (default: runs/sol-experiment/<timestamp>); "
+                                 "finished (method, seed) runs found there are reused")
+    p.add_argument("--quick", action="store_true", help="tiny data and few steps (smoke run)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _config_key(config, method: str, seed: int, extra: dict[str, Any]) -> str:
+    raw = json.loads(config.model_dump_json())
+    raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("progress", "out_dir", "threads")}
+    raw["run"]["seed"] = seed
+    blob = json.dumps({"config": raw, "method": method, **extra}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _train_sol(problem, config, run_dir: Path, label: str):
+    """The trainer on the sol problem, keeping the module (the experiment evaluates it itself)."""
+    _seed_all(config.run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
+    setup = problem.setup(config)
+    setup.evaluate = None
+    summary = Trainer(setup, config, run_dir, problem_name=f"sol {label}").fit()
+    summary["sparsity"] = setup.extras.get("sparsity")
+    return setup.module, summary
+
+
+def resolve(args: argparse.Namespace):
+    """The config and the method list, checked before anything runs (FO-SOL refused here)."""
+    problem = SolProblem()
+    base = problem.resolve_config(args.config, args.set)
+    overrides = list(args.set)
+    if args.quick:
+        quick_opts = getattr(SIMULATORS.get(base.sol.simulator), "quick_options", {}) or {}
+        overrides = QUICK + [f"sol.simulator_options.{k}={json.dumps(v)}" for k, v in quick_opts.items()] + overrides
+    if args.no_progress:
+        overrides.append("run.progress=false")
+    config = problem.resolve_config(args.config, overrides)
+    try:
+        sim = make_simulator(config.sol.simulator, **config.sol.simulator_options)
+    except Exception as exc:
+        raise ConfigError(f"cannot build simulator {config.sol.simulator!r} with sol.simulator_options="
+                          f"{config.sol.simulator_options}: {type(exc).__name__}: {exc}") from exc
+    differentiable = is_differentiable(sim)
+    if args.methods is None:
+        methods = [m for m in METHODS if m != "FO-SOL" or differentiable]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if "FO-SOL" in methods and not differentiable:
+            raise ConfigError(f"FO-SOL needs a differentiable simulator; {config.sol.simulator!r} declares "
+                              "differentiable=False (no gradient exists to backpropagate): drop FO-SOL from "
+                              "--methods, ZO-SOL trains through it by loss values")
+    seeds = [config.run.seed] if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
+    return problem, config, methods, seeds
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    problem, config, methods, seeds = resolve(args)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, "sol-experiment")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", config.model_dump_json(indent=2) + "\n")
+    s, progress = config.sol, config.run.progress
+    log = print if progress else (lambda *a, **k: None)
+
+    with _Clock() as clock:
+        parts = build_sol(config, progress, log=log)
+    info = parts["data_info"]
+    timing: dict[str, Any] = {"data": {"wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "cached": info["cached"]}}
+    log(f"data: {info['source']} {info['path']} ({'cached' if info['cached'] else 'generated'}, "
+        f"wall {clock.wall_s:.1f}s, cpu {clock.cpu_s:.1f}s)")
+    sim, mask, weight = parts["simulator"], parts["mask"], parts["weight"]
+    train, train_cond = parts["train"]
+    test, test_cond = parts["test"]
+    sol_steps = config.run.epochs * WindowBatches(train, train_cond, s.unroll, s.windows,
+                                                  batches_per_epoch=s.batches_per_epoch).num_batches(0)
+    sol_steps = min(sol_steps, config.run.max_steps or sol_steps)
+    non_steps = sol_steps if args.non_steps is None else args.non_steps
+    non_batch = s.windows * s.unroll if args.non_batch is None else args.non_batch
+
+    mae: dict[int, dict[str, torch.Tensor]] = {seed: {} for seed in seeds}
+    trajs: dict[str, torch.Tensor] = {}
+    extra: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}
+    summaries: dict[str, Any] = {}
+    first = seeds[0]
+
+    def evaluate(name: str, corrector, seed: int) -> torch.Tensor:
+        with _Clock() as c:
+            values, traj = evaluate_mae(sim, corrector, test, test_cond, mask, s.eval_steps)
+        timing.setdefault(f"{name}/seed{seed}", {}).update({"eval_wall_s": c.wall_s, "eval_cpu_s": c.cpu_s})
+        if seed == first:
+            trajs[name] = traj
+        log(f"{name} (seed {seed}): test MAE {float(values.mean()):.5f} +- {float(values.std(unbiased=False)):.5f}")
+        return values
+
+    if "SRC" in methods:
+        src = evaluate("SRC", None, first)
+        for seed in seeds:
+            mae[seed]["SRC"] = src
+    pairs = None
+    for seed in seeds:
+        seed_dir = out / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        for name in [m for m in ("NON", "FO-SOL", "ZO-SOL") if m in methods]:
+            key = _config_key(config, name, seed, {"non_steps": non_steps, "non_batch": non_batch}
+                              if name == "NON" else {})
+            record_path, weights_path = seed_dir / f"{name.lower()}.json", seed_dir / f"{name.lower()}.pt"
+            corrector = parts["new_corrector"](seed)
+            cached = None
+            if record_path.exists() and weights_path.exists():
+                record = json.loads(record_path.read_text())
+                if record.get("key") == key:
+                    cached = record
+            if cached is not None:
+                corrector.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+                summaries[f"{name}/seed{seed}"] = cached["summary"]
+                timing[f"{name}/seed{seed}"] = dict(cached["timing"], cached=True)
+                log(f"{name} (seed {seed}): reusing the finished run in {seed_dir}")
+            else:
+                with _Clock() as c:
+                    if name == "NON":
+                        _seed_all(seed)
+                        if pairs is None:
+                            pairs = one_step_pairs(sim, train, train_cond, max_batch=s.max_batch)
+                        non_log = train_non(corrector, pairs, weight, steps=non_steps, lr=config.optimizer.lr,
+                                            batch_size=non_batch, seed=seed, progress=progress)
+                        summary = {"steps": non_steps, "batch": non_batch,
+                                   "final_loss": non_log[-1]["loss"] if non_log else None}
+                    else:
+                        cfg = config.model_copy(deep=True)
+                        cfg.run.seed = seed
+                        if name == "FO-SOL":
+                            cfg.estimator.kind = "autograd"
+                        corrector, summary = _train_sol(problem, cfg, seed_dir / name.lower(), name)
+                summaries[f"{name}/seed{seed}"] = summary
+                timing[f"{name}/seed{seed}"] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
+            values = evaluate(name, corrector, seed)
+            mae[seed][name] = values
+            queries = summaries[f"{name}/seed{seed}"].get("queries", {}).get("total") if name == "ZO-SOL" else None
+            t = timing[f"{name}/seed{seed}"]
+            extra[seed][name] = {"train_wall_s": round(t.get("train_wall_s", 0.0), 1),
+                                 "train_cpu_s": round(t.get("train_cpu_s", 0.0), 1),
+                                 **({"queries": queries} if queries is not None else {})}
+            if cached is None:
+                torch.save(corrector.state_dict(), weights_path)
+                atomic_write_text(record_path, json.dumps(
+                    {"key": key, "method": name, "seed": seed, "mae": values.tolist(),
+                     "summary": summaries[f"{name}/seed{seed}"], "timing": timing[f"{name}/seed{seed}"]},
+                    indent=2, default=str) + "\n")
+
+    label = "cond"
+    order = [m for m in METHODS if m in methods]
+    per_seed = {m: {seed: float(mae[seed][m].mean()) for seed in seeds} for m in order}
+    wins = None
+    if "SRC" in order:
+        wins = {m: f"{sum(per_seed[m][sd] < per_seed['SRC'][sd] for sd in seeds)}/{len(seeds)} seeds below SRC"
+                for m in order if m != "SRC"}
+    table, seed_rows = seed_table(per_seed, seeds, wins)
+    sections = [f"# {s.simulator}: test MAE, methods x seeds\n", table]
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        md, r = mae_table({m: mae[seed][m] for m in order}, test_cond, extra[seed], label=label)
+        sections += [f"\n## seed {seed}: per test run\n", md]
+        rows += [{"seed": seed, **row} for row in r]
+    markdown = "\n".join(sections)
+    write_table(out, markdown, rows)
+    _plot_seed_bars(per_seed, seeds, out / "mae_bars.png",
+                    title=f"{s.simulator}: mean test MAE over {len(seeds)} seed(s) (bars: mean +- std over seeds)")
+    plot_mae_over_time({n: mae_per_step(t, test, mask) for n, t in trajs.items()}, out / "mae_over_time.png")
+    t_max = trajs[next(iter(trajs))].shape[1] - 1
+    plot_test_run({"reference": test[0, : t_max + 1], **{n: t[0] for n, t in trajs.items()}}, out / "test_run.png",
+                  title=f"{s.simulator}: test run 0 ({run_labels(test_cond, label)[0]}), seed {first}")
+    # this invocation's time: the training of reused runs is not counted again
+    spent = lambda v, k: k.endswith("_s") and not (v.get("cached") and k.startswith("train"))  # noqa: E731
+    total_wall = sum(v[k] for v in timing.values() for k in v if spent(v, k) and k.endswith("wall_s"))
+    total_cpu = sum(v[k] for v in timing.values() for k in v if spent(v, k) and k.endswith("cpu_s"))
+    result = {"out_dir": str(out), "simulator": s.simulator, "methods": order, "seeds": seeds,
+              "seed_table": seed_rows, "table": rows, "timing": timing, "summaries": summaries,
+              "data": info, "non_steps": non_steps, "non_batch": non_batch, "sol_steps": sol_steps,
+              "total_wall_s": total_wall, "total_cpu_s": total_cpu}
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=2, default=str) + "\n")
+    print(table, end="")
+    print(f"sol experiment ({s.simulator}): {out} (wall {total_wall:.0f}s, cpu {total_cpu:.0f}s)")
+    return result
+
+
+def _plot_seed_bars(per_seed: dict[str, dict[int, float]], seeds: list[int], path: Path, title: str) -> None:
+    plt = pyplot()
+    names = list(per_seed)
+    vals = [torch.tensor([per_seed[n][sd] for sd in seeds], dtype=torch.float64) for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [float(v.mean()) for v in vals], yerr=[float(v.std(unbiased=False)) for v in vals], capsize=6,
+           color=[COLORS.get(n, "#9467bd") for n in names], alpha=0.85)
+    for i, v in enumerate(vals):
+        ax.scatter([i] * len(seeds), v.tolist(), color="k", s=14, zorder=3)
+        ax.annotate(f"{float(v.mean()):.4f}", (i, float(v.mean())), ha="left", va="bottom", fontsize=8,
+                    xytext=(14, 2), textcoords="offset points")
+    ax.set_ylabel("test MAE vs high fidelity (mean over runs and steps)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """SRC / NON / ZO-SOL (/ FO-SOL) for a registered simulator over seeds: test MAE table and plots."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            parser.error(f"--methods: unknown {unknown or '(none)'}; allowed: {', '.join(METHODS)}")
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            parser.error(f"--seeds must be distinct integers >= 0, comma-separated, got {args.seeds!r}")
+    if args.non_steps is not None and args.non_steps < 0:
+        parser.error(f"--non-steps must be >= 0, got {args.non_steps}")
+    if args.non_batch is not None and args.non_batch < 1:
+        parser.error(f"--non-batch must be >= 1, got {args.non_batch}")
+    try:
+        run(args)
+    except (ConfigError, ProblemSetupError) as exc:
+        print(f"blackbox-zo experiment sol: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
