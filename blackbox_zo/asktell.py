@@ -398,7 +398,7 @@ class AskTellRun:
             try:
                 t.oracle.ledger.ensure_available(plan.num_queries)
             except QueryBudgetExceeded as exc:
-                t._stopped("query budget", str(exc), t.pos.step)
+                t.record_stop("query budget", str(exc), t.pos.step)
                 summary = self._complete()
                 raise RunComplete(f"{self.run_dir} stopped: {exc}; nothing to ask", summary) from None
             points = plan.materialize()

@@ -465,12 +465,12 @@ class Trainer:
                 try:
                     signum = self._loop(bar, stop)
                 except QueryBudgetExceeded as exc:
-                    self._stopped("query budget", str(exc), self.pos.step)
+                    self.record_stop("query budget", str(exc), self.pos.step)
                     signum = 0
                     write(f"stopping: {exc}")
                 if signum:
                     stop.repeat_stops_at_once = False  # stopping already: a repeat must not cut the writing short
-                    self._stopped("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
+                    self.record_stop("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
                                   self.pos.step)
                     self.stop_signal = signum
                     self.save_checkpoint()
@@ -484,7 +484,7 @@ class Trainer:
                 self.save_checkpoint()
                 return self.finish()
         except TrainingError as exc:  # a failed step or evaluation: the state before it is kept
-            self._stopped(exc.reason, str(exc), exc.step)
+            self.record_stop(exc.reason, str(exc), exc.step)
             rng = None
             if exc.step == self.pos.step + 1 and self._torch_rng_at_step_start is not None:
                 rng = {**rng_state(), "torch": self._torch_rng_at_step_start}
@@ -496,20 +496,20 @@ class Trainer:
         except Interrupted as exc:
             if exc.summary is None:  # a second signal cut the step in flight short: keep the last checkpoint
                 exc.step, exc.checkpoint_step, exc.run_dir = self.pos.step, self.checkpoint_step, self.run_dir
-                self._stopped("interrupted", exc.describe(), self.pos.step)
+                self.record_stop("interrupted", exc.describe(), self.pos.step)
                 self.stop_signal = exc.signum
                 exc.summary = self._finish_quietly()
             raise
         except parallel.ParallelError as exc:
-            self._stopped("parallel error", str(exc), self.pos.step + 1)
+            self.record_stop("parallel error", str(exc), self.pos.step + 1)
             self._finish_quietly()
             raise
         except rundir.RunDirError as exc:  # a file of the run cannot be written (disk full, ...)
-            self._stopped("write error", str(exc), self.pos.step)
+            self.record_stop("write error", str(exc), self.pos.step)
             self._finish_quietly()
             raise
         except Exception as exc:  # a file that cannot be written, a bug: say so in summary.json if it can be
-            self._stopped("error", f"{type(exc).__name__}: {exc}", self.pos.step + 1)
+            self.record_stop("error", f"{type(exc).__name__}: {exc}", self.pos.step + 1)
             self._finish_quietly()
             raise
         finally:
@@ -611,7 +611,8 @@ class Trainer:
         stats = getattr(self.oracle, "stats", None)
         return {f"oracle/{k}": v for k, v in stats().items()} if callable(stats) else {}
 
-    def _stopped(self, reason: str, detail: str | None, step: int | None) -> None:
+    def record_stop(self, reason: str, detail: str | None, step: int | None) -> None:
+        """Why, and at which step (numbered as in metrics.jsonl), the run stopped: what summary.json will say."""
         self.stopped_reason, self.stop_detail, self.stop_step = reason, detail, step
 
     def _barrier(self) -> None:
