@@ -356,6 +356,15 @@ def _scenario_teardown(rank: int, out: Path, options: dict) -> dict:
     result["seconds"] = time.perf_counter() - start
     result.update(freed=group() is None, initialized=dist.is_initialized(), threads_after=_backend_threads(),
                   held=len(held))
+    # gloo's TCP transport closes its event-loop thread (pure C++: it never takes the GIL) once its
+    # last connection is closed, which after a peer's reset can come a moment later than the
+    # group's destructor: seen once in a clean-clone run. It must still go, shortly.
+    settled = result["threads_after"] if case != "still-referenced" else None  # that group is kept on purpose
+    deadline = time.perf_counter() + 10.0
+    while settled and time.perf_counter() < deadline:
+        time.sleep(0.05)
+        settled = _backend_threads()
+    result["threads_settled"] = settled
     return result
 
 
@@ -520,7 +529,10 @@ def test_shutdown_frees_the_group_and_its_threads_before_exit(tmp_path, case):
             continue
         # freed now, threads joined: nothing of the group is left for interpreter finalization
         assert r["freed"], r
-        assert r["threads_after"] in ([], None), r["threads_after"]
+        # the worker threads (they take the GIL: the abort's cause) are joined by the time shutdown returns;
+        # the transport's event loop ends within seconds
+        assert not [t for t in r["threads_after"] or [] if t != "gloo_tcp_loop"], r["threads_after"]
+        assert r["threads_settled"] in ([], None), r["threads_settled"]
         if case == "peer-left" and rank == 0:  # its barrier sees the peer gone at once, not after timeout_s
             assert "the final barrier failed" in r["error_message"] and r["seconds"] < 60, r
         elif case == "failed-collective" and rank == 0:
