@@ -40,6 +40,7 @@ __all__ = [
     "Estimate",
     "Estimator",
     "PlanEstimator",
+    "scatter_coords",
     "CGE",
     "RGE",
     "LinearInterpolation",
@@ -121,7 +122,7 @@ class PlanEstimator(ABC):
         return self.combine(plan, execute(plan, oracle, batch, sharder=sharder))
 
 
-def _scatter(theta: Tensor, coords: Tensor | None, values: Tensor) -> Tensor:
+def scatter_coords(theta: Tensor, coords: Tensor | None, values: Tensor) -> Tensor:
     """A [d] vector with `values` at `coords` (everywhere when None) and zeros elsewhere."""
     grad = torch.zeros_like(theta)
     if coords is None:
@@ -207,7 +208,7 @@ class RGE(PlanEstimator):
         k = plan.directions.dim
         scale = (k if self.distribution == "sphere" else 1.0) / self.q
         acc = losses.directions_sum(losses.differences())
-        return Estimate(_scatter(plan.theta, plan.coords, acc * scale), losses.queries, losses.base_loss())
+        return Estimate(scatter_coords(plan.theta, plan.coords, acc * scale), losses.queries, losses.base_loss())
 
 
 # ---------------------------------------------------------------- linear interpolation
@@ -370,7 +371,7 @@ class LinearInterpolation(PlanEstimator):
     def combine(self, plan, losses) -> Estimate:
         q = plan.directions.matrix
         g = self._solve(q, losses.differences().to(plan.theta.dtype), q.shape[1])
-        return Estimate(_scatter(plan.theta, plan.coords, g), losses.queries, losses.base_loss())
+        return Estimate(scatter_coords(plan.theta, plan.coords, g), losses.queries, losses.base_loss())
 
     def _solve(self, q: Tensor, b: Tensor, k: int) -> Tensor:
         m = q.shape[0]

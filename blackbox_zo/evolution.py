@@ -68,7 +68,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .config import EstimatorSettings
-from .estimators import Estimate, PlanEstimator, register_estimator
+from .estimators import Estimate, PlanEstimator, register_estimator, scatter_coords
 from .parallel import PlanSharder
 from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
 
@@ -106,16 +106,6 @@ def _check_mu(mu: float) -> float:
 def _draw_seed(seed: int | None) -> int:
     """The step's seed, or a fresh one from torch's generator (as the estimators of estimators.py)."""
     return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
-
-
-def _scatter(theta: Tensor, coords: Tensor | None, values: Tensor) -> Tensor:
-    """A [d] vector with `values` at `coords` (everywhere when None) and zeros elsewhere."""
-    grad = torch.zeros_like(theta)
-    if coords is None:
-        grad += values
-    else:
-        grad[coords] = values
-    return grad
 
 
 # ----------------------------------------------------------------------- fitness shaping
@@ -236,7 +226,7 @@ class ES(PlanEstimator):
 
     def combine(self, plan, losses) -> Estimate:
         weights = _shaped_differences(losses, self.shaping) / self.q
-        return Estimate(_scatter(plan.theta, plan.coords, losses.directions_sum(weights)), losses.queries,
+        return Estimate(scatter_coords(plan.theta, plan.coords, losses.directions_sum(weights)), losses.queries,
                         losses.base_loss())
 
 
@@ -302,7 +292,7 @@ class GuidedES(PlanEstimator):
         else:
             hist = torch.cat([hist, row])[-self.k :]
         self._history = hist
-        return Estimate(_scatter(plan.theta, plan.coords, g), losses.queries, losses.base_loss())
+        return Estimate(scatter_coords(plan.theta, plan.coords, g), losses.queries, losses.base_loss())
 
 
 # ----------------------------------------------------------------------------- searches
