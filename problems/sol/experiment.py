@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from blackbox_zo.registry import SIMULATORS
 from blackbox_zo.rundir import atomic_write_text, make_run_dir
 from blackbox_zo.trainer import Trainer
 from oracles.simulator import is_differentiable, make_simulator
+from problems.experiments.timing import PhaseClock
 
 from .data import WindowBatches
 from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
@@ -51,23 +51,6 @@ METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
 # A smoke run: few steps of everything, on the simulator's own `quick_options` if it declares them.
 QUICK: list[str] = ["sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
                     "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2"]
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class _Clock:
-    """Wall and process-CPU seconds of a phase (CPU time is what a quiet machine would take)."""
-
-    def __enter__(self):
-        self.wall0, self.cpu0 = time.perf_counter(), _cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall_s = time.perf_counter() - self.wall0
-        self.cpu_s = _cpu_s() - self.cpu0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s, progress = config.sol, config.run.progress
     log = print if progress else (lambda *a, **k: None)
 
-    with _Clock() as clock:
+    with PhaseClock() as clock:
         parts = build_sol(config, progress, log=log)
     info = parts["data_info"]
     timing: dict[str, Any] = {"data": {"wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "cached": info["cached"]}}
@@ -180,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first = seeds[0]
 
     def evaluate(name: str, corrector, seed: int) -> torch.Tensor:
-        with _Clock() as c:
+        with PhaseClock() as c:
             values, traj = evaluate_mae(sim, corrector, test, test_cond, mask, s.eval_steps)
         timing.setdefault(f"{name}/seed{seed}", {}).update({"eval_wall_s": c.wall_s, "eval_cpu_s": c.cpu_s})
         if seed == first:
@@ -212,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timing[f"{name}/seed{seed}"] = dict(cached["timing"], cached=True)
                 log(f"{name} (seed {seed}): reusing the finished run in {seed_dir}")
             else:
-                with _Clock() as c:
+                with PhaseClock() as c:
                     if name == "NON":
                         _seed_all(seed)
                         if pairs is None:

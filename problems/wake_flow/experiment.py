@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from blackbox_zo.rng import seed_everything
 from blackbox_zo.rundir import atomic_write_text, make_run_dir
 from blackbox_zo.trainer import Trainer
 from oracles.wake_flow import shared_simulator
+from problems.experiments.timing import PhaseClock
 
 from .data import WindowBatches, cache_path, load_or_generate
 from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
@@ -44,23 +44,6 @@ QUICK: list[str] = [
     "wake.unroll=2", "wake.windows=2", "wake.batches_per_epoch=3", "wake.prune_windows=2", "run.epochs=2",
     "sparsity.q=4",
 ]
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class _Clock:
-    """Wall and process-CPU seconds of a phase (CPU time is what a quiet machine would take)."""
-
-    def __enter__(self):
-        self.wall0, self.cpu0 = time.perf_counter(), _cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall_s = time.perf_counter() - self.wall0
-        self.cpu_s = _cpu_s() - self.cpu0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = data_spec(w)
     cached = cache_path(spec, w.cache_dir).exists()
-    with _Clock() as clock:
+    with PhaseClock() as clock:
         data = load_or_generate(spec, w.cache_dir, progress=progress)
     timing: dict[str, dict[str, float]] = {"data": {"wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "cached": cached}}
     log(f"data: {'cached' if cached else 'generated'} {cache_path(spec, w.cache_dir)} "
@@ -140,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
 
     def evaluate(name: str, corrector) -> None:
-        with _Clock() as c:
+        with PhaseClock() as c:
             mae[name], trajs[name] = evaluate_mae(sim, corrector, data.test, data.test_re, sim.mask, w.eval_steps)
         timing.setdefault(name, {}).update({"eval_wall_s": c.wall_s, "eval_cpu_s": c.cpu_s})
         log(f"{name}: test MAE {float(mae[name].mean()):.5f} +- {float(mae[name].std(unbiased=False)):.5f}")
@@ -148,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "SRC" in methods:
         evaluate("SRC", None)
     if "NON" in methods:
-        with _Clock() as c:
+        with PhaseClock() as c:
             corrector = build_corrector(w, data, config.run.seed)
             pairs = one_step_pairs(sim, data, max_batch=w.max_batch)
             non_log = train_non(corrector, pairs, weight, steps=args.non_steps, lr=config.optimizer.lr,
@@ -163,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # FO-SOL: the same settings with the first-order reference (which takes no mu, scheme or sparsity)
         cfg = config.model_copy(deep=True) if kind is None else \
             resolve_config(problem.config_model, config.model_dump(), None, [f"estimator={kind}"], name=problem.name)
-        with _Clock() as c:
+        with PhaseClock() as c:
             corrector, summary = _train_sol(problem, cfg, out / name.lower(), name)
         timing[name] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
         summaries[name] = summary
