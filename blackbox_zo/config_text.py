@@ -209,7 +209,12 @@ def settings_help(problem: Any) -> str:
         lines.append("")
         lines.append(f"[{key}]  {doc}")
         if not issubclass(section, Tagged):
-            lines += _setting_lines(f"{key}.", section, value.model_dump(), "  ")
+            if value is None:  # an optional section (e.g. phase2): off unless set; its settings as they would be
+                lines.append("  (unset: off)")
+                values = {n: None for n, f in section.model_fields.items() if f.is_required()}
+            else:
+                values = value.model_dump()
+            lines += _setting_lines(f"{key}.", section, values, "  ")
             continue
         raw = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
         current = type(value) if value is not None else section.variant(section.default_tag())

@@ -81,7 +81,7 @@ def test_the_refusal_names_the_setting_and_what_is_used_instead():
     with pytest.raises(ConfigError, match=r"estimator.mu: estimator.kind='autograd' has no mu"):
         p.resolve_config(overrides=["estimator=autograd", "estimator.mu=0.1"])
     with pytest.raises(ConfigError, match=r"cartpole has no data section \(its sections: estimator, optimizer, "
-                                          r"schedule, run, parallel, gym\)"):
+                                          r"schedule, run, parallel, phase2, gym\)"):
         get_problem("cartpole").resolve_config(overrides=["data.batch_size=8"])
     with pytest.raises(ConfigError, match=r"data.seed: cifar10 has no data.seed"):
         get_problem("cifar10").resolve_config(overrides=["data.seed=3"])
