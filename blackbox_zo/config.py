@@ -643,9 +643,9 @@ def unused_settings(model: type[TrainConfig], data: dict[str, Any], name: str | 
     out: list[tuple[str, str]] = []
     for key, value in data.items():
         if key not in fields:
-            if key in ENGINE_SECTIONS:
+            if key in ENGINE_SECTIONS:  # (phase2 is not listed: a second copy of estimator, optimizer, schedule)
                 out.append((key, f"{who} has no {key} section (its sections: "
-                                 f"{', '.join(k for k in fields if k != 'problem')})"))
+                                 f"{', '.join(k for k in fields if k not in ('problem', 'phase2'))})"))
             continue
         section = section_model(fields[key].annotation)
         if isinstance(value, dict) and section is not None and issubclass(section, Tagged):
@@ -700,6 +700,17 @@ def _copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+def _drop_default_phase2(base: dict[str, Any], user: dict[str, Any], data: dict[str, Any]) -> None:
+    """A `phase2` from the defaults belongs to the defaults' estimator: a user who picks another
+    estimator.kind (and sets nothing of phase2) gets a one-phase run of that estimator."""
+    if not isinstance(base.get("phase2"), dict) or "phase2" in user:
+        return
+    chosen = user.get("estimator", {}).get("kind") if isinstance(user.get("estimator"), dict) else None
+    default = base.get("estimator", {}).get("kind") if isinstance(base.get("estimator"), dict) else None
+    if chosen is not None and chosen != default:
+        data["phase2"] = None
+
+
 def resolve_config(
     model: type[Strict],
     defaults: dict[str, Any] | None = None,
@@ -721,6 +732,7 @@ def resolve_config(
     user = deep_merge(user, parse_overrides(overrides))
     data = deep_merge(base, user)
     if isinstance(model, type) and issubclass(model, TrainConfig):
+        _drop_default_phase2(base, user, data)
         given = _flat_keys(user)
         refused = []
         data = _copy(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from blackbox_zo.config import ConfigError, resolve_config
 from blackbox_zo.rundir import CHECKPOINT_NAME
 from blackbox_zo.trainer import train
-from problems.digits import DigitsProblem
+from problems.digits import DEEPZERO_RECIPE, DigitsProblem
 
 # width 2 (d = 310), one epoch of 22 batches of 64 images: ES (q = 3: 6 queries a step) for 10 steps,
 # then Sparse-CGE (ZO-GraSP at 50%: a fixed number of coordinates + 1 base query a step)
@@ -96,5 +97,35 @@ def test_phase2_settings_are_checked_in_one_line():
         _config("phase2.estimator.kind=autograd")
     with pytest.raises(ConfigError, match="phase2.after_steps"):
         _config("phase2.after_steps=0")
+    from blackbox_zo.problem import get_problem
+
+    assert get_problem("cartpole").resolve_config().phase2 is None  # one phase unless a problem's defaults ask
+
+
+def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
+    """The default: sep-CMA-ES for 715 steps, then DeepZero's Sparse-CGE (docs/efficiency.md). DEEPZERO_RECIPE
+    (the efficiency study's sparse-cge) and the --set values docs/digits.md gives for it are one config."""
+    from blackbox_zo.config import deep_merge
+
     p = DigitsProblem()
-    assert resolve_config(p.config_model, p.default_config()).phase2 is None  # one phase unless asked
+    default = p.resolve_config()
+    assert default.estimator.kind == "sep-cma-es" and default.phase2.after_steps == 715
+    assert default.phase2.estimator.kind == "cge" and default.sparsity.enabled and default.data.batch_size == 16
+    sets = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
+    by_sets = resolve_config(p.config_model, p.default_config(), overrides=sets)
+    assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), DEEPZERO_RECIPE))
+    assert by_sets.phase2 is None and by_sets.estimator.kind == "cge" and by_sets.optimizer.lr == 0.1
+    assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "digits.md").read_text()
+
+
+def test_choosing_another_estimator_drops_the_defaults_phase2():
+    """The default's phase 2 belongs to the default's phase 1: `--set estimator=rge` is a one-phase RGE run
+    (and the first-order reference works), while a phase2 setting given by the user is kept."""
+    p = DigitsProblem()
+    assert p.resolve_config(overrides=["estimator=rge"]).phase2 is None
+    assert p.resolve_config(overrides=["estimator=autograd"]).phase2 is None
+    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 715  # same kind: kept
+    kept = p.resolve_config(overrides=["estimator=rge", "phase2.after_steps=10"])
+    assert kept.phase2.after_steps == 10 and kept.phase2.estimator.kind == "cge"
+    with pytest.raises(ConfigError, match="phase2 needs a zeroth-order estimator in phase 1"):
+        p.resolve_config(overrides=["estimator=autograd", "phase2.after_steps=10"])
