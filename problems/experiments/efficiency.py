@@ -84,7 +84,7 @@ _B64 = {"data": {"batch_size": 64}, "phase2": None}
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "sparse-cge": DEEPZERO_RECIPE,  # ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
-        "cge": {**_DENSE64},
+        "cge": {**_DENSE64, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}},
         "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
                 "optimizer": {"name": "adam", "lr": 0.01}},
         "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
