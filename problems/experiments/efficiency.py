@@ -212,7 +212,8 @@ def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_
 
 class _Curve:
     """A trainer callback: the task's metric every `every` queries (not counted as training time), and the
-    process CPU seconds from the first step's record to the last one's, evaluations excluded (`train_cpu_s`:
+    process CPU seconds of the steps, evaluations excluded (`train_cpu_s`, measured from the first step record to
+    the last one's and scaled for the first step;
     one-thread runs on a shared machine are timed more fairly by CPU than by wall seconds)."""
 
     def __init__(self, metric: str, every: int):
@@ -223,14 +224,20 @@ class _Curve:
         self._cpu_first: float | None = None
         self._cpu_last = 0.0
         self._eval_cpu_at_first = self._eval_cpu_at_last = 0.0
+        self._steps = 0
 
     @property
     def train_cpu_s(self) -> float:
-        return 0.0 if self._cpu_first is None else self._cpu_last - self._cpu_first - (
-            self._eval_cpu_at_last - self._eval_cpu_at_first)
+        """The CPU seconds of the steps after the first, scaled by steps / (steps - 1) for the first one's
+        (which ends before the first record); NaN for a run of one step."""
+        if self._cpu_first is None or self._steps < 2:
+            return float("nan")
+        window = self._cpu_last - self._cpu_first - (self._eval_cpu_at_last - self._eval_cpu_at_first)
+        return window * self._steps / (self._steps - 1)
 
     def __call__(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if "loss" in record:
+            self._steps += 1
             now = time.process_time()
             if self._cpu_first is None:
                 self._cpu_first, self._eval_cpu_at_first = now, self.eval_cpu_s
