@@ -43,7 +43,7 @@ from .simulator import ReferenceRuns
 
 __all__ = ["BurgersSimulator", "muscl_rhs", "LIMITERS", "cell_averages"]
 
-LIMITERS = ("minmod", "superbee", "mc")
+LIMITERS = ("minmod", "superbee", "mc", "first-order")
 VERSION = 1  # bump when the scheme changes: part of the twin data's cache key
 
 
@@ -58,6 +58,8 @@ def _slopes(dm: np.ndarray, dp: np.ndarray, limiter: str) -> np.ndarray:
     if limiter == "superbee":  # maxmod(minmod(2a, b), minmod(a, 2b))
         s1, s2 = _minmod(2 * dm, dp), _minmod(dm, 2 * dp)
         return np.where(np.abs(s1) >= np.abs(s2), s1, s2)
+    if limiter == "first-order":  # zero slopes: piecewise-constant cells, the first-order Godunov scheme
+        return np.zeros_like(dm)
     if limiter == "mc":  # monotonized central: minmod(2a, 2b, (a + b) / 2)
         c = 0.5 * (dm + dp)
         m = _minmod(2 * dm, 2 * dp)
@@ -105,7 +107,7 @@ class BurgersSimulator:
         self,
         cells: int = 32,
         dt: float = 0.05,
-        limiter: Literal["minmod", "superbee", "mc"] = "minmod",
+        limiter: Literal["minmod", "superbee", "mc", "first-order"] = "minmod",
         cfl: float = 0.5,
         max_substeps: int = 64,
         hifi_factor: int = 8,
@@ -117,6 +119,7 @@ class BurgersSimulator:
         amplitude: float = 1.0,
         modes: int = 3,
         data_seed: int = 0,
+        hifi_limiter: Literal["same", "minmod", "superbee", "mc", "first-order"] = "same",
     ):
         if cells < 4:
             raise ValueError(f"cells must be >= 4, got {cells}")
@@ -124,6 +127,8 @@ class BurgersSimulator:
             raise ValueError(f"need dt > 0 and 0 < cfl <= 1, got dt={dt}, cfl={cfl}")
         if limiter not in LIMITERS:
             raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, got {limiter!r}")
+        if hifi_limiter != "same" and hifi_limiter not in LIMITERS:
+            raise ValueError(f"hifi_limiter must be 'same' or one of {', '.join(LIMITERS)}, got {hifi_limiter!r}")
         if max_substeps < 1 or hifi_factor < 1 or record_steps < 1 or train_runs < 1 or test_runs < 1 or modes < 1:
             raise ValueError("max_substeps, hifi_factor, record_steps, train_runs, test_runs and modes must be >= 1")
         if not 0 < nu_min <= nu_max:
@@ -134,6 +139,7 @@ class BurgersSimulator:
         self.train_runs, self.test_runs = int(train_runs), int(test_runs)
         self.nu_min, self.nu_max, self.amplitude, self.modes = float(nu_min), float(nu_max), float(amplitude), int(modes)
         self.data_seed = int(data_seed)
+        self.hifi_limiter = limiter if hifi_limiter == "same" else hifi_limiter
         self.length = 2 * math.pi
         self.dx = self.length / self.cells
         self.last_substeps: np.ndarray | None = None  # sub-steps of each state in the last call (for tests)
@@ -143,7 +149,7 @@ class BurgersSimulator:
         return (1, self.cells)
 
     def cache_key(self) -> str:
-        return f"burgers-scheme-v{VERSION}-numpy-{np.__version__}"
+        return f"burgers-scheme-v{VERSION}-twin-{self.hifi_limiter}-numpy-{np.__version__}"
 
     # -- the Simulator protocol ---------------------------------------------------------
 
@@ -213,7 +219,7 @@ class BurgersSimulator:
 
     def high_fidelity(self) -> "BurgersSimulator":
         """The twin: the same scheme on a hifi_factor times finer grid (same dt between frames)."""
-        return BurgersSimulator(cells=self.cells * self.hifi_factor, dt=self.dt, limiter=self.limiter, cfl=self.cfl,
+        return BurgersSimulator(cells=self.cells * self.hifi_factor, dt=self.dt, limiter=self.hifi_limiter, cfl=self.cfl,
                                 max_substeps=1_000_000, hifi_factor=1)
 
     def restrict(self, fine: np.ndarray) -> np.ndarray:
@@ -238,4 +244,4 @@ class BurgersSimulator:
         test[self.train_runs :] = True
         return ReferenceRuns(torch.from_numpy(traj).float(), torch.from_numpy(nu).float(), torch.from_numpy(test),
                              description=f"Burgers {hifi.cells} cells averaged onto {self.cells}, "
-                                         f"{self.record_steps} steps of dt={self.dt}, limiter {self.limiter}")
+                                         f"{self.record_steps} steps of dt={self.dt}, limiter {self.hifi_limiter}")
