@@ -126,19 +126,14 @@ class WakeFlowProblem(SolProblem):
     quick = QUICK
 
     def default_config(self) -> dict[str, Any]:
-        return {
-            "problem": "wake-flow",
-            "estimator": {"kind": "cge", "mu": 1e-3, "scheme": "forward"},
-            "optimizer": {"name": "adam", "lr": 1e-3},
-            "schedule": {"name": "cosine", "min_lr_ratio": 0.1},
-            # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
-            # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
-            # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
-            "sparsity": {"enabled": True, "method": "random", "sparsity": 0.95, "q": 64,
-                         "resample_every_epochs": 1},
-            "run": {"epochs": 80, "seed": 0, "threads": 2, "eval_every_epochs": 80},
-            "wake": {},
-        }
+        config = super().default_config()  # the estimator, optimizer and schedule of `sol`
+        del config["sol"]
+        # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
+        # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
+        # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
+        config["sparsity"].update(enabled=True, sparsity=0.95)
+        config["run"].update(epochs=80, threads=2, eval_every_epochs=80)
+        return {**config, "problem": "wake-flow", "wake": {}}
 
     def simulator_name(self, config) -> str:
         return "wake-flow-v1"
