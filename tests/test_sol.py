@@ -229,6 +229,22 @@ def test_check_simulator_passes_the_shipped_ones_and_catches_broken_ones():
         assert check in failed, str(report)
 
 
+@pytest.mark.parametrize("name", SIMULATORS.names())
+def test_every_registered_simulator_passes_check_simulator(name):
+    """As gymnasium's check_env over its registry: every registered simulator (built-in or an
+    installed plug-in), at its own `quick_options`, passes the conformance check, and the check
+    really covered shapes, determinism and batch independence (and what it declares)."""
+    if name == "wake-flow-v1":
+        pytest.importorskip("phi")
+    from oracles.simulator import check_registered_simulator
+
+    options = getattr(SIMULATORS.get(name), "quick_options", None) or {}
+    report = check_registered_simulator(name, options)
+    assert report.ok, str(report)
+    ran = {r.name for r in report.results if r.passed and not getattr(r, "skipped", False)}
+    assert {"state_shape", "step shape", "deterministic", "batch independence", "inputs untouched"} <= ran, str(report)
+
+
 def test_the_cli_lists_and_checks_simulators(own_simulators, capsys):
     from blackbox_zo.cli import main
 
