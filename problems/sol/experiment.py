@@ -52,7 +52,7 @@ def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
     name, section = problem.name, problem.section
     p = argparse.ArgumentParser(
         prog=f"blackbox-zo experiment {name}",
-        description=f"Solver-in-the-loop ({problem.description}): SRC / NON / ZO-SOL, and FO-SOL when the simulator "
+        description=f"{problem.description}. SRC / NON / ZO-SOL, and FO-SOL when the simulator "
                     f"is differentiable; test MAE per method and seed, plots (DeepZero Sec. 6.2, Fig. 6). Settings "
                     f"are the {name} problem's (`blackbox-zo train {name} --help`); --set applies to every run.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
