@@ -464,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in pop_rows:
             lines.append(f"| {r['model']} | {r['path']} | {r['queries_per_s']:.1f} | {r['x_naive']:.2f} | "
                          f"{r['x_naive_wall']:.2f} | {r['note']} |")
+        reuse = [r for r in rows if r["model"] == "digits-cnn" and r["path"] == "reuse"]
+        group = [r for r in pop_rows if r["model"] == "digits-w8" and r["path"] == "pop-group"]
+        if reuse and group:  # both the width-8 CNN on the same batch
+            ratio = reuse[0]["queries_per_s"] / group[0]["queries_per_s"]
+            lines.append(f"\ndigits CNN width 8, batch {args.batch}, this run: a population query (grouped, "
+                         f"{group[0]['queries_per_s']:.0f}/CPU-s) costs {ratio:.1f}x a feature-reuse coordinate "
+                         f"query ({reuse[0]['queries_per_s']:.0f}/CPU-s)")
     # Roofline: a query must do its FLOPs and move its bytes; each alone caps the rate at
     # (machine rate) / (per-query amount). The lower cap is the limit; achieved / limit is the
     # distance to it. Machine rates: the better of the two measurements of this run.

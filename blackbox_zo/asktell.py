@@ -262,6 +262,8 @@ class AskTellRun:
             raise ConfigError("estimator=autograd is the first-order reference: it has no query plan to ask for")
         if trainer.parallel is not None:
             raise ConfigError("ask/tell runs in one process (not under torchrun)")
+        if config.phase2 is not None:
+            raise ConfigError("phase2 is not supported by ask/tell: drive each phase as a run of its own")
         trainer.module.train()
         return trainer
 

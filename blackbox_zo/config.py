@@ -63,9 +63,11 @@ __all__ = [
     "SparsityConfig",
     "SparsityField",
     "ParallelConfig",
+    "PhaseTwoConfig",
     "TrainConfig",
     "ENGINE_SECTIONS",
     "active_sparsity",
+    "uses_sparsity",
     "section_model",
     "ConfigError",
     "load_config_file",
@@ -422,6 +424,33 @@ SparsityField = Annotated[Optional[SerializeAsAny[SparsitySection]],
                           Field(description="DeepZero's gradient sparsity, for an estimator that takes it (cge)")]
 
 
+# ------------------------------------------------------------------------ the second phase
+
+
+class PhaseTwoConfig(Strict):
+    """The `phase2` section: after `after_steps` steps, the run goes on with another estimator, a fresh
+    optimizer and its own schedule (e.g. a query-efficient ES first, then the DeepZero recipe's cheap
+    Sparse-CGE queries). The run's `estimator`, `optimizer` and `schedule` are phase 1's; the schedule of
+    each phase spans that phase's steps."""
+
+    after_steps: int = Field(..., ge=1, description="steps of phase 1 (the run's estimator, optimizer and "
+                             "schedule); phase 2 takes the rest of the run")
+    estimator: SerializeAsAny[EstimatorSettings] = Field(default_factory=CGEConfig,
+                                                         description="phase 2's estimator")
+    optimizer: SerializeAsAny[OptimizerConfig] = Field(default_factory=SGDConfig,
+                                                       description="phase 2's optimizer (fresh state at the switch)")
+    schedule: SerializeAsAny[ScheduleConfig] = Field(default_factory=CosineSchedule,
+                                                     description="phase 2's lr schedule, over phase 2's steps")
+
+    @field_validator("estimator")
+    @classmethod
+    def _zeroth_order(cls, est: EstimatorSettings) -> EstimatorSettings:
+        if est.kind == FIRST_ORDER_REFERENCE:
+            raise PydanticCustomError("phase2_autograd", "phase 2 must be a zeroth-order estimator, not "
+                                      "'{kind}'", {"kind": est.kind})
+        return est
+
+
 # ---------------------------------------------------------------------------- the config
 
 
@@ -442,11 +471,16 @@ class TrainConfig(Strict):
                                                      description="the learning rate per step")
     run: RunConfig = Field(default_factory=RunConfig, description="length, seeds, checkpoints, budget, device")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="forward parallelism under torchrun")
+    phase2: Optional[PhaseTwoConfig] = Field(None, description="a second phase: another estimator, optimizer and "
+                                             "schedule after phase2.after_steps steps (none: one phase)")
 
     @model_validator(mode="after")
     def _sparsity_needs_its_estimator(self) -> "TrainConfig":
         sparsity = getattr(self, "sparsity", None)
-        if sparsity is not None and not type(self.estimator).uses_sparsity:
+        if self.phase2 is not None and self.estimator.kind == FIRST_ORDER_REFERENCE:
+            raise PydanticCustomError("phase2_autograd", "phase2 needs a zeroth-order estimator in phase 1, not "
+                                      "estimator.kind='{kind}'", {"kind": self.estimator.kind})
+        if sparsity is not None and not uses_sparsity(self):
             if sparsity.enabled:
                 raise PydanticCustomError(
                     "sparsity_estimator", "sparsity.enabled=true needs an estimator that takes gradient sparsity "
@@ -463,6 +497,12 @@ class TrainConfig(Strict):
 # The engine's sections a problem may or may not declare; a setting in one of them is refused
 # by a problem without it (rather than reported as unknown).
 ENGINE_SECTIONS: dict[str, type[Strict]] = {"data": DataConfig, "sparsity": SparsitySection}
+
+
+def uses_sparsity(config: Any) -> bool:
+    """Some estimator of the run (phase 1's or phase 2's) takes gradient sparsity."""
+    phase2 = getattr(config, "phase2", None)
+    return type(config.estimator).uses_sparsity or (phase2 is not None and type(phase2.estimator).uses_sparsity)
 
 
 def active_sparsity(config: Any) -> Optional[SparsityConfig]:
@@ -603,13 +643,18 @@ def unused_settings(model: type[TrainConfig], data: dict[str, Any], name: str | 
     out: list[tuple[str, str]] = []
     for key, value in data.items():
         if key not in fields:
-            if key in ENGINE_SECTIONS:
+            if key in ENGINE_SECTIONS:  # (phase2 is not listed: a second copy of estimator, optimizer, schedule)
                 out.append((key, f"{who} has no {key} section (its sections: "
-                                 f"{', '.join(k for k in fields if k != 'problem')})"))
+                                 f"{', '.join(k for k in fields if k not in ('problem', 'phase2'))})"))
             continue
         section = section_model(fields[key].annotation)
         if isinstance(value, dict) and section is not None and issubclass(section, Tagged):
             out += _tagged_unused(key, section, value)
+        elif isinstance(value, dict) and section is PhaseTwoConfig:
+            for sub, root in (("estimator", EstimatorSettings), ("optimizer", OptimizerConfig),
+                              ("schedule", ScheduleConfig)):
+                if isinstance(value.get(sub), dict):
+                    out += _tagged_unused(f"{key}.{sub}", root, value[sub])
     for dotted in getattr(model, "retired_settings", ()):
         section, _, key = dotted.partition(".")
         if isinstance(data.get(section), dict) and key in data[section]:
@@ -619,7 +664,11 @@ def unused_settings(model: type[TrainConfig], data: dict[str, Any], name: str | 
         kind = est.get("kind", EstimatorSettings.default_tag()) if isinstance(est, dict) else \
             getattr(est, "kind", EstimatorSettings.default_tag())
         variant = EstimatorSettings.variant(kind)
-        if variant is not None and not variant.uses_sparsity:
+        phase2 = data.get("phase2")
+        kind2 = (phase2.get("estimator") or {}).get("kind", EstimatorSettings.default_tag()) if isinstance(
+            phase2, dict) and isinstance(phase2.get("estimator", {}), dict) else None
+        variant2 = EstimatorSettings.variant(kind2) if kind2 is not None else None
+        if variant is not None and not variant.uses_sparsity and not (variant2 is not None and variant2.uses_sparsity):
             out.append(("sparsity", f"estimator.kind={_show(kind)} takes no gradient sparsity "
                                     "(Sparse-CGE: estimator.kind='cge')"))
     return out
@@ -651,6 +700,17 @@ def _copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+def _drop_default_phase2(base: dict[str, Any], user: dict[str, Any], data: dict[str, Any]) -> None:
+    """A `phase2` from the defaults belongs to the defaults' estimator: a user who picks another
+    estimator.kind (and sets nothing of phase2) gets a one-phase run of that estimator."""
+    if not isinstance(base.get("phase2"), dict) or "phase2" in user:
+        return
+    chosen = user.get("estimator", {}).get("kind") if isinstance(user.get("estimator"), dict) else None
+    default = base.get("estimator", {}).get("kind") if isinstance(base.get("estimator"), dict) else None
+    if chosen is not None and chosen != default:
+        data["phase2"] = None
+
+
 def resolve_config(
     model: type[Strict],
     defaults: dict[str, Any] | None = None,
@@ -672,6 +732,7 @@ def resolve_config(
     user = deep_merge(user, parse_overrides(overrides))
     data = deep_merge(base, user)
     if isinstance(model, type) and issubclass(model, TrainConfig):
+        _drop_default_phase2(base, user, data)
         given = _flat_keys(user)
         refused = []
         data = _copy(data)

@@ -177,6 +177,13 @@ def _setting_lines(prefix: str, model: type[BaseModel], values: dict[str, Any], 
             continue
         sub = section_model(field.annotation)
         value = values.get(name, field.get_default(call_default_factory=True))
+        if sub is not None and issubclass(sub, Tagged) and isinstance(value, (BaseModel, dict)):
+            # a tagged section inside a section (phase2.estimator): the settings of its current variant
+            data = value.model_dump() if isinstance(value, BaseModel) else value
+            variant = type(value) if isinstance(value, BaseModel) else sub.variant(data.get(sub.tag, sub.default_tag()))
+            if variant is not None:
+                out += _setting_lines(f"{prefix}{name}.", variant, data, indent)
+                continue
         if sub is not None and not issubclass(sub, Tagged):
             sub_values = value.model_dump() if isinstance(value, BaseModel) else (value or {})
             if sub.model_fields:
@@ -209,7 +216,12 @@ def settings_help(problem: Any) -> str:
         lines.append("")
         lines.append(f"[{key}]  {doc}")
         if not issubclass(section, Tagged):
-            lines += _setting_lines(f"{key}.", section, value.model_dump(), "  ")
+            if value is None:  # an optional section (e.g. phase2): off unless set; its settings as they would be
+                lines.append("  (unset: off)")
+                values = {n: None for n, f in section.model_fields.items() if f.is_required()}
+            else:
+                values = value.model_dump()
+            lines += _setting_lines(f"{key}.", section, values, "  ")
             continue
         raw = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
         current = type(value) if value is not None else section.variant(section.default_tag())

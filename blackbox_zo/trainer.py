@@ -149,11 +149,17 @@ class Trainer:
                 balance_steps=pcfg.balance_steps, check_every_steps=pcfg.check_every_steps,
                 log=write if config.run.progress else None)
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
+        self.estimator_config = config.estimator  # the current phase's estimator settings
         self.optimizer = build_optimizer(config.optimizer, self.params)
         self.steps_per_epoch = setup.train_batches.num_batches(0)
         total = config.run.epochs * self.steps_per_epoch
         self.total_steps = min(total, config.run.max_steps) if config.run.max_steps else total
-        self.scheduler = build_scheduler(config.schedule, self.optimizer, total, self.steps_per_epoch)
+        # phase2: phase 1's schedule spans its own steps, phase 2's the rest of the run (enter_phase)
+        self.schedule_steps = total  # what a schedule spans: run.epochs, not run.max_steps (a resume may change it)
+        self.phase = 1
+        self.phase2_at = config.phase2.after_steps if config.phase2 is not None else None
+        self.scheduler = build_scheduler(config.schedule, self.optimizer, total if self.phase2_at is None else
+                                         self.phase2_at, self.steps_per_epoch)
         self.pos = _Position()
         self.elapsed = 0.0  # wall seconds of training so far, across resumes
         self.metrics_lines = 0
@@ -190,6 +196,7 @@ class Trainer:
             "metrics_lines": self.metrics_lines,
             "last_eval": dict(self.last_eval),
             "skipped_steps": self.skipped_steps,
+            "phase": self.phase,
         }
         if self.setup.coord_sampler is not None and hasattr(self.setup.coord_sampler, "state_dict"):
             state["coord_sampler"] = self.setup.coord_sampler.state_dict()
@@ -244,7 +251,32 @@ class Trainer:
             rundir.remove_stale_temporaries(self.run_dir)
             self.metrics_log.truncate(0)
 
+    def enter_phase(self, phase: int) -> None:
+        """Phase 2 (config `phase2`): its estimator, a fresh optimizer and its schedule over the rest of run.epochs.
+
+        Called at the first step boundary at or after `phase2.after_steps`, and by `load_state` for a
+        checkpoint taken in phase 2 (before the optimizer's and estimator's states are loaded)."""
+        if phase == self.phase:
+            return
+        p2 = self.config.phase2
+        if phase != 2 or self.phase != 1 or p2 is None:
+            raise ValueError(f"cannot go from phase {self.phase} to phase {phase} (phase2 is "
+                             f"{'set' if p2 is not None else 'not set'})")
+        self.phase, self.estimator_config = 2, p2.estimator
+        self.estimator = make_estimator(p2.estimator)
+        for p in self.params:
+            p.grad = None
+        self.optimizer = build_optimizer(p2.optimizer, self.params)
+        self.scheduler = build_scheduler(p2.schedule, self.optimizer, max(1, self.schedule_steps - self.phase2_at),
+                                         self.steps_per_epoch)
+
+    def _enter_due_phase(self) -> None:
+        if self.phase2_at is not None and self.phase == 1 and self.pos.step >= self.phase2_at:
+            self.enter_phase(2)
+
     def load_state(self, state: dict[str, Any]) -> None:
+        if int(state.get("phase", 1)) != self.phase:  # the phase's own optimizer, schedule and estimator first
+            self.enter_phase(int(state.get("phase", 1)))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -348,7 +380,9 @@ class Trainer:
         theta = self.space.flatten(self.params)
         epoch, step = self.pos.epoch, self.pos.step  # `step` is 0-based here; messages say step + 1
         sampler = self.setup.coord_sampler
-        coords = sampler.coords(epoch) if sampler is not None else None
+        # with two phases the sampler may serve one of them only: an estimator that takes no sparsity gets none
+        takes = type(self.estimator_config).uses_sparsity
+        coords = sampler.coords(epoch) if sampler is not None and takes else None
         if self.parallel is not None and self.parallel.due_for_check(step):
             self.parallel.check_agreement(step, parameters_and_buffers=self.module.state_dict(), coordinates=coords,
                                           batch=batch)
@@ -412,7 +446,7 @@ class Trainer:
         if zero < 1.0 and not (len(window) == window.maxlen and mean >= ZERO_SIGNAL_FRACTION):
             return
         self._zero_warned = True
-        est_cfg = self.config.estimator
+        est_cfg = self.estimator_config
         what = (f"every finite difference of step {step} was exactly 0" if zero == 1.0 else
                 f"{mean:.0%} of the finite differences of steps {step - len(window) + 1}-{step} were exactly 0")
         fix = (f"raise estimator.mu (now {est_cfg.mu:g}; e.g. --set estimator.mu={est_cfg.mu * 10:g})"
@@ -542,6 +576,7 @@ class Trainer:
                 # torch's generator as the step found it (dropout in a model draws from it): a failed step's
                 # checkpoint restarts the step from there (numpy's and Python's, 100x dearer to copy, are
                 # left to the engine-free parts of a problem and saved as they are at the stop)
+                self._enter_due_phase()
                 self._torch_rng_at_step_start = torch.get_rng_state()
                 batch = batches.batch(self.pos.epoch, self.pos.index)
                 if self.estimator is None:
@@ -650,6 +685,9 @@ class Trainer:
             "checkpoint_step": self.checkpoint_step,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.phase2_at is not None:
+            summary["phase2"] = {"estimator": self.config.phase2.estimator.kind, "from_step": self.phase2_at,
+                                 "reached": self.phase == 2}
         if self.stop_detail:
             summary["stop_detail"] = self.stop_detail
         if self.stop_signal:

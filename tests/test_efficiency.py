@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from problems.experiments.efficiency import TASKS, Task, crossover, main, queries_to_target, study_table, winner
+from problems.experiments.efficiency import TASKS, Task, crossover, main, queries_to_target, run_one, study_table, \
+    winner
 
 
 def test_queries_to_target_is_the_first_evaluation_that_meets_it():
@@ -70,6 +71,7 @@ def test_a_tiny_study_fits_its_budget_caches_and_resumes(tmp_path, capsys):
     qs = [q for q, _ in run["curve"]]
     assert qs == sorted(qs) and qs[-1] == 280 and qs[0] >= 150  # every budget/2 = 150 queries, then the end
     assert run["settings"]["run"]["max_steps"] == 10
+    assert 0 < run["train_cpu_s"] < 60  # process CPU of the 10 steps, evaluations excluded
     stamp = cached.stat().st_mtime_ns
     assert main(args) == 0
     assert "(cached)" in capsys.readouterr().out and cached.stat().st_mtime_ns == stamp
@@ -81,6 +83,17 @@ def test_a_tiny_study_fits_its_budget_caches_and_resumes(tmp_path, capsys):
     report = ["--tasks", "digits-w8", "--methods", "es,rge", "--seeds", "0,1", "--budget", "300", "--out", str(tmp_path)]
     assert main([*report, "--report"]) == 0
     assert "seed 1" not in capsys.readouterr().out and not (tmp_path / "runs" / "digits-w8__rge__s0.json").exists()
+
+
+def test_a_whole_run_task_keeps_the_methods_own_length(tmp_path):
+    """fit_to_budget=False (digits-w8-run): the method runs its own settings (here 4 steps of the two-phase
+    default's phase 1), not as many steps as the budget pays for."""
+    task = Task("tiny-run", "digits", {"model": {"width": 2}, "run": {"max_steps": 4}}, "test_acc", 0.94, True,
+                1_000_000, "images", fit_to_budget=False)
+    run = run_one(task, "sep-cma-es+sparse-cge", 0, 2, tmp_path)
+    assert run["steps"] == 4 and run["step_queries"] == 28 and run["queries"] == run["setup_queries"] + 4 * 28
+    assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 715
+    assert run["settings"]["run"]["query_budget"] == 1_000_000
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -563,7 +563,8 @@ def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return _stress_module().torchrun(["-m", "blackbox_zo", "train", "digits", *args], cwd, TORCHRUN_TIMEOUT_S)
 
 
-CLI_SET = ["model.width=2", "data.batch_size=32", "run.epochs=1", "run.progress=false", "run.checkpoint_every_steps=1",
+# DeepZero's recipe (Sparse-CGE: coordinate plans whose base loss every rank evaluates), not the digits default
+CLI_SET = ["estimator=cge", "estimator.mu=0.005", "phase2=none", "model.width=2", "data.batch_size=32", "run.epochs=1", "run.progress=false", "run.checkpoint_every_steps=1",
            "parallel.balance_steps=2", "parallel.check_every_steps=1"]
 
 

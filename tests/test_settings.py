@@ -72,8 +72,8 @@ def test_the_refusal_names_the_setting_and_what_is_used_instead():
     p = DigitsProblem()
     with pytest.raises(ConfigError) as exc:
         p.resolve_config(overrides=["estimator.q=64"])
-    assert str(exc.value) == ("setting not used: estimator.q: estimator.kind='cge' has no q "
-                              "(its settings: kind, mu, scheme)")
+    assert str(exc.value) == ("setting not used: estimator.q: estimator.kind='sep-cma-es' has no q "
+                              "(its settings: kind, mu, popsize)")
     with pytest.raises(ConfigError, match=r"sparsity.sparsity: sparsity.enabled=false has no sparsity"):
         p.resolve_config(overrides=["sparsity.enabled=false", "sparsity.sparsity=0.5"])
     with pytest.raises(ConfigError, match=r"estimator.interp.m: estimator.kind='rge' has no interp"):
@@ -102,7 +102,8 @@ def test_the_estimator_section_holds_the_settings_of_its_kind_in_any_order():
     b = p.resolve_config(overrides=["estimator.q=28", "estimator=rge"])
     assert a.model_dump() == b.model_dump()
     assert isinstance(a.estimator, RGEConfig) and a.estimator.q == 28
-    assert a.model_dump()["estimator"] == {"kind": "rge", "mu": 5e-3, "scheme": "forward", "q": 28,
+    # mu is every kind's setting: digits' default (sep-CMA-ES's sigma_0 = 0.02) comes along
+    assert a.model_dump()["estimator"] == {"kind": "rge", "mu": 0.02, "scheme": "forward", "q": 28,
                                            "distribution": "gaussian"}
     # gradient sparsity is Sparse-CGE: digits' default sparsity does not come along to rge, nor to autograd
     assert a.sparsity is None and "sparsity" not in a.model_dump()

@@ -41,6 +41,7 @@ from blackbox_zo.oracle import QueryLedger, job_ledger
 from blackbox_zo.problem import get_problem
 from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.trainer import Trainer, train
+from problems.digits import DEEPZERO_RECIPE, SEP_CMA_THEN_SPARSE_CGE
 
 from .tables import experiment_dir, write_table
 
@@ -61,6 +62,9 @@ class Task:
     units: str  # what a query consumes: "images" or "simulation steps"
     units_per_query: Callable[[Any], int] = field(compare=False, default=lambda config: 1)
     dim_hint: int = 0  # the number of parameters (for the crossover statement)
+    # True: a method's steps are fitted to the budget (its schedule ends there); False: each method runs its
+    # own whole run (run.epochs) and the budget is only a cap (digits-w8-run: the default run vs the recipe)
+    fit_to_budget: bool = True
 
 
 def _images(config) -> int:
@@ -73,25 +77,39 @@ def _sim_steps(config) -> int:
 
 # A digits query is one batch of at most 64 images (issue 16): the ES-family and RGE use 64-image
 # batches; the DeepZero recipe (the digits default) keeps its own 16-image batches.
-_DENSE64 = {"sparsity": {"enabled": False}, "data": {"batch_size": 64}}
+_DENSE64 = {"sparsity": {"enabled": False}, "data": {"batch_size": 64}, "phase2": None}
+_B64 = {"data": {"batch_size": 64}, "phase2": None}
 
 # Methods as settings over each problem's defaults. `None` in a task's row: not run for it.
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
-        "sparse-cge": {},  # the DeepZero recipe: ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
-        "cge": {**_DENSE64},
+        "sparse-cge": DEEPZERO_RECIPE,  # ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
+        "cge": {**_DENSE64, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}},
         "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
                 "optimizer": {"name": "adam", "lr": 0.01}},
         "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
                "optimizer": {"name": "adam", "lr": 0.01}},
         # the hybrid: ES in the step's ZO-GraSP coordinate set (half the weights, redrawn every epoch)
-        "es-grasp": {"data": {"batch_size": 64}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
                      "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
                                                                             "resample_every_epochs": 1}},
         "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
                                                 "guide_alpha": 0.5},
                       "optimizer": {"name": "adam", "lr": 0.01}},
         "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28}},
+        # variants measured while choosing the digits default (docs/efficiency.md): cheaper queries (smaller
+        # batches), a smaller ES subspace, very sparse CGE with Adam
+        "es-grasp-90": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02}, "optimizer": {"name": "adam",
+                        "lr": 0.01}, "sparsity": {"sparsity": 0.9, "resample_every_epochs": 1}},
+        "es-grasp-b32": {"data": {"batch_size": 32}, "phase2": None, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                         "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
+                                                                                "resample_every_epochs": 1}},
+        "sep-cma-es-b32": {**_DENSE64, "data": {"batch_size": 32}, "estimator": {"kind": "sep-cma-es", "mu": 0.02,
+                                                                                "popsize": 28}},
+        "sparse-cge-99-adam": {**_B64, "estimator": {"kind": "cge", "mu": 5e-3}, "optimizer": {"name": "adam",
+                               "lr": 0.01}, "sparsity": {"sparsity": 0.99, "resample_every_epochs": 1}},
+        # the two-phase run (a whole run: task digits-w8-run)
+        "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
@@ -117,6 +135,9 @@ _WAKE = dict(problem="wake-flow", metric="test_mae", target=0.0327, higher_is_be
 TASKS: dict[str, Task] = {
     "digits-w8": Task("digits-w8", settings={"model": {"width": 8}}, budget=30_000, dim_hint=3_818, **_DIGITS),
     "digits-w32": Task("digits-w32", settings={"model": {"width": 32}}, budget=30_000, dim_hint=29_066, **_DIGITS),
+    # whole runs, not fitted to a budget: the recipe's 10 epochs vs the two-phase run's 15 (cap 400K queries)
+    "digits-w8-run": Task("digits-w8-run", settings={"model": {"width": 8}}, budget=400_000, dim_hint=3_818,
+                          fit_to_budget=False, **_DIGITS),
     "digits-w64": Task("digits-w64", settings={"model": {"width": 64}}, budget=30_000, dim_hint=94_986, **_DIGITS),
     "wake-tiny": Task("wake-tiny", settings={"wake": {"corrector": "tiny"}}, dim_hint=506, **_WAKE),
     "wake-small": Task("wake-small", settings={"wake": {"corrector": "small"}}, dim_hint=1_010, **_WAKE),
@@ -190,17 +211,43 @@ def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_
 
 
 class _Curve:
-    """A trainer callback: the task's metric every `every` queries (not counted as training time)."""
+    """A trainer callback: the task's metric every `every` queries (not counted as training time), and the
+    process CPU seconds of the steps, evaluations excluded (`train_cpu_s`, measured from the first step record to
+    the last one's and scaled for the first step;
+    one-thread runs on a shared machine are timed more fairly by CPU than by wall seconds)."""
 
     def __init__(self, metric: str, every: int):
         self.metric, self.every, self.next_at = metric, max(1, every), max(1, every)
         self.points: list[tuple[int, float]] = []
         self.eval_s = 0.0
+        self.eval_cpu_s = 0.0
+        self._cpu_first: float | None = None
+        self._cpu_last = 0.0
+        self._eval_cpu_at_first = self._eval_cpu_at_last = 0.0
+        self._steps = 0
+
+    @property
+    def train_cpu_s(self) -> float:
+        """The CPU seconds of the steps after the first, scaled by steps / (steps - 1) for the first one's
+        (which ends before the first record); NaN for a run of one step."""
+        if self._cpu_first is None or self._steps < 2:
+            return float("nan")
+        window = self._cpu_last - self._cpu_first - (self._eval_cpu_at_last - self._eval_cpu_at_first)
+        return window * self._steps / (self._steps - 1)
 
     def __call__(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if "loss" in record:
+            self._steps += 1
+            now = time.process_time()
+            if self._cpu_first is None:
+                self._cpu_first, self._eval_cpu_at_first = now, self.eval_cpu_s
+            self._cpu_last, self._eval_cpu_at_last = now, self.eval_cpu_s
+        self._evaluate(trainer, record)
+
+    def _evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if "loss" not in record or record["queries"] < self.next_at or trainer.setup.evaluate is None:
             return
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         module = trainer.module
         was_training = module.training
         module.eval()
@@ -213,6 +260,7 @@ class _Curve:
         while self.next_at <= record["queries"]:
             self.next_at += self.every
         self.eval_s += time.perf_counter() - start
+        self.eval_cpu_s += time.process_time() - start_cpu
 
 
 def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -> dict[str, Any]:
@@ -229,9 +277,13 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
             f"budget of {task.budget}")}
         atomic_write_text(path, json.dumps(result) + "\n")
         return result
-    steps = train_budget // info.step_queries
+    if task.fit_to_budget:
+        steps = train_budget // info.step_queries
+        fitted = {"max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1}
+    else:
+        fitted = {}  # the method's own run; the budget only caps it
     settings = deep_merge(method_settings(task, method, seed), {"run": {
-        "max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1, "query_budget": task.budget,
+        **fitted, "query_budget": task.budget,
         "eval_every_epochs": 10**6}})  # the curve callback evaluates; the trainer once at the end
     config = resolve_config(problem.config_model, settings)
     curve = _Curve(task.metric, task.budget // eval_points)
@@ -246,6 +298,7 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
         "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
+        "train_cpu_s": round(curve.train_cpu_s, 3),
         "settings": config.model_dump(mode="json"),  # exactly as run (defaults that do not apply dropped)
     }
     atomic_write_text(path, json.dumps(result) + "\n")
@@ -278,6 +331,7 @@ def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str,
             "queries": _mean([r["queries"] for r in runs]),
             task.units.replace(" ", "_"): _mean([r["units_consumed"] for r in runs]),
             "train_wall_s": _mean([r["train_wall_s"] for r in runs]),
+            "train_cpu_s": _mean([r.get("train_cpu_s", float("nan")) for r in runs]),
         })
     return rows
 
@@ -300,7 +354,8 @@ def crossover(tables: dict[str, list[dict[str, Any]]]) -> str:
     """The digits width at which Sparse-CGE needs fewer queries to the target than the best ES-family method."""
     es_family = ("es", "guided-es", "sep-cma-es", "cma-es")
     lines = []
-    for name in sorted((n for n in tables if n.startswith("digits-w")), key=lambda n: int(n.split("w")[-1])):
+    widths = [n for n in tables if n.startswith("digits-w") and n[len("digits-w"):].isdigit()]
+    for name in sorted(widths, key=lambda n: int(n[len("digits-w"):])):
         rows = {r["method"]: r for r in tables[name]}
         sparse = rows.get("sparse-cge")
         es = [r for m, r in rows.items() if m in es_family]
@@ -368,7 +423,7 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
         tables[task.name] = rows
         winners[task.name] = winner(task, rows)
         columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget", "queries",
-                   task.units.replace(" ", "_"), "train_wall_s"]
+                   task.units.replace(" ", "_"), "train_wall_s", "train_cpu_s"]
         text = write_table(rows, out / task.name, columns)
         w = winners[task.name]
         md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target {task.metric} "
@@ -480,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(r)
         note = r.get("skipped") or (f"{task.metric} {r['final']:.4f} at {r['queries']:,} queries, target at "
                                     f"{r['queries_to_target'] if r['queries_to_target'] is not None else '-'}; "
-                                    f"train {r['train_wall_s']:.1f} s")
+                                    f"train {r['train_wall_s']:.1f} s ({r.get('train_cpu_s', float('nan')):.1f} "
+                                    "CPU s)")
         print(f"[{i}/{len(jobs)}] {task.name} {method} seed {seed}: {note}"
               f"{' (cached)' if cached else f' ({time.perf_counter() - t0:.0f} s)'}", flush=True)
     if not results:

@@ -1,0 +1,131 @@
+"""Two-phase runs (`phase2`): another estimator, a fresh optimizer and its own schedule after N steps."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from blackbox_zo.config import ConfigError, resolve_config
+from blackbox_zo.rundir import CHECKPOINT_NAME
+from blackbox_zo.trainer import train
+from problems.digits import DEEPZERO_RECIPE, DigitsProblem
+
+# width 2 (d = 310), one epoch of 22 batches of 64 images: ES (q = 3: 6 queries a step) for 10 steps,
+# then Sparse-CGE (ZO-GraSP at 50%: a fixed number of coordinates + 1 base query a step)
+FAST = ["model.width=2", "data.batch_size=64", "estimator=es", "estimator.q=3", "estimator.mu=0.05",
+        "optimizer=adam", "optimizer.lr=0.01", "schedule=constant", "sparsity.sparsity=0.5", "sparsity.q=4",
+        "run.progress=false", "run.epochs=1", "run.checkpoint_every_steps=1",
+        "phase2.after_steps=10", "phase2.optimizer.lr=0.05", "phase2.optimizer.momentum=0.9"]
+
+
+def _config(*extra, drop=()):
+    p = DigitsProblem()
+    base = [o for o in FAST if o.split("=")[0] not in drop]
+    return p, resolve_config(p.config_model, p.default_config(), overrides=base + list(extra))
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_phase2_switches_estimator_optimizer_and_schedule_at_its_step(tmp_path):
+    p, cfg = _config()
+    summary = train(p, cfg, run_dir=tmp_path)
+    steps = [r for r in _metrics(tmp_path) if "loss" in r]
+    assert len(steps) == 22 and summary["phase2"] == {"estimator": "cge", "from_step": 10, "reached": True}
+    assert {r["step_queries"] for r in steps[:10]} == {6}  # ES: 3 antithetic pairs
+    cge = {r["step_queries"] for r in steps[10:]}
+    assert len(cge) == 1 and cge.pop() > 6  # |S| + 1 coordinate queries
+    assert all(r["lr"] == 0.01 for r in steps[:10])  # phase 1: Adam, constant
+    # phase 2: SGD 0.05 with a cosine over its own 12 steps; the record shows the lr after the step's update
+    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(1, 13)]
+    assert [r["lr"] for r in steps[10:]] == pytest.approx(expected, rel=1e-12)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["phase"] == 2 and "momentum_buffer" in state["optimizer"]["state"][0]  # a fresh SGD, not Adam
+    assert summary["queries"]["prune"] > 0  # ZO-GraSP ran at setup for the Sparse-CGE phase
+
+
+@pytest.mark.parametrize("stop_at", [7, 10, 13])
+def test_phase2_resumes_bitwise_before_at_and_after_the_switch(tmp_path, stop_at):
+    p, cfg = _config()
+    full = train(p, cfg, run_dir=tmp_path / "full")
+    p, cfg = _config(f"run.max_steps={stop_at}")
+    train(p, cfg, run_dir=tmp_path / "half")
+    p, cfg = _config()
+    resumed = train(p, cfg, resume=tmp_path / "half")
+    a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(tmp_path / "half" / CHECKPOINT_NAME, weights_only=True)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+    assert full["queries"] == resumed["queries"] and full["test_acc"] == resumed["test_acc"]
+    lrs = [[r["lr"] for r in _metrics(tmp_path / run) if "loss" in r] for run in ("full", "half")]
+    assert len(lrs[0]) == 22 and lrs[0] == lrs[1]
+
+
+def test_phase2_is_reproducible_from_its_seed(tmp_path):
+    p, cfg = _config()
+    train(p, cfg, run_dir=tmp_path / "a")
+    p, cfg = _config()
+    train(p, cfg, run_dir=tmp_path / "b")
+    a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)["module"]
+    b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["module"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_search_then_sparse_cge_keeps_phase_1_dense(tmp_path):
+    """sep-CMA-ES takes no coordinates: it moves every parameter, while the sampler (built for phase 2's
+    Sparse-CGE) serves phase 2 only."""
+    p, cfg = _config("estimator=sep-cma-es", "estimator.popsize=6", "phase2.after_steps=1", "run.max_steps=2",
+                     drop=("estimator.q",))
+    assert cfg.sparsity is not None and cfg.sparsity.enabled
+    before = torch.cat([v.reshape(-1) for v in p.setup(cfg).module.state_dict().values()])
+    p, cfg = _config("estimator=sep-cma-es", "estimator.popsize=6", "phase2.after_steps=1", "run.max_steps=1",
+                     drop=("estimator.q",))
+    train(p, cfg, run_dir=tmp_path)
+    after = torch.cat([v.reshape(-1) for v in torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+                       ["module"].values()])
+    assert int((after != before).sum()) == before.numel()
+
+
+def test_phase2_settings_are_checked_in_one_line():
+    with pytest.raises(ConfigError, match="phase2.estimator.q: phase2.estimator.kind='cge' has no q"):
+        _config("phase2.estimator.q=3")
+    with pytest.raises(ConfigError, match="phase 2 must be a zeroth-order estimator"):
+        _config("phase2.estimator.kind=autograd")
+    with pytest.raises(ConfigError, match="phase2.after_steps"):
+        _config("phase2.after_steps=0")
+    from blackbox_zo.problem import get_problem
+
+    assert get_problem("cartpole").resolve_config().phase2 is None  # one phase unless a problem's defaults ask
+
+
+def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
+    """The default: sep-CMA-ES for 715 steps, then DeepZero's Sparse-CGE (docs/efficiency.md). DEEPZERO_RECIPE
+    (the efficiency study's sparse-cge) and the --set values docs/digits.md gives for it are one config."""
+    from blackbox_zo.config import deep_merge
+
+    p = DigitsProblem()
+    default = p.resolve_config()
+    assert default.estimator.kind == "sep-cma-es" and default.phase2.after_steps == 715
+    assert default.phase2.estimator.kind == "cge" and default.sparsity.enabled and default.data.batch_size == 16
+    sets = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
+    by_sets = resolve_config(p.config_model, p.default_config(), overrides=sets)
+    assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), DEEPZERO_RECIPE))
+    assert by_sets.phase2 is None and by_sets.estimator.kind == "cge" and by_sets.optimizer.lr == 0.1
+    assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "digits.md").read_text()
+
+
+def test_choosing_another_estimator_drops_the_defaults_phase2():
+    """The default's phase 2 belongs to the default's phase 1: `--set estimator=rge` is a one-phase RGE run
+    (and the first-order reference works), while a phase2 setting given by the user is kept."""
+    p = DigitsProblem()
+    assert p.resolve_config(overrides=["estimator=rge"]).phase2 is None
+    assert p.resolve_config(overrides=["estimator=autograd"]).phase2 is None
+    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 715  # same kind: kept
+    kept = p.resolve_config(overrides=["estimator=rge", "phase2.after_steps=10"])
+    assert kept.phase2.after_steps == 10 and kept.phase2.estimator.kind == "cge"
+    with pytest.raises(ConfigError, match="phase2 needs a zeroth-order estimator in phase 1"):
+        p.resolve_config(overrides=["estimator=autograd", "phase2.after_steps=10"])
