@@ -702,13 +702,17 @@ def _copy(data: dict[str, Any]) -> dict[str, Any]:
 
 def _drop_default_phase2(base: dict[str, Any], user: dict[str, Any], data: dict[str, Any]) -> None:
     """A `phase2` from the defaults belongs to the defaults' estimator: a user who picks another
-    estimator.kind (and sets nothing of phase2) gets a one-phase run of that estimator."""
+    estimator.kind (and sets nothing of phase2) gets a one-phase run of that estimator, starting
+    from that kind's own settings (the two-phase preset's estimator values, e.g. sep-CMA-ES's
+    sigma_0 as `mu`, are dropped with its phase2 unless the user sets them)."""
     if not isinstance(base.get("phase2"), dict) or "phase2" in user:
         return
-    chosen = user.get("estimator", {}).get("kind") if isinstance(user.get("estimator"), dict) else None
+    user_estimator = user.get("estimator") if isinstance(user.get("estimator"), dict) else {}
+    chosen = user_estimator.get("kind")
     default = base.get("estimator", {}).get("kind") if isinstance(base.get("estimator"), dict) else None
     if chosen is not None and chosen != default:
         data["phase2"] = None
+        data["estimator"] = {k: v for k, v in data["estimator"].items() if k == "kind" or k in user_estimator}
 
 
 def resolve_config(

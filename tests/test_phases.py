@@ -125,6 +125,11 @@ def test_choosing_another_estimator_drops_the_defaults_phase2():
     assert p.resolve_config(overrides=["estimator=rge"]).phase2 is None
     assert p.resolve_config(overrides=["estimator=autograd"]).phase2 is None
     assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 715  # same kind: kept
+    # the preset's phase-1 values (sep-CMA-ES's sigma_0 as mu, its popsize) leave with its phase 2: the chosen
+    # kind starts from its own defaults, and what the user sets is kept
+    rge = p.resolve_config(overrides=["estimator=rge"]).estimator
+    assert rge.mu == type(rge).model_fields["mu"].default != p.default_config()["estimator"]["mu"]
+    assert p.resolve_config(overrides=["estimator=rge", "estimator.mu=0.03"]).estimator.mu == 0.03
     kept = p.resolve_config(overrides=["estimator=rge", "phase2.after_steps=10"])
     assert kept.phase2.after_steps == 10 and kept.phase2.estimator.kind == "cge"
     with pytest.raises(ConfigError, match="phase2 needs a zeroth-order estimator in phase 1"):

@@ -102,8 +102,8 @@ def test_the_estimator_section_holds_the_settings_of_its_kind_in_any_order():
     b = p.resolve_config(overrides=["estimator.q=28", "estimator=rge"])
     assert a.model_dump() == b.model_dump()
     assert isinstance(a.estimator, RGEConfig) and a.estimator.q == 28
-    # mu is every kind's setting: digits' default (sep-CMA-ES's sigma_0 = 0.02) comes along
-    assert a.model_dump()["estimator"] == {"kind": "rge", "mu": 0.02, "scheme": "forward", "q": 28,
+    # digits' default is a two-phase preset: its sigma_0 (mu = 0.02) leaves with it, rge starts from mu's default
+    assert a.model_dump()["estimator"] == {"kind": "rge", "mu": 0.005, "scheme": "forward", "q": 28,
                                            "distribution": "gaussian"}
     # gradient sparsity is Sparse-CGE: digits' default sparsity does not come along to rge, nor to autograd
     assert a.sparsity is None and "sparsity" not in a.model_dump()
