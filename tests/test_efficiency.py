@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
+import torch
 
-from problems.experiments.efficiency import TASKS, Task, crossover, main, queries_to_target, study_table, winner
+from problems.experiments.efficiency import (TASKS, Task, crossover, fitted_step_schedule, main, queries_to_target,
+                                            study_table, winner)
 
 
 def test_queries_to_target_is_the_first_evaluation_that_meets_it():
@@ -40,6 +42,38 @@ def test_table_and_winner_need_every_seed_to_reach_the_target():
     mae = Task("m", "wake-flow", {}, "test_mae", 0.01, False, 100, "simulation steps")
     rows = study_table(mae, [_run("es", 0, None, 0.03, "m"), _run("rge", 0, None, 0.02, "m")])
     assert winner(mae, rows) == {"method": "rge", "by": "test_mae at the budget", "value": 0.02}
+
+
+def test_a_step_schedule_is_stretched_to_the_run_and_keeps_its_decays_at_the_same_fractions():
+    from blackbox_zo.optim import build_scheduler
+    from problems.certified_defense import CertifiedDefenseProblem
+
+    defaults = CertifiedDefenseProblem().default_config()  # Appx. G: /10 every 4 of 20 epochs
+    assert fitted_step_schedule(defaults, 20.0) == {"schedule": {"step_every_epochs": 4}}  # its own length
+    assert fitted_step_schedule(defaults, 362.5) == {"schedule": {"step_every_epochs": 72}}  # ES: 18x the epochs
+    assert fitted_step_schedule(defaults, 1.0) == {"schedule": {"step_every_epochs": 1}}  # never below one epoch
+    assert fitted_step_schedule({"schedule": {"name": "cosine"}, "run": {"epochs": 5}}, 50.0) == {}
+    # the lr at each fifth of a 4x longer run equals the default's at each fifth of its own
+    from blackbox_zo.config import StepSchedule
+
+    def lrs(every, epochs, spe=10):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = build_scheduler(StepSchedule(step_every_epochs=every, gamma=0.1), opt, epochs * spe, spe)
+        return [sched.lr_lambdas[0](int(f * epochs * spe)) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
+
+    every = fitted_step_schedule(defaults, 80.0)["schedule"]["step_every_epochs"]
+    assert lrs(4, 20) == pytest.approx([1, 0.1, 0.01, 1e-3, 1e-4])
+    assert lrs(every, 80) == pytest.approx(lrs(4, 20))
+
+
+def test_queries_to_target_are_read_from_the_curve_so_a_new_target_needs_no_new_runs():
+    task = TASKS["certified-defense"]
+    run = {**_run("cge", 0, None, 0.29, task.name, 289), "curve": [(0, 0.35), (3000, 0.32), (6000, 0.29)]}
+    rows = study_table(Task(**{**vars(task), "target": 0.31}), [run])
+    assert rows[0]["queries_to_target"] == 6000 and rows[0]["reached"] == "1/1"
+    rows = study_table(Task(**{**vars(task), "target": 0.33}), [run])
+    assert rows[0]["queries_to_target"] == 3000
+    assert math.isnan(study_table(Task(**{**vars(task), "target": 0.2}), [run])[0]["queries_to_target"])
 
 
 def test_crossover_names_the_first_width_where_sparse_cge_is_ahead():

@@ -61,6 +61,7 @@ class Task:
     units: str  # what a query consumes: "images" or "simulation steps"
     units_per_query: Callable[[Any], int] = field(compare=False, default=lambda config: 1)
     dim_hint: int = 0  # the number of parameters (for the crossover statement)
+    also: tuple[str, ...] = ()  # further metrics reported at the budget (the table's extra columns)
 
 
 def _images(config) -> int:
@@ -102,11 +103,19 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
                                                                      "popsize": 16}},
     },
+    # Each method keeps the problem's optimizer (Adam 3e-4) and its step schedule, stretched to the run
+    # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu.
     "certified-defense": {
-        "cge": {},  # the problem's default: CGE over the 289 parameters of the denoiser's last layer
+        "cge": {},  # the problem's default: forward CGE over the 289 parameters of the denoiser's last layer
+        # DeepZero's Sparse-CGE: ZO-GraSP through the black box (386 queries), half the coordinates a step
+        "sparse-cge": {"sparsity": {"enabled": True, "sparsity": 0.5}},
         "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}},
         "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}},
+        "es-grasp": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3},  # the hybrid: ES in the ZO-GraSP set
+                     "sparsity": {"enabled": True, "sparsity": 0.5}},
+        "guided-es": {"estimator": {"kind": "guided-es", "q": 8, "mu": 5e-3, "guide_k": 4, "guide_alpha": 0.5}},
         "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}},
+        "cma-es": {"estimator": {"kind": "cma-es", "mu": 5e-3, "popsize": 16}},  # d = 289: the full covariance
     },
 }
 
@@ -120,9 +129,13 @@ TASKS: dict[str, Task] = {
     "digits-w64": Task("digits-w64", settings={"model": {"width": 64}}, budget=30_000, dim_hint=94_986, **_DIGITS),
     "wake-tiny": Task("wake-tiny", settings={"wake": {"corrector": "tiny"}}, dim_hint=506, **_WAKE),
     "wake-small": Task("wake-small", settings={"wake": {"corrector": "small"}}, dim_hint=1_010, **_WAKE),
-    "certified-defense": Task("certified-defense", problem="certified-defense", settings={}, metric="test_noisy_acc",
-                              target=0.5, higher_is_better=True, budget=20_000, units="images",
-                              units_per_query=_images, dim_hint=289),
+    # The fine-tune moves the noisy accuracy by a few of its 1,440 predictions (0.926 -> 0.93), so the
+    # curve follows eq. (A2)'s held-out cross-entropy on the same noisy test images (a smooth metric);
+    # the accuracies are reported at the budget. Budget: the default run's own (440 CGE steps of 290).
+    "certified-defense": Task("certified-defense", problem="certified-defense", settings={"run": {"threads": 1}},
+                              metric="test_noisy_loss", target=0.30, higher_is_better=False, budget=127_600,
+                              units="images", units_per_query=_images, dim_hint=289,
+                              also=("test_noisy_acc", "test_clean_acc")),
 }
 
 
@@ -181,6 +194,22 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False) -> Probe
     return Probe(ledger.total, plan.num_queries, setup.train_batches.num_batches(0), trainer.space.dim, step_s)
 
 
+def fitted_step_schedule(settings: dict[str, Any], run_epochs: float) -> dict[str, Any]:
+    """A step schedule (lr x gamma every k epochs) stretched to a run of `run_epochs` epochs.
+
+    A problem's step schedule is written for its own run length (certified-defense: /10 every 4 of
+    20 epochs). A method whose steps are cheaper takes more epochs for the same budget; left in
+    epochs, its lr would be divided by 10 many more times than the default's. Scaling k by
+    run_epochs / the problem's epochs keeps the shape: the same number of decays at the same
+    fractions of the budget. Other schedules are left alone (cosine already follows the run).
+    """
+    schedule = settings.get("schedule") or {}
+    if schedule.get("name") != "step":
+        return {}
+    every, epochs = int(schedule.get("step_every_epochs", 10)), int(settings.get("run", {}).get("epochs", 10))
+    return {"schedule": {"step_every_epochs": max(1, round(every * run_epochs / epochs))}}
+
+
 def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool) -> int | None:
     """The queries of the first evaluation that meets the target (None: never)."""
     for queries, value in curve:
@@ -230,9 +259,11 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         atomic_write_text(path, json.dumps(result) + "\n")
         return result
     steps = train_budget // info.step_queries
-    settings = deep_merge(method_settings(task, method, seed), {"run": {
+    base = method_settings(task, method, seed)
+    settings = deep_merge(base, {"run": {
         "max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1, "query_budget": task.budget,
         "eval_every_epochs": 10**6}})  # the curve callback evaluates; the trainer once at the end
+    settings = deep_merge(settings, fitted_step_schedule(base, steps / info.steps_per_epoch))
     config = resolve_config(problem.config_model, settings)
     curve = _Curve(task.metric, task.budget // eval_points)
     summary = train(problem, config, None, callbacks=[curve])
@@ -243,6 +274,7 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "task": task.name, "method": method, "seed": seed, "dim": info.dim, "budget": task.budget,
         "setup_queries": info.setup_queries, "step_queries": info.step_queries, "steps": summary["steps"],
         "queries": total, "metric": task.metric, "final": final, "curve": points,
+        "also": {m: float(summary.get(m, float("nan"))) for m in task.also},
         "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
         "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
@@ -259,6 +291,12 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _reached(task: Task, run: dict[str, Any]) -> int | None:
+    if run.get("curve"):
+        return queries_to_target(run["curve"], task.target, task.higher_is_better)
+    return run["queries_to_target"]
+
+
 def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method: queries to target (mean when every seed reached it), metric at the budget, cost."""
     rows = []
@@ -266,7 +304,8 @@ def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str,
         runs = [r for r in results if r["method"] == method and "skipped" not in r]
         if not runs:
             continue
-        reached = [r["queries_to_target"] for r in runs if r["queries_to_target"] is not None]
+        # from the curve, so that a report with another target needs no new runs
+        reached = [q for q in (_reached(task, r) for r in runs) if q is not None]
         finals = [r["final"] for r in runs]
         rows.append({
             "task": task.name, "d": runs[0]["dim"], "method": method, "seeds": len(runs),
@@ -275,6 +314,7 @@ def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str,
             "worst_queries_to_target": max(reached) if len(reached) == len(runs) else float("nan"),
             f"{task.metric}_at_budget": _mean(finals),
             "std_at_budget": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            **{f"{m}_at_budget": _mean([r.get("also", {}).get(m, float("nan")) for r in runs]) for m in task.also},
             "queries": _mean([r["queries"] for r in runs]),
             task.units.replace(" ", "_"): _mean([r["units_consumed"] for r in runs]),
             "train_wall_s": _mean([r["train_wall_s"] for r in runs]),
@@ -367,7 +407,8 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
             continue
         tables[task.name] = rows
         winners[task.name] = winner(task, rows)
-        columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget", "queries",
+        columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget",
+                   *(f"{m}_at_budget" for m in task.also), "queries",
                    task.units.replace(" ", "_"), "train_wall_s"]
         text = write_table(rows, out / task.name, columns)
         w = winners[task.name]
