@@ -62,6 +62,17 @@ class Task:
     units_per_query: Callable[[Any], int] = field(compare=False, default=lambda config: 1)
     dim_hint: int = 0  # the number of parameters (for the crossover statement)
     also: tuple[str, ...] = ()  # further metrics reported at the budget (the table's extra columns)
+    # When set, seed s's target is what this method reaches at the budget on seed s (the metric's
+    # level differs from seed to seed, e.g. each seed has its own black box), and `target` is unused.
+    target_from: str | None = None
+    target_slack: float = 0.0  # with target_from: the target is that value made worse by this fraction
+    held: bool = False  # queries to target: from where the metric stays at the target (see queries_to_target)
+
+    def describe_target(self) -> str:
+        if self.target_from:
+            slack = f" within {self.target_slack:.0%}" if self.target_slack else ""
+            return f"{self.metric}{slack} of {self.target_from}'s at the budget, same seed{', held' if self.held else ''}"
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.target}"
 
 
 def _images(config) -> int:
@@ -132,10 +143,16 @@ TASKS: dict[str, Task] = {
     # The fine-tune moves the noisy accuracy by a few of its 1,440 predictions (0.926 -> 0.93), so the
     # curve follows eq. (A2)'s held-out cross-entropy on the same noisy test images (a smooth metric);
     # the accuracies are reported at the budget. Budget: the default run's own (440 CGE steps of 290).
+    # The target is the default's own result: what CGE reaches at that budget on the same seed (each
+    # seed has its own black box and denoiser, and the loss's level differs by seed: 0.31, 0.21, ...),
+    # within 1% and held to the end of the run: the loss is deterministic, and an early dip that a
+    # method leaves again (the population methods overshoot at the start) is not where the run ends;
+    # without the 1%, the default itself would "reach" its last digit only at its last evaluation.
     "certified-defense": Task("certified-defense", problem="certified-defense", settings={"run": {"threads": 1}},
-                              metric="test_noisy_loss", target=0.30, higher_is_better=False, budget=127_600,
+                              metric="test_noisy_loss", target=math.nan, higher_is_better=False, budget=127_600,
                               units="images", units_per_query=_images, dim_hint=289,
-                              also=("test_noisy_acc", "test_clean_acc")),
+                              also=("test_noisy_acc", "test_clean_acc"), target_from="cge", target_slack=0.01,
+                              held=True),
 }
 
 
@@ -210,12 +227,17 @@ def fitted_step_schedule(settings: dict[str, Any], run_epochs: float) -> dict[st
     return {"schedule": {"step_every_epochs": max(1, round(every * run_epochs / epochs))}}
 
 
-def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool) -> int | None:
-    """The queries of the first evaluation that meets the target (None: never)."""
-    for queries, value in curve:
-        if (value >= target) if higher_is_better else (value <= target):
-            return int(queries)
-    return None
+def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool,
+                      held: bool = False) -> int | None:
+    """The queries of the first evaluation that meets the target (None: never); with `held`, the first
+    from which every later evaluation meets it too (a run that passes the target and leaves it again
+    is not at the target when it stops)."""
+    meets = [(value >= target) if higher_is_better else (value <= target) for _, value in curve]
+    if held:
+        misses = [i for i, ok in enumerate(meets) if not ok]
+        first = misses[-1] + 1 if misses else 0
+        return int(curve[first][0]) if first < len(curve) else None
+    return next((int(q) for (q, _), ok in zip(curve, meets) if ok), None)
 
 
 class _Curve:
@@ -275,7 +297,8 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "setup_queries": info.setup_queries, "step_queries": info.step_queries, "steps": summary["steps"],
         "queries": total, "metric": task.metric, "final": final, "curve": points,
         "also": {m: float(summary.get(m, float("nan"))) for m in task.also},
-        "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
+        "queries_to_target": None if task.target_from else queries_to_target(points, task.target,
+                                                                               task.higher_is_better, task.held),
         "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
         "settings": config.model_dump(mode="json"),  # exactly as run (defaults that do not apply dropped)
@@ -291,21 +314,32 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _reached(task: Task, run: dict[str, Any]) -> int | None:
+def seed_targets(task: Task, results: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Each seed's target: `task.target`, or with `target_from` that method's metric at the budget."""
+    if task.target_from is None:
+        return {r["seed"]: task.target for r in results}
+    worse = 1 - task.target_slack if task.higher_is_better else 1 + task.target_slack
+    return {r["seed"]: r["final"] * worse for r in results if r["method"] == task.target_from and "skipped" not in r}
+
+
+def _reached(task: Task, run: dict[str, Any], targets: dict[int, float]) -> int | None:
+    if run["seed"] not in targets:  # no run of the target's method on this seed (yet)
+        return None
     if run.get("curve"):
-        return queries_to_target(run["curve"], task.target, task.higher_is_better)
+        return queries_to_target(run["curve"], targets[run["seed"]], task.higher_is_better, task.held)
     return run["queries_to_target"]
 
 
 def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method: queries to target (mean when every seed reached it), metric at the budget, cost."""
     rows = []
+    targets = seed_targets(task, results)
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method and "skipped" not in r]
         if not runs:
             continue
         # from the curve, so that a report with another target needs no new runs
-        reached = [q for q in (_reached(task, r) for r in runs) if q is not None]
+        reached = [q for q in (_reached(task, r, targets) for r in runs) if q is not None]
         finals = [r["final"] for r in runs]
         rows.append({
             "task": task.name, "d": runs[0]["dim"], "method": method, "seeds": len(runs),
@@ -382,7 +416,8 @@ def plot_task(path: Path, task: Task, results: Sequence[dict[str, Any]]) -> None
             xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.plot(xs, ys, color=f"C{list(METHODS[_family(task)]).index(method)}", alpha=0.8, lw=1.2,
                     label=method if i == 0 else None)
-    ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
+    if task.target_from is None:
+        ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
     ax.axvline(task.budget, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("loss queries (setup included)")
     ax.set_ylabel(task.metric)
@@ -412,9 +447,11 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
                    task.units.replace(" ", "_"), "train_wall_s"]
         text = write_table(rows, out / task.name, columns)
         w = winners[task.name]
-        md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target {task.metric} "
-               f"{'>=' if task.higher_is_better else '<='} {task.target})", "", text,
-               f"Winner: **{w['method']}** ({w['by']}: {fmt_value(w['value'])}).", ""]
+        md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target: "
+               f"{task.describe_target()})", "", text,
+               f"Winner: **{w['method']}** ({w['by']}: {fmt_value(w['value'])}).", "",
+               f"Per seed ({task.metric} at the budget / queries to the target):", "",
+               *per_seed_lines(task, mine), ""]
         try:
             plot_task(out / f"{task.name}.png", task, mine)
         except Exception as exc:  # noqa: BLE001 - a plot must never lose the numbers
@@ -431,6 +468,19 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
                                     if m in METHODS[_family(t)]} for t in tasks}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def per_seed_lines(task: Task, results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per method: each seed's metric at the budget and queries to its target."""
+    targets, lines = seed_targets(task, results), []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = sorted((r for r in results if r["method"] == method and "skipped" not in r), key=lambda r: r["seed"])
+        cells = []
+        for r in runs:
+            q = _reached(task, r, targets)
+            cells.append(f"seed {r['seed']}: {fmt_value(r['final'])} / {'-' if q is None else f'{q:,}'}")
+        lines.append(f"* {method}: " + "; ".join(cells))
+    return lines
 
 
 def fmt_value(v: float) -> str:
