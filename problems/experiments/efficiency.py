@@ -115,18 +115,23 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                                                      "popsize": 16}},
     },
     # Each method keeps the problem's optimizer (Adam 3e-4) and its step schedule, stretched to the run
-    # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu.
+    # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu. Sparsity is set explicitly either way,
+    # so a method means the same whichever the problem's default is.
     "certified-defense": {
-        "cge": {},  # the problem's default: forward CGE over the 289 parameters of the denoiser's last layer
-        # DeepZero's Sparse-CGE: ZO-GraSP through the black box (386 queries), half the coordinates a step
-        "sparse-cge": {"sparsity": {"enabled": True, "sparsity": 0.5}},
-        "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}},
-        "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}},
+        # forward CGE over all 289 parameters of the denoiser's last layer (the default until this study)
+        "cge": {"estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}, "sparsity": {"enabled": False}},
+        # DeepZero's Sparse-CGE: ZO-GraSP through the black box (386 queries), half the weights a step
+        "sparse-cge": {"estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+                       "sparsity": {"enabled": True, "sparsity": 0.5}},
+        "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}, "sparsity": {"enabled": False}},
+        "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}, "sparsity": {"enabled": False}},
         "es-grasp": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3},  # the hybrid: ES in the ZO-GraSP set
                      "sparsity": {"enabled": True, "sparsity": 0.5}},
-        "guided-es": {"estimator": {"kind": "guided-es", "q": 8, "mu": 5e-3, "guide_k": 4, "guide_alpha": 0.5}},
-        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}},
-        "cma-es": {"estimator": {"kind": "cma-es", "mu": 5e-3, "popsize": 16}},  # d = 289: the full covariance
+        "guided-es": {"estimator": {"kind": "guided-es", "q": 8, "mu": 5e-3, "guide_k": 4, "guide_alpha": 0.5},
+                      "sparsity": {"enabled": False}},
+        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}, "sparsity": {"enabled": False}},
+        "cma-es": {"estimator": {"kind": "cma-es", "mu": 5e-3, "popsize": 16},  # d = 289: the full covariance
+                   "sparsity": {"enabled": False}},
     },
 }
 
