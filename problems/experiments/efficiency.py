@@ -415,17 +415,26 @@ def plot_task(path: Path, task: Task, results: Sequence[dict[str, Any]]) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # a target per seed: each curve is drawn relative to its seed's reference (the levels differ by seed)
+    refs = {} if task.target_from is None else {s: t / (1 - task.target_slack if task.higher_is_better else
+                                                           1 + task.target_slack)
+                                                for s, t in seed_targets(task, results).items()}
     for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method and "skipped" not in r]
+        runs = [r for r in results if r["method"] == method and "skipped" not in r
+                and (not refs or r["seed"] in refs)]
         for i, r in enumerate(runs):
             xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            ys = [y / refs[r["seed"]] for y in ys] if refs else ys
             ax.plot(xs, ys, color=f"C{list(METHODS[_family(task)]).index(method)}", alpha=0.8, lw=1.2,
                     label=method if i == 0 else None)
     if task.target_from is None:
         ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
+    else:
+        worse = 1 - task.target_slack if task.higher_is_better else 1 + task.target_slack
+        ax.axhline(worse, color="k", ls=":", lw=0.8, label=f"target ({task.target_from}'s final, {task.target_slack:.0%})")
     ax.axvline(task.budget, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("loss queries (setup included)")
-    ax.set_ylabel(task.metric)
+    ax.set_ylabel(task.metric if not refs else f"{task.metric} / {task.target_from}'s at the budget (same seed)")
     ax.set_title(f"{task.name}: {task.metric} vs queries, one line per seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
