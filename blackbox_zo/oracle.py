@@ -29,6 +29,7 @@ __all__ = [
     "TransientOracleError",
     "job_ledger",
     "Oracle",
+    "coordinate_losses_in_chunks",
     "ORACLES",
     "register_oracle",
     "make_oracle",
@@ -289,6 +290,20 @@ def job_ledger(ledger: QueryLedger):
 # -------------------------------------------------------------------------- oracle
 
 
+def coordinate_losses_in_chunks(losses: Callable[[Tensor, Any], Tensor], theta: Tensor, coords: Tensor, mu: float,
+                                batch: Any, chunk: int) -> Tensor:
+    """Losses at theta + mu * e_j for each j in coords, `chunk` perturbed vectors per call of
+    `losses(thetas [P, d], batch) -> [P]`: at most `chunk` copies of theta exist at once."""
+    coords = coords.to(device=theta.device, dtype=torch.long)
+    out = []
+    for start in range(0, coords.numel(), chunk):
+        c = coords[start : start + chunk]
+        thetas = theta.unsqueeze(0).repeat(c.numel(), 1)
+        thetas[torch.arange(c.numel(), device=theta.device), c] += mu
+        out.append(losses(thetas, batch))
+    return torch.cat(out) if out else theta.new_empty(0)
+
+
 class Oracle(ABC):
     """Loss values, nothing else. Subclasses set `space` and implement `losses`.
 
@@ -311,17 +326,7 @@ class Oracle(ABC):
         The default builds the perturbed vectors in chunks bounded by `memory_cap_bytes`
         and calls `losses` once per chunk. Overrides must agree with it to fp tolerance.
         """
-        coords = coords.to(device=theta.device, dtype=torch.long)
-        chunk = self.chunk_size(theta)
-        out = []
-        for start in range(0, coords.numel(), chunk):
-            c = coords[start : start + chunk]
-            thetas = theta.unsqueeze(0).repeat(c.numel(), 1)
-            thetas[torch.arange(c.numel(), device=theta.device), c] += mu
-            out.append(self.losses(thetas, batch))
-        if not out:
-            return theta.new_empty(0)
-        return torch.cat(out)
+        return coordinate_losses_in_chunks(self.losses, theta, coords, mu, batch, self.chunk_size(theta))
 
     def chunk_size(self, theta: Tensor) -> int:
         return max(1, self.memory_cap_bytes // max(1, theta.numel() * theta.element_size()))

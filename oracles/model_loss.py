@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from blackbox_zo.oracle import Oracle, ParamSpace
+from blackbox_zo.oracle import Oracle, ParamSpace, coordinate_losses_in_chunks
 from blackbox_zo.population import NotBatchableError, PopulationForward
 from blackbox_zo.reuse import FeatureReuse, NotStageableError
 
@@ -130,15 +130,8 @@ class ModelLossOracle(Oracle):
 
     def _reference_coordinate_losses(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
         """The default chunked path of `Oracle.coordinate_losses`, on the vmapped forward."""
-        coords = coords.to(device=theta.device, dtype=torch.long)
-        chunk = self._vmap_chunk(theta, batch[0])
-        out = []
-        for start in range(0, coords.numel(), chunk):
-            c = coords[start : start + chunk]
-            thetas = theta.unsqueeze(0).repeat(c.numel(), 1)
-            thetas[torch.arange(c.numel(), device=theta.device), c] += mu
-            out.append(self._vmapped_losses(thetas, batch))
-        return torch.cat(out) if out else theta.new_empty(0)
+        return coordinate_losses_in_chunks(self._vmapped_losses, theta, coords, mu, batch,
+                                           self._vmap_chunk(theta, batch[0]))
 
     def chunk_size(self, theta: Tensor) -> int:
         # vmap materialises P copies of every activation, not only of theta: bound by both

@@ -346,6 +346,26 @@ def test_training_goes_through_the_onnx_black_box_and_counts_images(tiny):
     assert black_box.queries == 2 * (d + 1) * config.data.batch_size + eval_images
 
 
+def test_evaluation_loss_is_eq_a2_cross_entropy_of_the_white_box_on_the_same_noise(tiny):
+    """test_noisy_loss (the efficiency study's curve) against the white-box torch copy of the classifier:
+    the same denoiser, the same noise draws (seeded 10,000 + run.seed), true labels."""
+    problem, config, _, _, _ = tiny
+    setup = problem.setup(config)
+    white_box, x_te, y_te = setup.extras["white_box"], setup.extras["x_test"], setup.extras["y_test"]
+    den = setup.module.eval()
+    with torch.no_grad():
+        den.last.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))  # not the identity
+        metrics = setup.evaluate(den)
+        draws = config.defense.eval_noise_draws
+        gen = torch.Generator().manual_seed(10_000 + config.run.seed)
+        noise = config.defense.sigma * torch.randn((draws, *x_te.shape), generator=gen)
+        logits = torch.stack([white_box(den(x_te + noise[k])) for k in range(draws)])
+    ref_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_te.repeat(draws)))
+    # ONNX Runtime vs torch float32: logits agree to ~1e-5 (test_onnx_adapter_matches_torch)
+    assert metrics["test_noisy_loss"] == pytest.approx(ref_loss, abs=1e-4)
+    assert metrics["test_noisy_acc"] == pytest.approx(float((logits.argmax(-1) == y_te).float().mean()), abs=1e-3)
+
+
 def test_experiment_end_to_end_at_toy_size(tiny, tmp_path):
     from problems.certified_defense.experiment import main
 

@@ -14,24 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-
-def _main(args, capsys):
-    from blackbox_zo.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _sets(items):
-    return [x for o in items for x in ("--set", o)]
-
-
-def _only_run(out: Path) -> Path:
-    runs = sorted((out / "certified-defense").glob("2*"))
-    assert len(runs) == 1, runs
-    return runs[0]
+from cli_helpers import as_sets, only_run, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +25,8 @@ def tiny_run(tiny_defense, tmp_path_factory):
     _, overrides, _ = tiny_defense
     out = tmp_path_factory.mktemp("certify-run")
     sets = [o for o in overrides if not o.startswith("run.out_dir=")] + [f"run.out_dir={out}"]
-    assert main(["train", "certified-defense", *_sets(sets)]) == 0
-    return _only_run(out), sets
+    assert main(["train", "certified-defense", *as_sets(sets)]) == 0
+    return only_run(out), sets
 
 
 SMALL = ["--n", "100", "--n0", "10", "--test-size", "10", "--batch", "500", "--no-progress"]
@@ -54,7 +37,7 @@ def test_certify_writes_table_curve_csv_and_resumes_after_an_interruption(tiny_r
     from blackbox_zo.interrupts import Interrupted
 
     run, _ = tiny_run
-    code, stdout, err = _main(["certify", run, *SMALL, "--out", tmp_path / "ref"], capsys)
+    code, stdout, err = run_cli(["certify", run, *SMALL, "--out", tmp_path / "ref"], capsys)
     assert code == 0, err
     ref = list(csv.DictReader(open(tmp_path / "ref" / "certify.csv")))
     assert list(ref[0]) == ["test_index", "label", "prediction", "radius", "correct"]
@@ -86,7 +69,7 @@ def test_certify_writes_table_curve_csv_and_resumes_after_an_interruption(tiny_r
 
     monkeypatch.setattr(certification, "certify", interrupted_at_5th)
     out = tmp_path / "cut"
-    code, _, err = _main(["certify", run, *SMALL, "--out", out], capsys)
+    code, _, err = run_cli(["certify", run, *SMALL, "--out", out], capsys)
     lines = err.strip().splitlines()  # the cost line printed at the start, then the stop in one line
     assert code == 130 and len(lines) == 2 and lines[0].startswith("certifying 10 test images"), err
     assert lines[1].startswith("blackbox-zo: interrupted by SIGINT during certification (4 of 10 images certified")
@@ -97,7 +80,7 @@ def test_certify_writes_table_curve_csv_and_resumes_after_an_interruption(tiny_r
         fh.write('{"index": 3, "label": 1, "pre')
     monkeypatch.setattr(certification, "certify", real)
 
-    code, _, err = _main(["certify", run, *SMALL, "--out", out], capsys)
+    code, _, err = run_cli(["certify", run, *SMALL, "--out", out], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reused_points"] == 4 and summary["black_box"]["images"] == 6 * 110 + 1
@@ -109,9 +92,9 @@ def test_certify_rejects_bad_settings_in_one_line(tiny_run, tmp_path, capsys):
     for args, needle in ((["--n", "0"], "--n must be >= 1"), (["--alpha", "1.5"], "--alpha must be in (0, 1)"),
                          (["--radii", "0,x"], "--radii"), (["--set", "optimizer.lr=1"], "certify --set takes"),
                          (["--denoiser", str(tmp_path / "missing.pt")], "no such file")):
-        code, _, err = _main(["certify", run, *SMALL, "--out", tmp_path / "o", *args], capsys)
+        code, _, err = run_cli(["certify", run, *SMALL, "--out", tmp_path / "o", *args], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (args, err)
-    code, _, err = _main(["certify", "--n", "10"], capsys)
+    code, _, err = run_cli(["certify", "--n", "10"], capsys)
     assert code == 2 and "needs a RUN_DIR" in err
 
 
@@ -125,7 +108,7 @@ def test_compare_certifies_every_row_over_two_seeds_with_the_sign_test(tiny_run,
     run, _ = tiny_run
     out = tmp_path / "compare"
     args = ["certify", run, "--compare", "--seeds", "0,1", *SMALL, "--out", out, "--radii", "0,0.25"]
-    code, stdout, err = _main(args, capsys)
+    code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     rows = list(csv.DictReader(open(out / "table.csv")))
     assert [r["key"] for r in rows] == ["none", "mse", "fo-ds", "zo-ae-ds", "zo"]
@@ -164,7 +147,7 @@ def test_compare_certifies_every_row_over_two_seeds_with_the_sign_test(tiny_run,
     zo_ae = next(r for r in rows if r["key"] == "zo-ae-ds")
     assert zo_ae["cost"].startswith("2 steps, 34 loss queries (17/step)")
     # run again: every certified image and every trained row is read back, nothing is recomputed
-    code, stdout2, err = _main(args, capsys)
+    code, stdout2, err = run_cli(args, capsys)
     assert code == 0, err
     again = json.loads((out / "summary.json").read_text())
     assert all(v == [10, 10] for v in again["reused_points"].values())
@@ -325,9 +308,9 @@ def test_defense_on_your_onnx_classifier_and_your_images(tmp_path, capsys):
     for name, onnx in (("a", onnx_a), ("b", onnx_b)):
         sets = base + [f"run.out_dir={tmp_path / name}", f"defense.artifacts_dir={stages}",
                        f"classifier.source={onnx}", f"images.source={npz}"]
-        code, _, err = _main(["train", "certified-defense", *_sets(sets)], capsys)
+        code, _, err = run_cli(["train", "certified-defense", *as_sets(sets)], capsys)
         assert code == 0, err
-        runs[name] = _only_run(tmp_path / name)
+        runs[name] = only_run(tmp_path / name)
     state = rundir.load_checkpoint(runs["a"]).state["module"]
     assert state["prefix.0.weight"].shape[1] == 3 and state["last.weight"].shape[0] == 3  # RGB in, RGB out
     summary = json.loads((runs["a"] / "summary.json").read_text())
@@ -341,7 +324,7 @@ def test_defense_on_your_onnx_classifier_and_your_images(tmp_path, capsys):
     info = [json.loads((stages / k / "stages.json").read_text())["classifier"]["sha256"] for k in keyed]
     assert sorted(info) == sorted(__import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in (onnx_a, onnx_b))
 
-    code, stdout, err = _main(["certify", runs["a"], "--n", "50", "--n0", "10", "--test-size", "6", "--batch", "200",
+    code, stdout, err = run_cli(["certify", runs["a"], "--n", "50", "--n0", "10", "--test-size", "6", "--batch", "200",
                                "--no-progress", "--out", tmp_path / "cert"], capsys)
     assert code == 0, err
     assert len(list(csv.DictReader(open(tmp_path / "cert" / "certify.csv")))) == 6
@@ -350,11 +333,11 @@ def test_defense_on_your_onnx_classifier_and_your_images(tmp_path, capsys):
     gray = _linear_onnx(tmp_path / "gray.onnx", (1, 8, 8), 3)
     sets = base + [f"run.out_dir={tmp_path / 'bad'}", f"defense.artifacts_dir={stages}",
                    f"classifier.source={gray}", f"images.source={npz}"]
-    code, _, err = _main(["train", "certified-defense", *_sets(sets)], capsys)
+    code, _, err = run_cli(["train", "certified-defense", *as_sets(sets)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "the images are [batch, 3, 8, 8]" in err, err
     # the built-in digits classifier cannot take RGB images either
     sets[-2] = "classifier.source=digits"
-    code, _, err = _main(["train", "certified-defense", *_sets(sets)], capsys)
+    code, _, err = run_cli(["train", "certified-defense", *as_sets(sets)], capsys)
     assert code == 2 and "takes [batch, 1, 8, 8] images" in err and len(err.strip().splitlines()) == 1, err
 
 

@@ -12,6 +12,7 @@ from blackbox_zo.oracle import (
     QueryLedger,
     UnknownNameError,
     check_oracle,
+    coordinate_losses_in_chunks,
     make_oracle,
     register_oracle,
 )
@@ -152,3 +153,52 @@ def test_registry_and_unknown_names():
         make_oracle("nope-v1")
     with pytest.raises(ValueError, match="already registered"):
         register_oracle("test-quadratic-v1")(object)
+
+
+def test_coordinate_losses_in_chunks_is_one_call_per_chunk_and_equals_each_point_alone():
+    """The loop shared by Oracle.coordinate_losses and ModelLossOracle's vmapped path: every
+    perturbed point theta + mu e_j, at most `chunk` rows a call, in the order of coords."""
+    gen = torch.Generator().manual_seed(0)
+    theta, c = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(12, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def losses(thetas, batch):  # row-wise: a row's value does not depend on the other rows
+        calls.append(thetas.shape[0])
+        return torch.log(torch.cosh(thetas - c)).sum(1) * batch
+
+    coords = torch.tensor([3, 0, 11, 3, 7])
+    alone = []
+    for j in coords.tolist():
+        point = theta.clone()
+        point[j] += 1e-3
+        alone.append(losses(point[None], 2.0))
+    alone = torch.cat(alone)
+    for chunk, expected_calls in ((1, [1] * 5), (2, [2, 2, 1]), (5, [5]), (64, [5])):
+        calls.clear()
+        got = coordinate_losses_in_chunks(losses, theta, coords, 1e-3, 2.0, chunk)
+        assert calls == expected_calls
+        assert torch.equal(got, alone)  # bitwise: the same arithmetic per row
+    assert coordinate_losses_in_chunks(losses, theta, torch.tensor([], dtype=torch.long), 1e-3, 2.0, 4).numel() == 0
+    assert torch.equal(theta, theta.clone())  # theta itself is never written
+
+
+def test_model_loss_vmapped_coordinate_path_matches_plain_forwards():
+    """ModelLossOracle without feature reuse: its chunked coordinate losses against one plain forward
+    of the perturbed model per coordinate (vmap reorders float32 sums: 1e-6)."""
+    model = small_cnn().eval()
+    batch = small_batch()
+    oracle = ModelLossOracle(model, nn.functional.cross_entropy, feature_reuse=False, population=False)
+    assert oracle.reuse is None and oracle.population is None
+    theta = oracle.space.flatten_module(model)
+    coords = torch.tensor([0, 5, 27, 30, oracle.space.dim - 1])
+    got = oracle.coordinate_losses(theta, coords, 1e-2, batch)
+    buffers = dict(model.named_buffers())
+    ref = []
+    with torch.no_grad():
+        for j in coords.tolist():
+            point = theta.clone()
+            point[j] += 1e-2
+            params = {k: v[0] for k, v in oracle.space.views(point[None]).items()}
+            out = torch.func.functional_call(model, {**params, **buffers}, (batch[0],))
+            ref.append(nn.functional.cross_entropy(out, batch[1]).reshape(1))
+    torch.testing.assert_close(got, torch.cat(ref), rtol=1e-6, atol=1e-6)

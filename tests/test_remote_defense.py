@@ -14,31 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import as_sets, only_run, run_cli
+
 
 @pytest.fixture
 def digits_server(served):
     """(server, onnx path, overrides): the session's server; its model "digits" is the tiny classifier."""
     server, stages, overrides, _ = served
     return server, stages.classifier_onnx, [o for o in overrides if not o.startswith("run.out_dir=")]
-
-
-def _main(args, capsys):
-    from blackbox_zo.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _sets(items):
-    return [x for o in items for x in ("--set", o)]
-
-
-def _only_run(out: Path) -> Path:
-    runs = sorted((out / "certified-defense").glob("2*"))
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def test_server_killed_mid_finetune_stops_cleanly_and_the_resume_ends_bitwise(digits_server, tmp_path, capsys):
@@ -48,9 +31,10 @@ def test_server_killed_mid_finetune_stops_cleanly_and_the_resume_ends_bitwise(di
                           "run.oracle_retry_backoff_s=0.05", f"classifier.source={url}", "classifier.max_batch=64",
                           "classifier.timeout_s=10"]
     # the reference: the same run, uninterrupted
-    code, _, err = _main(["train", "certified-defense", *_sets(common + [f"run.out_dir={tmp_path / 'ref'}"])], capsys)
+    code, _, err = run_cli(["train", "certified-defense", *as_sets(common + [f"run.out_dir={tmp_path / 'ref'}"])],
+                           capsys)
     assert code == 0, err
-    ref = _only_run(tmp_path / "ref")
+    ref = only_run(tmp_path / "ref")
 
     # the server is SIGKILLed once the run has logged 3 steps
     out = tmp_path / "cut"
@@ -69,13 +53,13 @@ def test_server_killed_mid_finetune_stops_cleanly_and_the_resume_ends_bitwise(di
     watcher = threading.Thread(target=killer, daemon=True)
     watcher.start()
     try:
-        code, _, err = _main(["train", "certified-defense", *_sets(common + [f"run.out_dir={out}"])], capsys)
+        code, _, err = run_cli(["train", "certified-defense", *as_sets(common + [f"run.out_dir={out}"])], capsys)
     finally:
         watcher.join(timeout=60)
         if not server.running:  # back for the resume below (and for the session's other tests)
             server.start()
     assert killed.is_set()
-    run = _only_run(out)
+    run = only_run(out)
     summary = json.loads((run / "summary.json").read_text())
     lines = err.strip().splitlines()
     assert code == 1 and "Traceback" not in err, err
@@ -86,7 +70,7 @@ def test_server_killed_mid_finetune_stops_cleanly_and_the_resume_ends_bitwise(di
     assert summary["black_box"]["requests_retried"] >= 2  # the failed request was re-sent before giving up
 
     # the server is back (same port): the resume completes and ends where the uninterrupted run ended
-    code, _, err = _main(["train", "certified-defense", "--resume", run], capsys)
+    code, _, err = run_cli(["train", "certified-defense", "--resume", run], capsys)
     assert code == 0, err
     a = torch.load(ref / "checkpoint.pt", weights_only=True)
     b = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -104,14 +88,14 @@ def test_server_killed_mid_finetune_stops_cleanly_and_the_resume_ends_bitwise(di
 def test_certify_through_the_server_equals_the_in_process_session(digits_server, tmp_path, capsys):
     server, onnx, overrides = digits_server
     out = tmp_path / "runs"
-    code, _, err = _main(["train", "certified-defense",
-                          *_sets(overrides + [f"run.out_dir={out}", f"classifier.source={onnx}"])], capsys)
+    code, _, err = run_cli(["train", "certified-defense",
+                          *as_sets(overrides + [f"run.out_dir={out}", f"classifier.source={onnx}"])], capsys)
     assert code == 0, err
-    run = _only_run(out)
+    run = only_run(out)
     small = ["--n", "200", "--n0", "10", "--test-size", "10", "--no-progress", "--batch", "500"]
     tables = {}
     for name, source in (("local", str(onnx)), ("served", server.model_url("digits"))):
-        code, stdout, err = _main(["certify", run, *small, "--out", tmp_path / name,
+        code, stdout, err = run_cli(["certify", run, *small, "--out", tmp_path / name,
                                    "--set", f"classifier.source={source}", "--set", "classifier.max_batch=256"], capsys)
         assert code == 0, err
         tables[name] = (list(csv.DictReader(open(tmp_path / name / "certify.csv"))),
@@ -121,7 +105,7 @@ def test_certify_through_the_server_equals_the_in_process_session(digits_server,
     assert tables["served"] == tables["local"]
     assert len(tables["local"][0]) == 10 and any(float(r["radius"]) > 0 for r in tables["local"][0])
     # certified again: read back from points.jsonl, nothing sent
-    code, _, err = _main(["certify", run, *small, "--out", tmp_path / "served",
+    code, _, err = run_cli(["certify", run, *small, "--out", tmp_path / "served",
                           "--set", f"classifier.source={server.model_url('digits')}"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "served" / "summary.json").read_text())
@@ -147,10 +131,10 @@ def test_full_size_certify_through_the_server_equals_the_in_process_session(tmp_
     if os.environ.get("BBZO_E2E_RUN"):
         run = Path(os.environ["BBZO_E2E_RUN"])
     else:
-        code, _, err = _main(["train", "certified-defense", "--set", f"run.out_dir={tmp_path / 'runs'}",
+        code, _, err = run_cli(["train", "certified-defense", "--set", f"run.out_dir={tmp_path / 'runs'}",
                               "--set", "run.progress=false"], capsys)
         assert code == 0, err
-        run = _only_run(tmp_path / "runs")
+        run = only_run(tmp_path / "runs")
     config = resolve_config(CertifiedDefenseConfig, rundir.read_run_config(run), None, [])
     onnx = prepare_stages(config, log=lambda *_: None).classifier_onnx
     n, images = os.environ.get("BBZO_E2E_N", "10000"), os.environ.get("BBZO_E2E_IMAGES", "200")
@@ -158,7 +142,7 @@ def test_full_size_certify_through_the_server_equals_the_in_process_session(tmp_
     tables = {}
     with OipServer([ServedModel("digits", onnx)], tmp_path / "repo") as server:
         for name, source in (("local", str(onnx)), ("served", server.model_url("digits"))):
-            code, stdout, err = _main(["certify", run, *args, "--out", tmp_path / name,
+            code, stdout, err = run_cli(["certify", run, *args, "--out", tmp_path / name,
                                        "--set", f"classifier.source={source}"], capsys)
             assert code == 0, err
             print(f"[{name}] {stdout}")

@@ -40,8 +40,8 @@ from blackbox_zo.oracle import OracleError
 from blackbox_zo.problem import Problem, ProblemSetupError, TensorBatches, TrainingSetup
 from blackbox_zo.rundir import atomic_write_bytes, atomic_write_text
 from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
-from oracles.classifier import BlackBoxClassifier, OnnxClassifier, export_onnx, predict_labels
-from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches
+from oracles.classifier import BlackBoxClassifier, OnnxClassifier, export_onnx, log_probabilities, predict_labels
+from oracles.smoothing import DefenseBatch, DenoisedSmoothingOracle, DnCNN, NoisyBatches, denoised_smoothing_loss
 from problems.digits import load_digits_split, make_digits_cnn
 
 from .assets import ClassifierSettings, ImageData, ImageSettings, classifier_kind, load_images, open_classifier
@@ -331,6 +331,9 @@ class CertifiedDefenseProblem(Problem):
         # width-32 DnCNN (CGE takes all of them: 290 queries per step). 3e-4 was picked among
         # {1e-4, 3e-4, 1e-3} by a Monte-Carlo estimate of certified accuracy on the *training* images
         # (200 noise draws each, first-order fine-tune), never on the test split; see docs/certified-defense.md.
+        # Kept after the efficiency study (docs/efficiency.md, certified-defense): no other method reaches
+        # this default's final test loss on every seed within its budget; Sparse-CGE at 50% ends lower on
+        # two seeds of three but not the third, and certifies the same images; the ES family ends higher.
         return {
             "problem": "certified-defense",
             "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
@@ -367,10 +370,13 @@ class CertifiedDefenseProblem(Problem):
         def evaluate(module: nn.Module) -> dict[str, float]:
             with torch.no_grad():
                 noisy = (x_te.unsqueeze(0) + eval_noise).reshape(-1, *x_te.shape[1:])
-                pred_noisy = predict_labels(black_box, module(noisy)).view(d.eval_noise_draws, -1)
+                logp_noisy = log_probabilities(black_box, module(noisy)).view(d.eval_noise_draws, len(y_te), -1)
                 pred_clean = predict_labels(black_box, module(x_te))
             return {
-                "test_noisy_acc": float((pred_noisy == y_te).float().mean()),
+                "test_noisy_acc": float((logp_noisy.argmax(-1) == y_te).float().mean()),
+                # eq. (A2)'s cross-entropy on the held-out images (true labels), the same noise draws: a
+                # smooth measure of the fine-tune's progress where the accuracy moves by a few images
+                "test_noisy_loss": float(denoised_smoothing_loss(logp_noisy, y_te).mean()),
                 "test_clean_acc": float((pred_clean == y_te).float().mean()),
             }
 

@@ -58,6 +58,7 @@ from oracles.smoothing import DnCNN
 from . import (CertifiedDefenseConfig, CertifiedDefenseProblem, classifier_kind, open_assets,
                stratified_subset)
 from .experiment import FastDenoisers
+from .plots import plot_certified_accuracy
 from .zo_ae_ds import ZoAeDsSettings, load_ae_ds, pretrain_autoencoder, save_ae_ds, train_zo_ae_ds
 
 __all__ = ["CertifySettings", "RowResult", "certify_points", "sign_test", "denoiser_from_state", "run_certify", "run_compare"]
@@ -255,35 +256,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def plot_curves(path: Path, curves: dict[str, list[RowResult]], r_max: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = np.linspace(0.0, max(1.0, r_max + 0.05), 301)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"none": ("tab:gray", ":"), "mse": ("tab:blue", "--"), "fo-ds": ("tab:green", "-."),
-              "zo-ae-ds": ("tab:purple", (0, (3, 1, 1, 1))), "zo": ("tab:red", "-"), "denoiser": ("tab:red", "-")}
-    for key, results in curves.items():
-        color, ls = styles.get(key, (None, "-"))
-        mean = np.mean([r.accuracy_at(grid) for r in results], axis=0)
-        ax.plot(grid, mean, color=color, ls=ls, lw=1.8, label=ROW_LABELS.get(key, key))
-    ax.axvline(r_max, color="k", lw=0.8, alpha=0.5)
-    ax.text(r_max, 0.02, " largest certifiable radius\n sigma*Phi^-1(alpha^(1/N))", fontsize=8, va="bottom")
-    ax.set_xlabel("l2 radius r")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.0)
-    ax.set_xlim(0, grid[-1])
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-
-    atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------ command
 
 
@@ -368,9 +340,20 @@ def _write_outputs(out: Path, results: dict[str, RowResult], settings: CertifySe
         write_points_csv(out / ("certify.csv" if len(results) == 1 else f"certify_{key}.csv"), res)
     atomic_write_text(out / "table.md", table)
     write_csv(out / "table.csv", rows)
-    plot_curves(out / "certified_accuracy.png", {k: [v] for k, v in results.items()}, r_max,
-                f"sigma={settings.sigma}, N={settings.n:,}, {len(rows and next(iter(results.values())).labels)} images")
+    curves = {k: (ROW_LABELS.get(k, k), [v]) for k, v in results.items()}
+    plot_certified_accuracy(out / "certified_accuracy.png", curves, r_max,
+                            f"sigma={settings.sigma}, N={settings.n:,}, {len(rows and next(iter(results.values())).labels)} images")
     return {"table": rows, "table_markdown": table, "largest_certifiable_radius": r_max}
+
+
+def _start(args: argparse.Namespace) -> tuple[CertifiedDefenseConfig, tuple[float, ...], Callable[[str], None]]:
+    """What `certify` and `certify --compare` both begin with: the settings, the radii (checked), the
+    threads, and where progress lines go."""
+    config = _load_config(args)
+    radii = _parse_radii(args.radii)
+    torch.set_num_threads(args.threads)
+    log = (lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    return config, radii, log
 
 
 def run_certify(args: argparse.Namespace) -> int:
@@ -378,10 +361,7 @@ def run_certify(args: argparse.Namespace) -> int:
     if args.run_dir is None and args.denoiser is None:
         raise ConfigError("certify needs a RUN_DIR of a certified-defense run, or --denoiser FILE (a DnCNN state "
                           "dict, or 'none') with --set classifier.source=... and --set images.source=...")
-    config = _load_config(args)
-    radii = _parse_radii(args.radii)
-    torch.set_num_threads(args.threads)
-    log = (lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    config, radii, log = _start(args)
     # the denoiser first: a missing or damaged file is named before the classifier is opened
     if args.denoiser is not None:
         if args.denoiser == "none":
@@ -493,10 +473,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         raise ConfigError("certify --compare needs the RUN_DIR of a certified-defense run (its settings are the recipe "
                           "for every row)")
-    base_config = _load_config(args)
-    radii = _parse_radii(args.radii)
-    torch.set_num_threads(args.threads)
-    log = (lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    base_config, radii, log = _start(args)
     run_seed = base_config.run.seed
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [run_seed, run_seed + 1]
@@ -597,8 +574,9 @@ def run_compare(args: argparse.Namespace) -> int:
              "(two-sided exact binomial p):\n\n" + "\n".join(sign_md) + "\n")
     atomic_write_text(out / "table.md", table)
     write_csv(out / "table.csv", table_rows)
-    plot_curves(out / "certified_accuracy.png", {k: per_row[k] for k in order}, r_max,
-                f"sigma={settings_used.sigma}, N={settings_used.n:,}, {n_img} images, seeds {seeds}")
+    curves = {k: (ROW_LABELS.get(k, k), per_row[k]) for k in order}
+    plot_certified_accuracy(out / "certified_accuracy.png", curves, r_max,
+                            f"sigma={settings_used.sigma}, N={settings_used.n:,}, {n_img} images, seeds {seeds}")
     summary = {"table": table_rows, "sign_tests": tests, "table_markdown": table, "seeds": seeds,
                "settings": asdict(settings_used), "radii": list(radii), "largest_certifiable_radius": r_max,
                "certify_s": {k: [round(r.seconds, 1) for r in v] for k, v in per_row.items()},

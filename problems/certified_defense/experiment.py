@@ -56,6 +56,7 @@ from . import (
     prepare_stages,
     stratified_subset,
 )
+from .plots import plot_certified_accuracy
 
 TABLE_RADII = (0.0, 0.25, 0.5, 0.75)
 ROWS = (
@@ -271,35 +272,6 @@ def format_table(rows: list[dict[str, Any]], radii: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(path: Path, results: dict[str, CertifyResult], labels: dict[str, str], r_max: float,
-                title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = np.linspace(0.0, max(1.0, r_max + 0.05), 301)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"none": ("tab:gray", ":"), "mse": ("tab:blue", "--"), "fo": ("tab:green", "-."), "zo": ("tab:red", "-")}
-    for key, res in results.items():
-        color, ls = styles.get(key, (None, "-"))
-        ax.plot(grid, res.accuracy_at(grid), color=color, ls=ls, lw=1.8, label=labels[key])
-    ax.axvline(r_max, color="k", lw=0.8, alpha=0.5)
-    ax.text(r_max, 0.02, " largest certifiable radius\n sigma*Phi^-1(alpha^(1/N))", fontsize=8, va="bottom")
-    for r in TABLE_RADII:
-        ax.axvline(r, color="k", lw=0.4, alpha=0.2)
-    ax.set_xlabel("l2 radius r")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.0)
-    ax.set_xlim(0, grid[-1])
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------- run
 
 
@@ -391,8 +363,9 @@ def run(config: CertifiedDefenseConfig, out: Path, args: argparse.Namespace) -> 
     atomic_write_text(out / "table.md", caption + "\n\n" + table_md + "\n")
     _write_csv(out / "table.csv", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                                    for r in table_rows])
-    plot_curves(out / "certified_accuracy.png", results, dict(ROWS), r_max,
-                f"digits, sigma={d.sigma}, N={args.n:,}, {len(idx)} test images")
+    labels = dict(ROWS)
+    plot_certified_accuracy(out / "certified_accuracy.png", {k: (labels[k], [v]) for k, v in results.items()}, r_max,
+                            f"digits, sigma={d.sigma}, N={args.n:,}, {len(idx)} test images", marks=TABLE_RADII)
 
     zo, fo, mse, none = (results[k].accuracy_at(TABLE_RADII) for k in ("zo", "fo", "mse", "none"))
     acceptance = {

@@ -65,6 +65,18 @@ class Task:
     # True: a method's steps are fitted to the budget (its schedule ends there); False: each method runs its
     # own whole run (run.epochs) and the budget is only a cap (digits-w8-run: the default run vs the recipe)
     fit_to_budget: bool = True
+    also: tuple[str, ...] = ()  # further metrics reported at the budget (the table's extra columns)
+    # When set, seed s's target is what this method reaches at the budget on seed s (the metric's
+    # level differs from seed to seed, e.g. each seed has its own black box), and `target` is unused.
+    target_from: str | None = None
+    target_slack: float = 0.0  # with target_from: the target is that value made worse by this fraction
+    held: bool = False  # queries to target: from where the metric stays at the target (see queries_to_target)
+
+    def describe_target(self) -> str:
+        if self.target_from:
+            slack = f" within {self.target_slack:.0%}" if self.target_slack else ""
+            return f"{self.metric}{slack} of {self.target_from}'s at the budget, same seed{', held' if self.held else ''}"
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.target}"
 
 
 def _images(config) -> int:
@@ -120,11 +132,24 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
                                                                      "popsize": 16}},
     },
+    # Each method keeps the problem's optimizer (Adam 3e-4) and its step schedule, stretched to the run
+    # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu. Sparsity is set explicitly either way,
+    # so a method means the same whichever the problem's default is.
     "certified-defense": {
-        "cge": {},  # the problem's default: CGE over the 289 parameters of the denoiser's last layer
-        "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}},
-        "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}},
-        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}},
+        # forward CGE over all 289 parameters of the denoiser's last layer (the default until this study)
+        "cge": {"estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}, "sparsity": {"enabled": False}},
+        # DeepZero's Sparse-CGE: ZO-GraSP through the black box (386 queries), half the weights a step
+        "sparse-cge": {"estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+                       "sparsity": {"enabled": True, "sparsity": 0.5}},
+        "rge": {"estimator": {"kind": "rge", "q": 16, "scheme": "central"}, "sparsity": {"enabled": False}},
+        "es": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3}, "sparsity": {"enabled": False}},
+        "es-grasp": {"estimator": {"kind": "es", "q": 8, "mu": 5e-3},  # the hybrid: ES in the ZO-GraSP set
+                     "sparsity": {"enabled": True, "sparsity": 0.5}},
+        "guided-es": {"estimator": {"kind": "guided-es", "q": 8, "mu": 5e-3, "guide_k": 4, "guide_alpha": 0.5},
+                      "sparsity": {"enabled": False}},
+        "sep-cma-es": {"estimator": {"kind": "sep-cma-es", "mu": 5e-3, "popsize": 16}, "sparsity": {"enabled": False}},
+        "cma-es": {"estimator": {"kind": "cma-es", "mu": 5e-3, "popsize": 16},  # d = 289: the full covariance
+                   "sparsity": {"enabled": False}},
     },
 }
 
@@ -141,9 +166,19 @@ TASKS: dict[str, Task] = {
     "digits-w64": Task("digits-w64", settings={"model": {"width": 64}}, budget=30_000, dim_hint=94_986, **_DIGITS),
     "wake-tiny": Task("wake-tiny", settings={"wake": {"corrector": "tiny"}}, dim_hint=506, **_WAKE),
     "wake-small": Task("wake-small", settings={"wake": {"corrector": "small"}}, dim_hint=1_010, **_WAKE),
-    "certified-defense": Task("certified-defense", problem="certified-defense", settings={}, metric="test_noisy_acc",
-                              target=0.5, higher_is_better=True, budget=20_000, units="images",
-                              units_per_query=_images, dim_hint=289),
+    # The fine-tune moves the noisy accuracy by a few of its 1,440 predictions (0.926 -> 0.93), so the
+    # curve follows eq. (A2)'s held-out cross-entropy on the same noisy test images (a smooth metric);
+    # the accuracies are reported at the budget. Budget: the default run's own (440 CGE steps of 290).
+    # The target is the default's own result: what CGE reaches at that budget on the same seed (each
+    # seed has its own black box and denoiser, and the loss's level differs by seed: 0.31, 0.21, ...),
+    # within 1% and held to the end of the run: the loss is deterministic, and an early dip that a
+    # method leaves again (the population methods overshoot at the start) is not where the run ends;
+    # without the 1%, the default itself would "reach" its last digit only at its last evaluation.
+    "certified-defense": Task("certified-defense", problem="certified-defense", settings={"run": {"threads": 1}},
+                              metric="test_noisy_loss", target=math.nan, higher_is_better=False, budget=127_600,
+                              units="images", units_per_query=_images, dim_hint=289,
+                              also=("test_noisy_acc", "test_clean_acc"), target_from="cge", target_slack=0.01,
+                              held=True),
 }
 
 
@@ -202,12 +237,33 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False) -> Probe
     return Probe(ledger.total, plan.num_queries, setup.train_batches.num_batches(0), trainer.space.dim, step_s)
 
 
-def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool) -> int | None:
-    """The queries of the first evaluation that meets the target (None: never)."""
-    for queries, value in curve:
-        if (value >= target) if higher_is_better else (value <= target):
-            return int(queries)
-    return None
+def fitted_step_schedule(settings: dict[str, Any], run_epochs: float) -> dict[str, Any]:
+    """A step schedule (lr x gamma every k epochs) stretched to a run of `run_epochs` epochs.
+
+    A problem's step schedule is written for its own run length (certified-defense: /10 every 4 of
+    20 epochs). A method whose steps are cheaper takes more epochs for the same budget; left in
+    epochs, its lr would be divided by 10 many more times than the default's. Scaling k by
+    run_epochs / the problem's epochs keeps the shape: the same number of decays at the same
+    fractions of the budget. Other schedules are left alone (cosine already follows the run).
+    """
+    schedule = settings.get("schedule") or {}
+    if schedule.get("name") != "step":
+        return {}
+    every, epochs = int(schedule.get("step_every_epochs", 10)), int(settings.get("run", {}).get("epochs", 10))
+    return {"schedule": {"step_every_epochs": max(1, round(every * run_epochs / epochs))}}
+
+
+def queries_to_target(curve: Sequence[tuple[int, float]], target: float, higher_is_better: bool,
+                      held: bool = False) -> int | None:
+    """The queries of the first evaluation that meets the target (None: never); with `held`, the first
+    from which every later evaluation meets it too (a run that passes the target and leaves it again
+    is not at the target when it stops)."""
+    meets = [(value >= target) if higher_is_better else (value <= target) for _, value in curve]
+    if held:
+        misses = [i for i, ok in enumerate(meets) if not ok]
+        first = misses[-1] + 1 if misses else 0
+        return int(curve[first][0]) if first < len(curve) else None
+    return next((int(q) for (q, _), ok in zip(curve, meets) if ok), None)
 
 
 class _Curve:
@@ -277,14 +333,17 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
             f"budget of {task.budget}")}
         atomic_write_text(path, json.dumps(result) + "\n")
         return result
+    base = method_settings(task, method, seed)
     if task.fit_to_budget:
         steps = train_budget // info.step_queries
         fitted = {"max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1}
+        stretched = fitted_step_schedule(base, steps / info.steps_per_epoch)
     else:
-        fitted = {}  # the method's own run; the budget only caps it
-    settings = deep_merge(method_settings(task, method, seed), {"run": {
+        fitted, stretched = {}, {}  # the method's own run; the budget only caps it
+    settings = deep_merge(base, {"run": {
         **fitted, "query_budget": task.budget,
         "eval_every_epochs": 10**6}})  # the curve callback evaluates; the trainer once at the end
+    settings = deep_merge(settings, stretched)
     config = resolve_config(problem.config_model, settings)
     curve = _Curve(task.metric, task.budget // eval_points)
     summary = train(problem, config, None, callbacks=[curve])
@@ -295,7 +354,9 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "task": task.name, "method": method, "seed": seed, "dim": info.dim, "budget": task.budget,
         "setup_queries": info.setup_queries, "step_queries": info.step_queries, "steps": summary["steps"],
         "queries": total, "metric": task.metric, "final": final, "curve": points,
-        "queries_to_target": queries_to_target(points, task.target, task.higher_is_better),
+        "also": {m: float(summary.get(m, float("nan"))) for m in task.also},
+        "queries_to_target": None if task.target_from else queries_to_target(points, task.target,
+                                                                               task.higher_is_better, task.held),
         "units": task.units, "units_consumed": summary["queries"]["train"] * task.units_per_query(config),
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
         "train_cpu_s": round(curve.train_cpu_s, 3),
@@ -312,14 +373,32 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def seed_targets(task: Task, results: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Each seed's target: `task.target`, or with `target_from` that method's metric at the budget."""
+    if task.target_from is None:
+        return {r["seed"]: task.target for r in results}
+    worse = 1 - task.target_slack if task.higher_is_better else 1 + task.target_slack
+    return {r["seed"]: r["final"] * worse for r in results if r["method"] == task.target_from and "skipped" not in r}
+
+
+def _reached(task: Task, run: dict[str, Any], targets: dict[int, float]) -> int | None:
+    if run["seed"] not in targets:  # no run of the target's method on this seed (yet)
+        return None
+    if run.get("curve"):
+        return queries_to_target(run["curve"], targets[run["seed"]], task.higher_is_better, task.held)
+    return run["queries_to_target"]
+
+
 def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method: queries to target (mean when every seed reached it), metric at the budget, cost."""
     rows = []
+    targets = seed_targets(task, results)
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method and "skipped" not in r]
         if not runs:
             continue
-        reached = [r["queries_to_target"] for r in runs if r["queries_to_target"] is not None]
+        # from the curve, so that a report with another target needs no new runs
+        reached = [q for q in (_reached(task, r, targets) for r in runs) if q is not None]
         finals = [r["final"] for r in runs]
         rows.append({
             "task": task.name, "d": runs[0]["dim"], "method": method, "seeds": len(runs),
@@ -328,6 +407,7 @@ def study_table(task: Task, results: Sequence[dict[str, Any]]) -> list[dict[str,
             "worst_queries_to_target": max(reached) if len(reached) == len(runs) else float("nan"),
             f"{task.metric}_at_budget": _mean(finals),
             "std_at_budget": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            **{f"{m}_at_budget": _mean([r.get("also", {}).get(m, float("nan")) for r in runs]) for m in task.also},
             "queries": _mean([r["queries"] for r in runs]),
             task.units.replace(" ", "_"): _mean([r["units_consumed"] for r in runs]),
             "train_wall_s": _mean([r["train_wall_s"] for r in runs]),
@@ -391,16 +471,26 @@ def plot_task(path: Path, task: Task, results: Sequence[dict[str, Any]]) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # a target per seed: each curve is drawn relative to its seed's reference (the levels differ by seed)
+    refs = {} if task.target_from is None else {s: t / (1 - task.target_slack if task.higher_is_better else
+                                                           1 + task.target_slack)
+                                                for s, t in seed_targets(task, results).items()}
     for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method and "skipped" not in r]
+        runs = [r for r in results if r["method"] == method and "skipped" not in r
+                and (not refs or r["seed"] in refs)]
         for i, r in enumerate(runs):
             xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            ys = [y / refs[r["seed"]] for y in ys] if refs else ys
             ax.plot(xs, ys, color=f"C{list(METHODS[_family(task)]).index(method)}", alpha=0.8, lw=1.2,
                     label=method if i == 0 else None)
-    ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
+    if task.target_from is None:
+        ax.axhline(task.target, color="k", ls=":", lw=0.8, label=f"target {task.target}")
+    else:
+        worse = 1 - task.target_slack if task.higher_is_better else 1 + task.target_slack
+        ax.axhline(worse, color="k", ls=":", lw=0.8, label=f"target ({task.target_from}'s final, {task.target_slack:.0%})")
     ax.axvline(task.budget, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("loss queries (setup included)")
-    ax.set_ylabel(task.metric)
+    ax.set_ylabel(task.metric if not refs else f"{task.metric} / {task.target_from}'s at the budget (same seed)")
     ax.set_title(f"{task.name}: {task.metric} vs queries, one line per seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -422,13 +512,16 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
             continue
         tables[task.name] = rows
         winners[task.name] = winner(task, rows)
-        columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget", "queries",
+        columns = [*COLUMNS_FIXED, f"{task.metric}_at_budget", "std_at_budget",
+                   *(f"{m}_at_budget" for m in task.also), "queries",
                    task.units.replace(" ", "_"), "train_wall_s", "train_cpu_s"]
         text = write_table(rows, out / task.name, columns)
         w = winners[task.name]
-        md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target {task.metric} "
-               f"{'>=' if task.higher_is_better else '<='} {task.target})", "", text,
-               f"Winner: **{w['method']}** ({w['by']}: {fmt_value(w['value'])}).", ""]
+        md += [f"### {task.name} (d = {rows[0]['d']}, budget {task.budget:,} queries, target: "
+               f"{task.describe_target()})", "", text,
+               f"Winner: **{w['method']}** ({w['by']}: {fmt_value(w['value'])}).", "",
+               f"Per seed ({task.metric} at the budget / queries to the target):", "",
+               *per_seed_lines(task, mine), ""]
         try:
             plot_task(out / f"{task.name}.png", task, mine)
         except Exception as exc:  # noqa: BLE001 - a plot must never lose the numbers
@@ -445,6 +538,19 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
                                     if m in METHODS[_family(t)]} for t in tasks}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def per_seed_lines(task: Task, results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per method: each seed's metric at the budget and queries to its target."""
+    targets, lines = seed_targets(task, results), []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = sorted((r for r in results if r["method"] == method and "skipped" not in r), key=lambda r: r["seed"])
+        cells = []
+        for r in runs:
+            q = _reached(task, r, targets)
+            cells.append(f"seed {r['seed']}: {fmt_value(r['final'])} / {'-' if q is None else f'{q:,}'}")
+        lines.append(f"* {method}: " + "; ".join(cells))
+    return lines
 
 
 def fmt_value(v: float) -> str:
