@@ -278,7 +278,7 @@ class FeatureReuse:
         self._bytes_per_p: dict[int, float] = {}  # measured peak perturbed-state bytes per perturbation, by block
         self._state: _BaseState | None = None
         self._direct: dict[str, str] = {}  # how the base forward calls each module (_direct_kind)
-        self._groups: tuple[Tensor, Tensor, list] | None = None  # the last coordinate set, grouped by block
+        self._groups: tuple | None = None  # the last coordinate set: (coords, blocks, groups by block, units)
         self.stats = {"base_passes": 0, "cache_hits": 0, "fallback_coords": 0}
         # Set to a dict to collect CPU seconds per (block, operation) of `coordinate_losses`
         # (benchmarks/profile_reuse.py); None: no timing at all.
@@ -471,7 +471,12 @@ class FeatureReuse:
 
     @torch.no_grad()
     def coordinate_losses(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
-        """Losses at theta + mu e_j for each j in coords ([K] -> [K]), DeepZero eq. (1)/(4)."""
+        """Losses at theta + mu e_j for each j in coords ([K] -> [K]), DeepZero eq. (1)/(4).
+
+        Blocks that enter the graph at the same node as one-channel perturbations (a layer's weight
+        and bias) are evaluated together, one downstream pass for both; the losses of all chunks are
+        computed in one call at the end (at most `cpu_chunk_bytes` / the memory cap of outputs held).
+        Each perturbation's arithmetic is the same as alone (tests/test_reuse.py checks the bits)."""
         coords = coords.to(device=theta.device, dtype=torch.long).reshape(-1).contiguous()
         out = theta.new_empty(coords.numel())
         if coords.numel() == 0:
@@ -482,19 +487,13 @@ class FeatureReuse:
         st = self.prepare(theta, batch)
         if tm is not None:
             _tick(tm, ("(all blocks)", "base forward or cache check"), t_start, time.process_time)
-        blocks, groups = self._grouped(coords)
-        fallback_pos = []
-        for bi, pos, local in groups:
-            entry = self.entries[bi]
-            if entry is None:
-                fallback_pos.append(pos)
-                continue
-            start = 0
-            while start < pos.numel():
-                chunk = self._chunk_size(bi, entry)
-                sl = slice(start, start + chunk)
-                out[pos[sl]] = self._evaluate(st, bi, entry, local[sl], float(mu))
-                start += chunk
+        blocks, groups, units = self._grouped(coords)
+        losses = _PendingLosses(self, st, out)
+        for unit in units:
+            for parts in self._unit_chunks(unit):
+                self._evaluate(st, parts, float(mu), losses)
+        losses.flush()
+        fallback_pos = [pos for bi, pos, _ in groups if self.entries[bi] is None]
         if fallback_pos:
             pos = torch.cat(fallback_pos)
             if self.fallback is None:
@@ -506,22 +505,55 @@ class FeatureReuse:
             _tick(tm, ("(all blocks)", "coordinate_losses total"), t_start, time.process_time)
         return out
 
-    def _grouped(self, coords: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+    def _grouped(self, coords: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]], list[list[int]]]:
         """The coordinates by block: (block, positions in coords, local indices sorted, so that the
-        perturbations of one output channel are adjacent). Kept for the next call with the same set
-        (Sparse-CGE uses one set for a whole epoch)."""
+        perturbations of one output channel are adjacent), and the units evaluated together (lists of
+        indices into the groups: the blocks whose perturbations enter at one node as one-channel
+        values). Kept for the next call with the same set (Sparse-CGE uses one set for a whole epoch)."""
         cached = self._groups
         if (cached is not None and cached[0].shape == coords.shape and cached[0].device == coords.device
                 and torch.equal(cached[0], coords)):
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         blocks = self.space.block_index(coords.cpu()).to(coords.device)
         groups = []
         for bi in torch.unique(blocks).tolist():
             pos = torch.nonzero(blocks == bi).squeeze(1)
             local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
             groups.append((bi, pos[order], local))
-        self._groups = (coords.clone(), blocks, groups)
-        return blocks, groups
+        units: list[list[int]] = []
+        by_node: dict[fx.Node, list[int]] = {}
+        for gi, (bi, _, _) in enumerate(groups):
+            entry = self.entries[bi]
+            if entry is None:
+                continue
+            if entry.kind in _ONE_CHANNEL_ENTRIES:
+                if entry.node not in by_node:
+                    by_node[entry.node] = []
+                    units.append(by_node[entry.node])
+                by_node[entry.node].append(gi)
+            else:
+                units.append([gi])
+        self._groups = (coords.clone(), blocks, groups, [[groups[gi] for gi in u] for u in units])
+        return self._groups[1], self._groups[2], self._groups[3]
+
+    def _unit_chunks(self, unit: list[tuple[int, Tensor, Tensor]]):
+        """Chunks of a unit's perturbations, each a list of (block, positions, local indices) parts;
+        the chunk size is the smallest of its blocks' (`_chunk_size`)."""
+        chunk = min(self._chunk_size(bi, self.entries[bi]) for bi, _, _ in unit)
+        parts: list[tuple[int, Tensor, Tensor]] = []
+        room = chunk
+        for bi, pos, local in unit:
+            start = 0
+            while start < pos.numel():
+                take = min(room, pos.numel() - start)
+                parts.append((bi, pos[start:start + take], local[start:start + take]))
+                start += take
+                room -= take
+                if room == 0:
+                    yield parts
+                    parts, room = [], chunk
+        if parts:
+            yield parts
 
     def _chunk_size(self, bi: int, entry: _Entry) -> int:
         per_p = self._bytes_per_p.get(bi)
@@ -530,22 +562,40 @@ class FeatureReuse:
             biggest = max([_tensor_bytes(st.values[n]) for n in self.downstream(entry.node)]
                           + [_tensor_bytes(st.values[entry.node]), _tensor_bytes(st.output)])
             per_p = 4.0 * biggest
+        return int(max(1, min(self.max_chunk, self._cap_bytes() // max(1.0, per_p))))
+
+    def _cap_bytes(self) -> int:
         cap = self.memory_cap_bytes
         if self.cpu_chunk_bytes and self._state is not None and self._state.theta.device.type == "cpu":
             cap = min(cap, self.cpu_chunk_bytes)
-        return int(max(1, min(self.max_chunk, cap // max(1.0, per_p))))
+        return cap
 
-    def _evaluate(self, st: _BaseState, bi: int, entry: _Entry, local: Tensor, mu: float) -> Tensor:
-        """Losses of len(local) perturbations of block `bi`, all at once."""
+    def _evaluate(self, st: _BaseState, parts: list[tuple[int, Tensor, Tensor]], mu: float,
+                  losses: "_PendingLosses") -> None:
+        """The perturbations of `parts` (blocks entering at one node), all at once, down to the output;
+        their outputs go to `losses`."""
+        entry = self.entries[parts[0][0]]
         node = entry.node
         tm = self.timings
         if tm is not None:
-            block_name, clock = self.space.blocks[bi].name, time.process_time
+            block_name = "+".join(dict.fromkeys(self.space.blocks[bi].name for bi, _, _ in parts))
+            clock = time.process_time
             t0 = clock()
-        values: dict[fx.Node, Any] = {node: self._entry_value(st, bi, entry, local, mu)}
+        reps = [self._entry_value(st, bi, self.entries[bi], local, mu) for bi, _, local in parts]
+        pos = parts[0][1]
+        if len(reps) > 1:
+            if all(isinstance(r, _Channel) and not r.flat for r in reps):
+                rep, pos = _merge_channels(reps, [p for _, p, _ in parts])
+            else:  # representations that do not merge (e.g. a linear weight on a non-2-D input): one by one
+                for part in parts:
+                    self._evaluate(st, [part], mu, losses)
+                return
+        else:
+            rep = reps[0]
         if tm is not None:
             t0 = _tick(tm, (block_name, f"entry {entry.kind}"), t0, clock)
-        live = peak = values[node].nbytes()
+        values: dict[fx.Node, Any] = {node: rep}
+        live = peak = rep.nbytes()
         downstream = self.downstream(node)
         last = self._last_use[node]
         for i, n in enumerate(downstream):
@@ -555,27 +605,23 @@ class FeatureReuse:
             self._donated = set()
             values[n] = v
             if tm is not None:
-                rep = "one-channel" if any(isinstance(a, _Channel) for a in args) else "dense"
-                t0 = _tick(tm, (block_name, f"{self._node_kind(n)} ({rep})"), t0, clock)
+                kind = "one-channel" if any(isinstance(a, _Channel) for a in args) else "dense"
+                t0 = _tick(tm, (block_name, f"{self._node_kind(n)} ({kind})"), t0, clock)
             live += _rep_bytes(v)
             peak = max(peak, live)
             for a in n.all_input_nodes:
                 if last.get(a) == i and a in values:
                     live -= _rep_bytes(values.pop(a))
-        p = local.numel()
-        self._bytes_per_p[bi] = 2.0 * peak / p  # headroom for temporaries inside the operations
-        out = values.get(self.output_node)
-        if out is None:  # the perturbation never reaches the output
-            return st.loss.expand(p).clone()
-        out = _as_dense(out)
-        y = st.y
-        if self.loss_fn is F.cross_entropy and out.pdim in (0, 1) and self._class_targets(st, out.x.dim()):
-            losses = _cross_entropy_per_perturbation(out.x, y, out.pdim)
+        p = pos.numel()
+        for bi, _, _ in parts:
+            self._bytes_per_p[bi] = 2.0 * peak / p  # headroom for temporaries inside the operations
+        res = values.get(self.output_node)
+        if res is None:  # the perturbation never reaches the output
+            losses.out[pos] = st.loss.expand(p)
         else:
-            losses = vmap(lambda o: self.loss_fn(o, y), in_dims=out.pdim)(out.x)
+            losses.add(_as_dense(res), pos, block_name if tm is not None else None)
         if tm is not None:
             _tick(tm, (block_name, "loss"), t0, clock)
-        return losses
 
     def _class_targets(self, st: _BaseState, out_dim: int) -> bool:
         """The step's loss is cross-entropy of logits [N, C] with class indices [N], all valid (no
@@ -905,28 +951,86 @@ def _is_relu(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return n.target in (F.relu, torch.relu)
 
 
-def _cross_entropy_per_perturbation(out: Tensor, y: Tensor, pdim: int) -> Tensor:
-    """vmap(F.cross_entropy(., y), in_dims=pdim)(out) without vmap: the same kernels on the same
-    memory layout as the batching rules use ([P, N, C] contiguous: log_softmax over C, gather,
-    sum over N, divide by the number of targets), so the same bits (tests/test_reuse.py checks
-    torch.equal), without the interpreter cost of vmap and of the nll_loss decomposition, which
-    was a third of a digits training step (docs/performance.md).
+_ONE_CHANNEL_ENTRIES = {"conv_weight", "conv_bias", "linear_weight", "linear_bias", "bn_weight", "bn_bias"}
+
+
+def _merge_channels(reps: list[_Channel], positions: list[Tensor]) -> tuple[_Channel, Tensor]:
+    """One-channel values of several blocks at one node as one, sorted by channel (stable), so that
+    the perturbations of each channel stay adjacent; with their positions in the same order."""
+    channel = torch.cat([r.channel for r in reps])
+    values = torch.cat([r.values for r in reps], 1)
+    pos = torch.cat(positions)
+    order = torch.argsort(channel, stable=True)
+    first = reps[0]
+    merged = _Channel(first.base, first.nch, first.spatial, False, channel.index_select(0, order),
+                      values.index_select(1, order))
+    return merged, pos.index_select(0, order)
+
+
+class _PendingLosses:
+    """The perturbed outputs of a `coordinate_losses` call, turned into losses together: one
+    cross-entropy call for all chunks (or the loss function vmapped per chunk), written to `out` at
+    their positions. Flushed when the held outputs pass the chunk memory cap."""
+
+    def __init__(self, engine: "FeatureReuse", st: _BaseState, out: Tensor):
+        self.engine, self.st, self.out = engine, st, out
+        self.items: list[tuple[_Dense, Tensor]] = []
+        self.nbytes = 0
+
+    def add(self, res: _Dense, pos: Tensor, label: str | None) -> None:
+        self.items.append((res, pos))
+        self.nbytes += res.nbytes()
+        if self.nbytes > self.engine._cap_bytes():
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        eng, st, items = self.engine, self.st, self.items
+        self.items, self.nbytes = [], 0
+        tm = eng.timings
+        t0 = time.process_time() if tm is not None else 0.0
+        y = st.y
+        if (eng.loss_fn is F.cross_entropy and all(r.pdim in (0, 1) for r, _ in items)
+                and all(eng._class_targets(st, r.x.dim()) for r, _ in items)):
+            losses = _cross_entropy_per_perturbation([(r.x, r.pdim) for r, _ in items], y)
+            self.out[torch.cat([p for _, p in items])] = losses
+        else:
+            for r, pos in items:
+                self.out[pos] = vmap(lambda o: eng.loss_fn(o, y), in_dims=r.pdim)(r.x)
+        if tm is not None:
+            _tick(tm, ("(all blocks)", "loss (all chunks together)"), t0, time.process_time)
+
+
+def _cross_entropy_per_perturbation(outs: list[tuple[Tensor, int]], y: Tensor) -> Tensor:
+    """vmap(F.cross_entropy(., y), in_dims=pdim)(out) for each (out, pdim) of `outs`, concatenated,
+    without vmap: the same kernels on the same memory layout as the batching rules use ([P, N, C]
+    contiguous: log_softmax over C, gather, sum over N, divide by the number of targets), so the same
+    bits (tests/test_reuse.py checks torch.equal), without the interpreter cost of vmap and of the
+    nll_loss decomposition, which was a third of a digits training step (docs/performance.md). All
+    outputs in one call: the rows are independent.
 
     For few classes the log_softmax runs over dim 0 of a [C, rows] copy instead, where that gives
     the same bits as the last-dimension kernel (`_log_softmax_dim0_is_exact`): 20x faster for 10
     classes."""
-    p, n, c = out.shape[pdim], out.shape[1 - pdim], out.shape[2]
-    if _log_softmax_dim0_is_exact(c, out.dtype, out.device):
-        rows = p * n
+    first, pdim0 = outs[0]
+    n, c = first.shape[1 - pdim0], first.shape[2]
+    p_total = sum(x.shape[pdim] for x, pdim in outs)
+    if _log_softmax_dim0_is_exact(c, first.dtype, first.device):
+        rows = p_total * n
         padded = -(-rows // _ROW_PAD) * _ROW_PAD
-        xt = out.new_zeros((c, padded))
-        xt[:, :rows].view(c, p, n).copy_(out.permute(2, pdim, 1 - pdim))
-        ls = torch.log_softmax(xt, 0)  # [C, rows]: column r is row r's log-probabilities
-        cols = torch.arange(rows, device=out.device)
-        nll = -ls[y.repeat(p), cols].view(p, n)
+        xt = first.new_zeros((c, padded))
+        col = 0
+        for x, pdim in outs:
+            p = x.shape[pdim]
+            xt[:, col:col + p * n].view(c, p, n).copy_(x.permute(2, pdim, 1 - pdim))
+            col += p * n
+        ls = torch.log_softmax(xt, 0)  # [C, rows]: column r holds row r's log-probabilities
+        nll = -ls[y.repeat(p_total), torch.arange(rows, device=first.device)].view(p_total, n)
         return nll.sum(1) / n
-    x = out.movedim(pdim, 0).contiguous()
-    nll = -torch.log_softmax(x, 2).gather(2, y.view(1, n, 1).expand(p, n, 1)).squeeze(2)
+    x = torch.cat([x.movedim(pdim, 0) for x, pdim in outs]) if len(outs) > 1 else first.movedim(pdim0, 0)
+    x = x.contiguous()
+    nll = -torch.log_softmax(x, 2).gather(2, y.view(1, n, 1).expand(p_total, n, 1)).squeeze(2)
     return nll.sum(1) / n
 
 

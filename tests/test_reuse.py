@@ -335,9 +335,9 @@ def test_timings_are_collected_only_when_asked():
     oracle.reuse.timings = {}
     assert torch.equal(oracle.coordinate_losses(theta, coords, MU, batch), first)
     tm = oracle.reuse.timings
-    blocks = {b for b, _ in tm} - {"(all blocks)"}
-    assert blocks == set(oracle.space.names)  # every block's entry, operations and loss
-    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in blocks)
+    labels = {b for b, _ in tm} - {"(all blocks)"}  # a block, or blocks evaluated together ("0.weight+0.bias")
+    assert {name for b in labels for name in b.split("+")} == set(oracle.space.names)  # every block's entry...
+    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in labels)  # ... operations and loss
     total = tm[("(all blocks)", "coordinate_losses total")]
     assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total
 
@@ -360,5 +360,9 @@ def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, class
     out = torch.randn(13, 37, classes, generator=g, dtype=dtype) * 5  # [N, P, C]: 481 rows, no multiple of 64
     y = torch.randint(0, classes, (13,), generator=g)
     want = vmap(lambda o: F.cross_entropy(o, y), in_dims=1)(out)
-    assert torch.equal(_cross_entropy_per_perturbation(out, y, 1), want)
-    assert torch.equal(_cross_entropy_per_perturbation(out.transpose(0, 1).contiguous(), y, 0), want)
+    assert torch.equal(_cross_entropy_per_perturbation([(out, 1)], y), want)
+    other = out.transpose(0, 1).contiguous()
+    assert torch.equal(_cross_entropy_per_perturbation([(other, 0)], y), want)
+    # several outputs in one call, in both layouts: the concatenation of their losses
+    parts = [(out[:, :5], 1), (other[5:20], 0), (out[:, 20:], 1)]
+    assert torch.equal(_cross_entropy_per_perturbation(parts, y), want)
