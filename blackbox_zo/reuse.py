@@ -278,6 +278,8 @@ class FeatureReuse:
         self._bytes_per_p: dict[int, float] = {}  # measured peak perturbed-state bytes per perturbation, by block
         self._state: _BaseState | None = None
         self._direct: dict[str, str] = {}  # how the base forward calls each module (_direct_kind)
+        self._key_modules: list[nn.Module] | None = None  # what _cache_key reads (built on first use)
+        self._key_frozen: list[tuple[nn.Module, str]] = []
         self._groups: tuple | None = None  # the last coordinate set: (coords, blocks, groups by block, units)
         self.stats = {"base_passes": 0, "cache_hits": 0, "fallback_coords": 0}
         # Set to a dict to collect CPU seconds per (block, operation) of `coordinate_losses`
@@ -394,13 +396,22 @@ class FeatureReuse:
     # -- the unperturbed forward, cached per step -------------------------------------
 
     def _cache_key(self) -> tuple:
-        flags = tuple(m.training for m in self.modules.values())
+        """Module modes, the versions of the buffers that enter the loss and of the parameters theta
+        does not hold: what invalidates the cached forward besides theta and the batch. Read from the
+        modules' own dicts (the module tree is fixed once traced; a buffer or parameter may be
+        replaced, which these reads see), called several times per step."""
+        if self._key_modules is None:
+            self._key_modules = list(self.modules.values())
+            self._key_frozen = [(self.modules[n.rpartition(".")[0]], n.rpartition(".")[2])
+                                for n, _ in self.module.named_parameters() if n not in self._space_names]
+        mods = self._key_modules
+        flags = tuple(m.training for m in mods)
         bufs = []
-        for qual, m in self.modules.items():
+        for m in mods:
             if isinstance(m, _NORM_BASE) and m.training:
                 continue  # batch statistics: the running buffers do not enter the loss
-            bufs.extend(b._version for b in m.buffers(recurse=False))
-        frozen = tuple(p._version for n, p in self.module.named_parameters() if n not in self._space_names)
+            bufs.extend(b._version for b in m._buffers.values() if b is not None)
+        frozen = tuple(m._parameters[name]._version for m, name in self._key_frozen)
         return flags, tuple(bufs), frozen
 
     @staticmethod
