@@ -357,12 +357,35 @@ def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, class
     if _log_softmax_dim0_is_exact(classes, dtype, torch.device("cpu")):
         x = torch.randn(50 * _ROW_PAD, classes, generator=g, dtype=dtype) * 30
         assert torch.equal(torch.log_softmax(x, 1), torch.log_softmax(x.t().contiguous(), 0).t())
-    out = torch.randn(13, 37, classes, generator=g, dtype=dtype) * 5  # [N, P, C]: 481 rows, no multiple of 64
-    y = torch.randint(0, classes, (13,), generator=g)
-    want = vmap(lambda o: F.cross_entropy(o, y), in_dims=1)(out)
-    assert torch.equal(_cross_entropy_per_perturbation([(out, 1)], y), want)
-    other = out.transpose(0, 1).contiguous()
-    assert torch.equal(_cross_entropy_per_perturbation([(other, 0)], y), want)
-    # several outputs in one call, in both layouts: the concatenation of their losses
-    parts = [(out[:, :5], 1), (other[5:20], 0), (out[:, 20:], 1)]
-    assert torch.equal(_cross_entropy_per_perturbation(parts, y), want)
+    # [N, P, C]: 481 rows (no multiple of 64); and one large enough for the (n, p)-ordered transpose
+    for n, p in [(13, 37), (64, 1100 // classes + 100)]:
+        out = torch.randn(n, p, classes, generator=g, dtype=dtype) * 5
+        y = torch.randint(0, classes, (n,), generator=g)
+        want = vmap(lambda o: F.cross_entropy(o, y), in_dims=1)(out)
+        assert torch.equal(_cross_entropy_per_perturbation([(out, 1)], y), want)
+        other = out.transpose(0, 1).contiguous()
+        assert torch.equal(_cross_entropy_per_perturbation([(other, 0)], y), want)
+        # several outputs in one call, in both layouts: the concatenation of their losses
+        parts = [(out[:, :5], 1), (other[5:20], 0), (out[:, 20:], 1)]
+        assert torch.equal(_cross_entropy_per_perturbation(parts, y), want)
+
+
+def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(monkeypatch):
+    """Long channel runs reaching a linear layer take one matrix product per run instead of a batched
+    product per perturbation: the same dot products, so the same bits (forced here on both sides)."""
+    import blackbox_zo.reuse as reuse_mod
+
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    batch = digits_batch(16)
+    coords_of = ModelLossOracle(module).space
+    block = coords_of.blocks[2]  # 2.weight: one-channel perturbations through ReLU, pool, flatten into 6
+    coords = block.offset + torch.arange(0, block.numel, 7)
+    results = []
+    for rows in (10**9, 1):  # never / always the per-run product
+        monkeypatch.setattr(reuse_mod, "_LINEAR_RUN_ROWS", rows)
+        oracle = ModelLossOracle(module)
+        results.append(oracle.coordinate_losses(oracle.initial_theta(), coords, MU, batch))
+    assert torch.equal(results[0], results[1])
+    oracle = ModelLossOracle(module)
+    assert_rel_close(results[1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)
