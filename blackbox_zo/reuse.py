@@ -280,6 +280,7 @@ class FeatureReuse:
         self._direct: dict[str, str] = {}  # how the base forward calls each module (_direct_kind)
         self._key_modules: list[nn.Module] | None = None  # what _cache_key reads (built on first use)
         self._key_frozen: list[tuple[nn.Module, str]] = []
+        self._key_frozen_quals: list[str] = []
         self._groups: tuple | None = None  # the last coordinate set: (coords, blocks, groups by block, units)
         self.stats = {"base_passes": 0, "cache_hits": 0, "fallback_coords": 0}
         # Set to a dict to collect CPU seconds per (block, operation) of `coordinate_losses`
@@ -372,7 +373,10 @@ class FeatureReuse:
     # -- parameters and buffers -----------------------------------------------------
 
     def _params(self, theta: Tensor) -> dict[str, Tensor]:
-        named = {n: p.detach() for n, p in self.module.named_parameters()}
+        if self._key_modules is None:
+            self._cache_key()  # builds the list of parameters theta does not hold
+        named = {f"{qual}.{name}" if qual else name: m._parameters[name].detach()
+                 for (m, name), qual in zip(self._key_frozen, self._key_frozen_quals)}
         named.update(self.space.views(theta))
         return named
 
@@ -402,8 +406,9 @@ class FeatureReuse:
         replaced, which these reads see), called several times per step."""
         if self._key_modules is None:
             self._key_modules = list(self.modules.values())
-            self._key_frozen = [(self.modules[n.rpartition(".")[0]], n.rpartition(".")[2])
-                                for n, _ in self.module.named_parameters() if n not in self._space_names]
+            frozen = [n for n, _ in self.module.named_parameters() if n not in self._space_names]
+            self._key_frozen = [(self.modules[n.rpartition(".")[0]], n.rpartition(".")[2]) for n in frozen]
+            self._key_frozen_quals = [n.rpartition(".")[0] for n in frozen]
         mods = self._key_modules
         flags = tuple(m.training for m in mods)
         bufs = []
@@ -446,8 +451,9 @@ class FeatureReuse:
         output = values[self.output_node]
         loss = self.loss_fn(output, y)
         self.stats["base_passes"] += 1
-        self._state = _BaseState(theta.detach().clone(), x, y, self._batch_versions(x, y), self._cache_key(),
-                                 params, values, output, loss)
+        # the forward changes no version unless it updated running statistics: the key read above holds
+        self._state = _BaseState(theta.detach().clone(), x, y, self._batch_versions(x, y),
+                                 self._cache_key() if update_running_stats else key, params, values, output, loss)
         return self._state
 
     def _call_base(self, n: fx.Node, args: tuple, kwargs: dict, params: dict[str, Tensor], update: bool) -> Any:
