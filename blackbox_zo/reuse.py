@@ -851,11 +851,13 @@ class FeatureReuse:
                 d = F.conv2d(delta, wg, None, m.stride, m.padding, m.dilation, groups=p)
                 return _Dense(torch.add(d.view(nb, p, *base_out.shape[1:]), base_out.unsqueeze(1)), owned=True)
             out = torch.empty((nb, p, *base_out.shape[1:]), dtype=base_out.dtype, device=base_out.device)
+            runs = delta.transpose(0, 1).contiguous()  # [P, N, ...]: each run's samples contiguous, one copy
             start = 0
             for c, k in zip(chans.tolist(), counts.tolist()):
-                piece = delta[:, start:start + k].reshape(nb * k, 1, *x.spatial)
+                piece = runs[start:start + k].view(k * nb, 1, *x.spatial)
                 d = F.conv2d(piece, w[:, c:c + 1], None, m.stride, m.padding, m.dilation)
-                torch.add(d.view(nb, k, *base_out.shape[1:]), base_out.unsqueeze(1), out=out[:, start:start + k])
+                torch.add(d.view(k, nb, *base_out.shape[1:]).transpose(0, 1), base_out.unsqueeze(1),
+                          out=out[:, start:start + k])
                 start += k
             return _Dense(out, owned=True)
         x = _as_dense(x)
