@@ -20,7 +20,7 @@ from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
-__all__ = ["load_digits_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig"]
+__all__ = ["load_digits_split", "stratified_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig"]
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -37,7 +37,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor
     x = torch.tensor(data[:, :-1].reshape(-1, 8, 8), dtype=torch.float32).unsqueeze(1) / 16.0
     target = data[:, -1].astype(int)
     y = torch.tensor(target, dtype=torch.long)
-    idx_train, idx_test = _stratified_split(target, test_fraction, seed)
+    idx_train, idx_test = stratified_split(target, test_fraction, seed)
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
@@ -52,10 +52,11 @@ def _digits_table() -> np.ndarray:
         return np.loadtxt(f, delimiter=",")
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The indices of scikit-learn's `train_test_split(stratify=y, test_size=test_fraction,
-    random_state=seed)` (StratifiedShuffleSplit, scikit-learn 1.3 to 1.9): the same numpy
-    RandomState draws in the same order, so the same split."""
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices) of a stratified random split of labels `y`, the same as
+    scikit-learn's `train_test_split(stratify=y, test_size=test_fraction, random_state=seed)`
+    (StratifiedShuffleSplit, scikit-learn 1.3 to 1.9): the same numpy RandomState draws in the
+    same order, so the same split."""
     n = len(y)
     n_test = math.ceil(test_fraction * n)
     n_train = n - n_test

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from problems.digits import _stratified_split, load_digits_split
+from problems.digits import load_digits_split, stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_stratified_split_with_ties_equals_scikit_learn(seed):
     from sklearn.model_selection import train_test_split
 
     y = np.repeat(np.arange(7), [5, 5, 5, 6, 6, 9, 3])
-    ours = _stratified_split(y, 0.3, seed)
+    ours = stratified_split(y, 0.3, seed)
     ref = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=seed)
     for a, b in zip(ours, ref):
         assert np.array_equal(a, b)

@@ -351,8 +351,11 @@ def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, class
     against vmap for both layouts."""
     from torch.func import vmap
 
-    from blackbox_zo.reuse import _ROW_PAD, _cross_entropy_per_perturbation, _log_softmax_dim0_is_exact
+    import blackbox_zo.reuse as reuse_mod
 
+    _ROW_PAD = reuse_mod._ROW_PAD
+    _cross_entropy_per_perturbation = reuse_mod._cross_entropy_per_perturbation
+    _log_softmax_dim0_is_exact = reuse_mod._log_softmax_dim0_is_exact
     g = torch.Generator().manual_seed(classes)
     if _log_softmax_dim0_is_exact(classes, dtype, torch.device("cpu")):
         x = torch.randn(50 * _ROW_PAD, classes, generator=g, dtype=dtype) * 30
