@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -16,8 +20,8 @@ from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
-__all__ = ["load_digits_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig", "DEEPZERO_RECIPE",
-           "SEP_CMA_THEN_SPARSE_CGE"]
+__all__ = ["load_digits_split", "stratified_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig",
+           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE"]
 
 # DeepZero (Algorithm 2) tuned for digits: ZO-GraSP (q = 192, mu = 5e-3, 25 examples per class) at init ->
 # layer-wise ratios at 90% sparsity -> Sparse-CGE on a fresh LPR-obeying set every epoch, SGD 0.1 with
@@ -47,18 +51,74 @@ SEP_CMA_THEN_SPARSE_CGE: dict[str, Any] = {
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test): images [N, 1, 8, 8] in [0, 1], a fixed stratified split."""
-    # scikit-learn takes seconds to import: only a run that reads the data pays for it
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """(x_train, y_train, x_test, y_test): images [N, 1, 8, 8] in [0, 1], a fixed stratified split.
 
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=test_fraction, stratify=y.numpy(), random_state=seed
-    )
+    The data are scikit-learn's bundled digits (`sklearn.datasets.load_digits`) and the split is
+    `train_test_split(..., stratify=y, random_state=seed)`, both computed here with numpy: importing
+    scikit-learn costs about 2 CPU seconds, a tenth of a whole default digits run
+    (docs/performance.md). tests/test_digits_data.py checks both against scikit-learn itself.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    data = _digits_table()
+    x = torch.tensor(data[:, :-1].reshape(-1, 8, 8), dtype=torch.float32).unsqueeze(1) / 16.0
+    target = data[:, -1].astype(int)
+    y = torch.tensor(target, dtype=torch.long)
+    idx_train, idx_test = stratified_split(target, test_fraction, seed)
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def _digits_table() -> np.ndarray:
+    """scikit-learn's digits.csv.gz ([1797, 65]: 64 pixels and the label per row), read as load_digits
+    reads it, located without importing scikit-learn (find_spec does not run the package)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the digits data ship with scikit-learn: pip install scikit-learn")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        return np.loadtxt(f, delimiter=",")
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices) of a stratified random split of labels `y`, the same as
+    scikit-learn's `train_test_split(stratify=y, test_size=test_fraction, random_state=seed)`
+    (StratifiedShuffleSplit, scikit-learn 1.3 to 1.9): the same numpy RandomState draws in the
+    same order, so the same split."""
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_index, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or min(n_train, n_test) < len(classes):
+        raise ValueError(f"test_fraction={test_fraction} leaves a class without a train or test example")
+    class_indices = np.split(np.argsort(y_index, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        members = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's `utils.extmath._approximate_mode`: per-class counts of a stratified draw,
+    floor of the proportional share, the rest given by largest remainder, ties broken by `rng`."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def make_digits_cnn(width: int = 8) -> nn.Sequential:

@@ -335,8 +335,60 @@ def test_timings_are_collected_only_when_asked():
     oracle.reuse.timings = {}
     assert torch.equal(oracle.coordinate_losses(theta, coords, MU, batch), first)
     tm = oracle.reuse.timings
-    blocks = {b for b, _ in tm} - {"(all blocks)"}
-    assert blocks == set(oracle.space.names)  # every block's entry, operations and loss
-    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in blocks)
+    labels = {b for b, _ in tm} - {"(all blocks)"}  # a block, or blocks evaluated together ("0.weight+0.bias")
+    assert {name for b in labels for name in b.split("+")} == set(oracle.space.names)  # every block's entry...
+    assert all(any(op == "loss" for b2, op in tm if b2 == b) for b in labels)  # ... operations and loss
     total = tm[("(all blocks)", "coordinate_losses total")]
     assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("classes", [2, 10, 17, 100])
+def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, classes):
+    """The cross-entropy of many perturbations may run log_softmax over dim 0 of a transposed, padded
+    copy (20x faster for 10 classes on CPU) only where the machine's kernels give the same bits as
+    over the last dimension. Checked on fresh rows (not the probe's), and through the loss itself
+    against vmap for both layouts."""
+    from torch.func import vmap
+
+    import blackbox_zo.reuse as reuse_mod
+
+    _ROW_PAD = reuse_mod._ROW_PAD
+    _cross_entropy_per_perturbation = reuse_mod._cross_entropy_per_perturbation
+    _log_softmax_dim0_is_exact = reuse_mod._log_softmax_dim0_is_exact
+    g = torch.Generator().manual_seed(classes)
+    if _log_softmax_dim0_is_exact(classes, dtype, torch.device("cpu")):
+        x = torch.randn(50 * _ROW_PAD, classes, generator=g, dtype=dtype) * 30
+        assert torch.equal(torch.log_softmax(x, 1), torch.log_softmax(x.t().contiguous(), 0).t())
+    # [N, P, C]: 481 rows (no multiple of 64); and one large enough for the (n, p)-ordered transpose
+    for n, p in [(13, 37), (64, 1100 // classes + 100)]:
+        out = torch.randn(n, p, classes, generator=g, dtype=dtype) * 5
+        y = torch.randint(0, classes, (n,), generator=g)
+        want = vmap(lambda o: F.cross_entropy(o, y), in_dims=1)(out)
+        assert torch.equal(_cross_entropy_per_perturbation([(out, 1)], y), want)
+        other = out.transpose(0, 1).contiguous()
+        assert torch.equal(_cross_entropy_per_perturbation([(other, 0)], y), want)
+        # several outputs in one call, in both layouts: the concatenation of their losses
+        parts = [(out[:, :5], 1), (other[5:20], 0), (out[:, 20:], 1)]
+        assert torch.equal(_cross_entropy_per_perturbation(parts, y), want)
+
+
+def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(monkeypatch):
+    """Long channel runs reaching a linear layer take one matrix product per run instead of a batched
+    product per perturbation: the same dot products, so the same bits (forced here on both sides)."""
+    import blackbox_zo.reuse as reuse_mod
+
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    batch = digits_batch(16)
+    coords_of = ModelLossOracle(module).space
+    block = coords_of.blocks[2]  # 2.weight: one-channel perturbations through ReLU, pool, flatten into 6
+    coords = block.offset + torch.arange(0, block.numel, 7)
+    results = []
+    for rows in (10**9, 1):  # never / always the per-run product
+        monkeypatch.setattr(reuse_mod, "_LINEAR_RUN_ROWS", rows)
+        oracle = ModelLossOracle(module)
+        results.append(oracle.coordinate_losses(oracle.initial_theta(), coords, MU, batch))
+    assert torch.equal(results[0], results[1])
+    oracle = ModelLossOracle(module)
+    assert_rel_close(results[1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)

@@ -1,0 +1,109 @@
+"""Where the CPU time of a whole `blackbox-zo train digits` run goes: imports, data, pruning, the
+optimizer's construction, the steps (split into the oracle's base and coordinate queries, the
+optimizer step) and the plot.
+
+    .venv/bin/python benchmarks/profile_train_digits.py                 # the default run, 10 epochs
+    .venv/bin/python benchmarks/profile_train_digits.py --set run.epochs=2
+
+The run is the CLI's own (`python -m blackbox_zo train digits --set run.progress=false`, in this
+process), with CPU seconds (`time.process_time`) summed per phase by wrapping the functions named in
+the table. The phases nest (the steps contain the oracle calls), so they do not add up to the total;
+"other" is the total less the top-level phases. The machine is shared: compare phases of one run, or
+runs at similar load. Besides the table, the modules that dominate the import time are named: run
+`python -X importtime -m blackbox_zo train digits ...` for the full tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPENT: dict[str, float] = {}
+IN_LOOP = [False]
+
+
+def timed(owner: object, name: str, label: str, loop_only: bool = False) -> None:
+    """Sum the CPU seconds of owner.name under `label` (only inside the training loop if loop_only)."""
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if loop_only and not IN_LOOP[0]:
+            return fn(*args, **kwargs)
+        t = time.process_time()
+        is_loop = label == "training loop"
+        IN_LOOP[0] = IN_LOOP[0] or is_loop
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[label] = SPENT.get(label, 0.0) + time.process_time() - t
+            if is_loop:
+                IN_LOOP[0] = False
+
+    setattr(owner, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", action="append", default=[], help="extra --set for the run (e.g. run.epochs=2)")
+    args = ap.parse_args(argv)
+    start = time.process_time()
+    before = set(sys.modules)
+    import blackbox_zo._commands  # noqa: F401  (what `blackbox-zo train` imports: torch and the engine)
+    import blackbox_zo.cli  # noqa: F401
+
+    SPENT["imports (torch, the engine, the CLI)"] = time.process_time() - start
+    import blackbox_zo.trainer as trainer
+    import oracles.model_loss as model_loss
+    import problems.digits as digits
+
+    top = {"problem setup (data, ZO-GraSP pruning)": (digits.DigitsProblem, "setup"),
+           "Trainer() (optimizer: imports torch._dynamo)": (trainer.Trainer, "__init__"),
+           "training loop": (trainer.Trainer, "_loop"),
+           "plot (training.png)": (trainer, "plot_metrics")}
+    nested = {"  data (load_digits_split)": (digits, "load_digits_split"),
+              "  ZO-GraSP pruning (386 queries)": (digits, "build_sparse_sampler"),
+              "  ZO steps (estimate)": (trainer.Trainer, "_zo_step"),
+              "    base queries": (model_loss.ModelLossOracle, "losses"),
+              "    coordinate queries": (model_loss.ModelLossOracle, "coordinate_losses"),
+              "  optimizer + scheduler + metrics line": (trainer.Trainer, "advance"),
+              "  evaluation, checkpoint (per epoch)": (trainer.Trainer, "end_epoch")}
+    for label, (owner, name) in {**top, **nested}.items():
+        timed(owner, name, label, loop_only=label.startswith("    "))
+    with tempfile.TemporaryDirectory(prefix="profile_train_digits_") as out:
+        sys.argv = ["blackbox_zo", "train", "digits", "--set", "run.progress=false", "--set", f"run.out_dir={out}",
+                    *[x for s in args.set for x in ("--set", s)]]
+        try:
+            runpy.run_module("blackbox_zo", run_name="__main__")
+        except SystemExit as exc:
+            if exc.code:
+                raise
+    total = time.process_time() - start
+    heavy = [m for m in ("torch._dynamo", "sklearn", "matplotlib.pyplot", "matplotlib.figure", "scipy", "sympy")
+             if m in sys.modules and m not in before]
+    print(f"\n{'phase':<48} {'CPU s':>7} {'%':>6}")
+    rows = ["imports (torch, the engine, the CLI)", "problem setup (data, ZO-GraSP pruning)",
+            "  data (load_digits_split)", "  ZO-GraSP pruning (386 queries)",
+            "Trainer() (optimizer: imports torch._dynamo)", "training loop", "  ZO steps (estimate)",
+            "    base queries", "    coordinate queries", "  optimizer + scheduler + metrics line",
+            "  evaluation, checkpoint (per epoch)", "plot (training.png)"]
+    for label in rows:
+        v = SPENT.get(label, 0.0)
+        print(f"{label:<48} {v:7.2f} {100 * v / total:6.1f}")
+    other = total - sum(SPENT.get(k, 0.0) for k in [rows[0], *top])
+    print(f"{'other (CLI, config, run directory, summary)':<48} {other:7.2f} {100 * other / total:6.1f}")
+    print(f"{'total':<48} {total:7.2f}")
+    print(f"modules imported during the run: {', '.join(heavy) or 'none of the heavy ones'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
