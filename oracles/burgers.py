@@ -4,7 +4,8 @@
 
 One step advances every state of a batch by `dt` with a second-order MUSCL scheme:
 
-* reconstruction: cell slopes from a flux limiter (minmod by default; superbee and MC),
+* reconstruction: cell slopes from a flux limiter (minmod, superbee, MC; or `first-order`,
+  zero slopes: the first-order Godunov scheme, the default of the low-fidelity solver),
   ``sigma_j = limiter(u_j - u_{j-1}, u_{j+1} - u_j)``, interface states
   ``u_L = u_j + sigma_j / 2`` and ``u_R = u_{j+1} - sigma_{j+1} / 2``;
 * the Godunov flux of Burgers' equation, ``F = max(max(u_L, 0)^2, min(u_R, 0)^2) / 2``
@@ -23,10 +24,14 @@ A state whose stable time step would need more than `max_substeps` sub-steps (a 
 that blew it up), or that is not finite, comes back as NaN: the solver refuses it, as a
 legacy code stops on a CFL violation. The SOL oracle turns that into a capped loss.
 
-**High-fidelity twin** (`reference_data`): the same scheme on a `hifi_factor` times finer
-grid, with its own (smaller) stable sub-steps, from exact cell averages of a random smooth
+**High-fidelity twin** (`reference_data`): the scheme with `hifi_limiter` (MC by default;
+`same`: the low-fidelity limiter) on a `hifi_factor` times finer grid, with its own (smaller)
+stable sub-steps, from exact cell averages of a random smooth
 start ``u0(x) = c + sum_k a_k sin(k x + phi_k)``, each fine frame averaged onto the coarse
-cells (conservative restriction). Each run has its own viscosity (the condition) and start;
+cells (conservative restriction). The default pair is the physically meaningful one: a cheap
+solver (first-order, 32 cells) whose numerical diffusion (~ |u| dx / 2, far above the
+viscosity) is a systematic error a corrector can learn, against a converged second-order
+reference. Each run has its own viscosity (the condition) and start;
 `train_runs` runs are for training, `test_runs` held out. Generated in about a second.
 """
 
@@ -43,7 +48,7 @@ from .simulator import ReferenceRuns
 
 __all__ = ["BurgersSimulator", "muscl_rhs", "LIMITERS", "cell_averages"]
 
-LIMITERS = ("minmod", "superbee", "mc")
+LIMITERS = ("minmod", "superbee", "mc", "first-order")
 VERSION = 1  # bump when the scheme changes: part of the twin data's cache key
 
 
@@ -58,6 +63,8 @@ def _slopes(dm: np.ndarray, dp: np.ndarray, limiter: str) -> np.ndarray:
     if limiter == "superbee":  # maxmod(minmod(2a, b), minmod(a, 2b))
         s1, s2 = _minmod(2 * dm, dp), _minmod(dm, 2 * dp)
         return np.where(np.abs(s1) >= np.abs(s2), s1, s2)
+    if limiter == "first-order":  # zero slopes: piecewise-constant cells, the first-order Godunov scheme
+        return np.zeros_like(dm)
     if limiter == "mc":  # monotonized central: minmod(2a, 2b, (a + b) / 2)
         c = 0.5 * (dm + dp)
         m = _minmod(2 * dm, 2 * dp)
@@ -105,7 +112,7 @@ class BurgersSimulator:
         self,
         cells: int = 32,
         dt: float = 0.05,
-        limiter: Literal["minmod", "superbee", "mc"] = "minmod",
+        limiter: Literal["minmod", "superbee", "mc", "first-order"] = "first-order",
         cfl: float = 0.5,
         max_substeps: int = 64,
         hifi_factor: int = 8,
@@ -117,6 +124,7 @@ class BurgersSimulator:
         amplitude: float = 1.0,
         modes: int = 3,
         data_seed: int = 0,
+        hifi_limiter: Literal["same", "minmod", "superbee", "mc", "first-order"] = "mc",
     ):
         if cells < 4:
             raise ValueError(f"cells must be >= 4, got {cells}")
@@ -124,6 +132,8 @@ class BurgersSimulator:
             raise ValueError(f"need dt > 0 and 0 < cfl <= 1, got dt={dt}, cfl={cfl}")
         if limiter not in LIMITERS:
             raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, got {limiter!r}")
+        if hifi_limiter != "same" and hifi_limiter not in LIMITERS:
+            raise ValueError(f"hifi_limiter must be 'same' or one of {', '.join(LIMITERS)}, got {hifi_limiter!r}")
         if max_substeps < 1 or hifi_factor < 1 or record_steps < 1 or train_runs < 1 or test_runs < 1 or modes < 1:
             raise ValueError("max_substeps, hifi_factor, record_steps, train_runs, test_runs and modes must be >= 1")
         if not 0 < nu_min <= nu_max:
@@ -134,6 +144,7 @@ class BurgersSimulator:
         self.train_runs, self.test_runs = int(train_runs), int(test_runs)
         self.nu_min, self.nu_max, self.amplitude, self.modes = float(nu_min), float(nu_max), float(amplitude), int(modes)
         self.data_seed = int(data_seed)
+        self.hifi_limiter = limiter if hifi_limiter == "same" else hifi_limiter
         self.length = 2 * math.pi
         self.dx = self.length / self.cells
         self.last_substeps: np.ndarray | None = None  # sub-steps of each state in the last call (for tests)
@@ -143,7 +154,7 @@ class BurgersSimulator:
         return (1, self.cells)
 
     def cache_key(self) -> str:
-        return f"burgers-scheme-v{VERSION}-numpy-{np.__version__}"
+        return f"burgers-scheme-v{VERSION}-twin-{self.hifi_limiter}-numpy-{np.__version__}"
 
     # -- the Simulator protocol ---------------------------------------------------------
 
@@ -213,7 +224,7 @@ class BurgersSimulator:
 
     def high_fidelity(self) -> "BurgersSimulator":
         """The twin: the same scheme on a hifi_factor times finer grid (same dt between frames)."""
-        return BurgersSimulator(cells=self.cells * self.hifi_factor, dt=self.dt, limiter=self.limiter, cfl=self.cfl,
+        return BurgersSimulator(cells=self.cells * self.hifi_factor, dt=self.dt, limiter=self.hifi_limiter, cfl=self.cfl,
                                 max_substeps=1_000_000, hifi_factor=1)
 
     def restrict(self, fine: np.ndarray) -> np.ndarray:
@@ -238,4 +249,4 @@ class BurgersSimulator:
         test[self.train_runs :] = True
         return ReferenceRuns(torch.from_numpy(traj).float(), torch.from_numpy(nu).float(), torch.from_numpy(test),
                              description=f"Burgers {hifi.cells} cells averaged onto {self.cells}, "
-                                         f"{self.record_steps} steps of dt={self.dt}, limiter {self.limiter}")
+                                         f"{self.record_steps} steps of dt={self.dt}, limiter {self.hifi_limiter}")

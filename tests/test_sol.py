@@ -24,8 +24,11 @@ from oracles.simulator import (
     unrolled_loss,
 )
 
-# Small Burgers data for the fast tests: 16 cells, 4x finer twin, 24 frames, 3 + 2 runs.
-SMALL = {"cells": 16, "hifi_factor": 4, "record_steps": 24, "train_runs": 3, "test_runs": 2}
+# Small Burgers data for the fast tests: 16 cells, 4x finer twin, 24 frames, 3 + 2 runs; the MUSCL-minmod
+# scheme at both fidelities (burgers-v1 before its default became first-order vs an MC twin: the numbers in
+# docs/sol.md measured on this configuration stay reproducible).
+SMALL = {"cells": 16, "hifi_factor": 4, "record_steps": 24, "train_runs": 3, "test_runs": 2, "limiter": "minmod",
+         "hifi_limiter": "same"}
 
 
 def small_settings(tmp_path: Path, *extra: str) -> list[str]:
@@ -229,6 +232,22 @@ def test_check_simulator_passes_the_shipped_ones_and_catches_broken_ones():
         assert check in failed, str(report)
 
 
+@pytest.mark.parametrize("name", SIMULATORS.names())
+def test_every_registered_simulator_passes_check_simulator(name):
+    """As gymnasium's check_env over its registry: every registered simulator (built-in or an
+    installed plug-in), at its own `quick_options`, passes the conformance check, and the check
+    really covered shapes, determinism and batch independence (and what it declares)."""
+    if name == "wake-flow-v1":
+        pytest.importorskip("phi")
+    from oracles.simulator import check_registered_simulator
+
+    options = getattr(SIMULATORS.get(name), "quick_options", None) or {}
+    report = check_registered_simulator(name, options)
+    assert report.ok, str(report)
+    ran = {r.name for r in report.results if r.passed and not getattr(r, "skipped", False)}
+    assert {"state_shape", "step shape", "deterministic", "batch independence", "inputs untouched"} <= ran, str(report)
+
+
 def test_the_cli_lists_and_checks_simulators(own_simulators, capsys):
     from blackbox_zo.cli import main
 
@@ -392,21 +411,31 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_zo_sol_trains_through_the_numpy_solver_and_beats_src(tmp_path):
+def test_zo_sol_trains_through_the_numpy_solver_and_beats_src_where_fo_sol_is_refused(tmp_path):
     """The point of ZO-SOL: a corrector trained by loss values through a solver with no gradient.
-    Deterministic (seeded data, corrector, batches and coordinates); ZO-SOL's test MAE must be
-    clearly below SRC's, at every test run."""
+    burgers-v1's default pair (first-order low fidelity, MUSCL-MC twin), small: 16 cells, 8 + 2
+    runs, 65 parameters, 80 steps. Deterministic (seeded data, corrector, batches and
+    coordinates); ZO-SOL's test MAE must be clearly below SRC's, at every test run, and FO-SOL
+    must be refused on the same config before anything runs."""
     from blackbox_zo.config import resolve_config
+    from blackbox_zo.problem import ProblemSetupError
     from blackbox_zo.trainer import Trainer
     from problems.sol import SolProblem
     from problems.sol.methods import evaluate_mae
 
     problem = SolProblem()
-    config = resolve_config(problem.config_model, problem.default_config(), None, small_settings(
-        tmp_path, "sol.simulator_options.train_runs=8", "sol.unroll=4", "sol.windows=4", "sol.width=4",
-        "sol.depth=1", "run.epochs=8", "sol.batches_per_epoch=10", "optimizer.lr=3e-3"))
+    opts = {"cells": 16, "hifi_factor": 4, "record_steps": 24, "train_runs": 8, "test_runs": 2}
+    sets = [f"sol.simulator_options.{k}={v}" for k, v in opts.items()] + [
+        f"sol.cache_dir={tmp_path / 'cache'}", "run.progress=false", "sol.unroll=4", "sol.windows=4", "sol.width=4",
+        "sol.depth=1", "run.epochs=8", "sol.batches_per_epoch=10", "optimizer.lr=3e-3"]
+    with pytest.raises(ProblemSetupError, match="FO-SOL .* needs a differentiable simulator"):
+        problem.setup(resolve_config(problem.config_model, problem.default_config(), None,
+                                     sets + ["estimator=autograd"]))
+    assert not (tmp_path / "cache").exists()  # refused before any data was made
+    config = resolve_config(problem.config_model, problem.default_config(), None, sets)
     setup = problem.setup(config)
     sim, mask = setup.extras["simulator"], setup.extras["mask"]
+    assert (sim.limiter, sim.hifi_limiter) == ("first-order", "mc")  # the defaults
     test, cond = setup.extras["test"]
     src, _ = evaluate_mae(sim, None, test, cond, mask)
     (tmp_path / "run").mkdir()
@@ -414,10 +443,9 @@ def test_zo_sol_trains_through_the_numpy_solver_and_beats_src(tmp_path):
     zo, _ = evaluate_mae(sim, setup.module, test, cond, mask)
     assert summary["zeroth_order"] and summary["queries"]["train"] == 80 * (setup.oracle.space.dim + 1)
     assert summary["test_mae"] == pytest.approx(float(zo.mean()))
-    assert setup.module.conserve  # burgers-v1 declares conservative=True (docs/sol.md: without it, the smooth
-    # test run ends worse than SRC)
-    # measured 0.79 x SRC (0.76 and 0.83 with run.seed=1, 2); a corrector that learned nothing is 1.0 x
-    assert float(zo.mean()) < 0.85 * float(src.mean()), (zo, src)
+    assert setup.module.conserve  # burgers-v1 declares conservative=True (docs/sol.md)
+    # measured 0.70 x SRC (0.68 and 0.73 with run.seed=1, 2); a corrector that learned nothing is 1.0 x
+    assert float(zo.mean()) < 0.8 * float(src.mean()), (zo, src)
     assert bool((zo < src).all()), (zo, src)
 
 

@@ -341,12 +341,12 @@ def test_experiment_quick_runs_all_four_methods(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["table"]] == ["SRC", "NON", "FO-SOL", "ZO-SOL"]
     assert all(r["mae_mean"] > 0 for r in summary["table"])
-    zo = summary["summaries"]["ZO-SOL"]
+    zo = summary["summaries"]["ZO-SOL/seed0"]
     # Sparse forward CGE: one base query plus one per sampled coordinate (95% of the weights left out).
     coords = zo["sparsity"]["coords_per_step"]
     assert zo["zeroth_order"] and coords < 0.1 * 506
     assert zo["queries"]["train"] == zo["steps"] * (coords + 1)
-    assert summary["summaries"]["FO-SOL"]["queries"]["total"] == 0
+    assert summary["summaries"]["FO-SOL/seed0"]["queries"]["total"] == 0
     for name in ("results.md", "results.csv", "mae_bars.png", "mae_over_time.png", "vorticity.png"):
         assert (out / name).stat().st_size > 0
 

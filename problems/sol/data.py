@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from blackbox_zo.rundir import atomic_write_bytes
 from oracles.simulator import ReferenceRuns, SolBatch
 
 __all__ = ["load_reference", "save_reference", "twin_cache_path", "reference_runs", "WindowBatches",
@@ -84,16 +84,8 @@ def save_reference(runs: ReferenceRuns, path: str | Path) -> Path:
     """Write `runs` in the file format, atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, frames=runs.frames.numpy(), conditions=runs.conditions.numpy(), test=runs.test.numpy())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, lambda fh: np.savez(fh, frames=runs.frames.numpy(), conditions=runs.conditions.numpy(),
+                                                 test=runs.test.numpy()))
     return path
 
 

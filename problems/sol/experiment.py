@@ -1,5 +1,8 @@
 """`blackbox-zo experiment sol`: SRC / NON / ZO-SOL (and FO-SOL) for any simulator, over seeds.
 
+Also `blackbox-zo experiment wake-flow`: the same experiment on a preset of the sol problem
+(`main(argv, problem=WakeFlowProblem())`), with the preset's settings section, data and pictures.
+
 For the simulator of `sol.simulator` and its reference trajectories: SRC (the solver alone),
 NON (first-order on pre-generated one-step pairs, outside the loop), ZO-SOL (eq. (A3) by loss
 values only, through the trainer) and, when the simulator declares itself differentiable,
@@ -13,10 +16,10 @@ is cached in the output directory (`seed<S>/<method>.json` and its weights `.pt`
 the settings), so an interrupted study run again with the same `--out` continues where it
 stopped.
 
-Writes to `runs/sol-experiment/<timestamp>/` (or `--out`): results.md / results.csv (the
+Writes to `runs/<problem>-experiment/<timestamp>/` (or `--out`): results.md / results.csv (the
 methods x seeds table, then each seed's per-run table), mae_bars.png (mean over seeds, spread
-over seeds, a dot per seed), mae_over_time.png and test_run.png (first seed), summary.json,
-and the trainer's run directories `seed<S>/zo-sol/`, `seed<S>/fo-sol/`.
+over seeds, a dot per seed), mae_over_time.png and test_run.png (first seed; the wake flow: vorticity.png),
+summary.json, and the trainer's run directories `seed<S>/zo-sol/`, `seed<S>/fo-sol/`.
 """
 
 from __future__ import annotations
@@ -24,43 +27,36 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from blackbox_zo.config import ConfigError
+from blackbox_zo.config import ConfigError, resolve_config
 from blackbox_zo.problem import ProblemSetupError
-from blackbox_zo.registry import SIMULATORS
+from blackbox_zo.rng import seed_everything
 from blackbox_zo.rundir import atomic_write_text, make_run_dir
 from blackbox_zo.trainer import Trainer
-from oracles.simulator import is_differentiable, make_simulator
 from problems.experiments.timing import PhaseClock
 
 from .data import WindowBatches
 from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
-from .problem import SolProblem, build_sol
-from .report import COLORS, mae_table, plot_mae_over_time, plot_test_run, pyplot, run_labels, seed_table, write_table
+from .problem import SolProblem
+from .report import COLORS, mae_table, plot_mae_over_time, pyplot, run_labels, seed_table, write_table
 
 METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
 
-# A smoke run: few steps of everything, on the simulator's own `quick_options` if it declares them.
-QUICK: list[str] = ["sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
-                    "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2"]
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
+    name, section = problem.name, problem.section
     p = argparse.ArgumentParser(
-        prog="blackbox-zo experiment sol",
-        description="Solver-in-the-loop for any registered simulator (--set sol.simulator=NAME): SRC / NON / "
-                    "ZO-SOL, and FO-SOL when the simulator is differentiable; test MAE per method and seed, plots. "
-                    "Settings are the sol problem's (`blackbox-zo train sol --help`); --set applies to every run.")
+        prog=f"blackbox-zo experiment {name}",
+        description=f"{problem.description}. SRC / NON / ZO-SOL, and FO-SOL when the simulator "
+                    f"is differentiable; test MAE per method and seed, plots (DeepZero Sec. 6.2, Fig. 6). Settings "
+                    f"are the {name} problem's (`blackbox-zo train {name} --help`); --set applies to every run.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set sol.simulator=burgers-v1 --set sol.unroll=4")
+                   help=f"override a setting, e.g. --set {section}.unroll=4 --set optimizer.lr=3e-4")
     p.add_argument("--config", help="TOML or JSON file with settings")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {', '.join(METHODS)} (default: all the simulator allows)")
@@ -69,17 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NON: Adam steps on one-step pairs (default: the SOL runs' steps)")
     p.add_argument("--non-batch", type=int, default=None,
                    help="NON: pairs per step (default: windows x unroll, the (state, target) pairs of one SOL step)")
-    p.add_argument("--out", help="output directory (default: runs/sol-experiment/<timestamp>); "
+    p.add_argument("--out", help=f"output directory (default: runs/{name}-experiment/<timestamp>); "
                                  "finished (method, seed) runs found there are reused")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps (smoke run)")
+    if problem.paper_scale is not None:
+        p.add_argument("--paper-scale", action="store_true",
+                       help="DeepZero Appx. H settings (" + ", ".join(f"{k}={v}" for k, v in problem.paper_scale.items())
+                            + "): a GPU job; --set still applies on top")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def _config_key(config, method: str, seed: int, extra: dict[str, Any]) -> str:
@@ -91,58 +85,55 @@ def _config_key(config, method: str, seed: int, extra: dict[str, Any]) -> str:
 
 
 def _train_sol(problem, config, run_dir: Path, label: str):
-    """The trainer on the sol problem, keeping the module (the experiment evaluates it itself)."""
-    _seed_all(config.run.seed)
+    """The trainer on the problem, keeping the module (the experiment evaluates it itself)."""
+    seed_everything(config.run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     setup = problem.setup(config)
     setup.evaluate = None
-    summary = Trainer(setup, config, run_dir, problem_name=f"sol {label}").fit()
+    summary = Trainer(setup, config, run_dir, problem_name=f"{problem.name} {label}").fit()
     summary["sparsity"] = setup.extras.get("sparsity")
     return setup.module, summary
 
 
-def resolve(args: argparse.Namespace):
+def resolve(args: argparse.Namespace, problem: SolProblem):
     """The config and the method list, checked before anything runs (FO-SOL refused here)."""
-    problem = SolProblem()
     base = problem.resolve_config(args.config, args.set)
     overrides = list(args.set)
+    if getattr(args, "paper_scale", False):
+        overrides = [f"{k}={json.dumps(v)}" for k, v in problem.paper_scale.items()] + overrides
     if args.quick:
-        quick_opts = getattr(SIMULATORS.get(base.sol.simulator), "quick_options", {}) or {}
-        overrides = QUICK + [f"sol.simulator_options.{k}={json.dumps(v)}" for k, v in quick_opts.items()] + overrides
+        overrides = problem.quick_overrides(base) + overrides
     if args.no_progress:
         overrides.append("run.progress=false")
     config = problem.resolve_config(args.config, overrides)
-    try:
-        sim = make_simulator(config.sol.simulator, **config.sol.simulator_options)
-    except Exception as exc:
-        raise ConfigError(f"cannot build simulator {config.sol.simulator!r} with sol.simulator_options="
-                          f"{config.sol.simulator_options}: {type(exc).__name__}: {exc}") from exc
-    differentiable = is_differentiable(sim)
+    differentiable = problem.differentiable(config)
     if args.methods is None:
         methods = [m for m in METHODS if m != "FO-SOL" or differentiable]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if "FO-SOL" in methods and not differentiable:
-            raise ConfigError(f"FO-SOL needs a differentiable simulator; {config.sol.simulator!r} declares "
+            raise ConfigError(f"FO-SOL needs a differentiable simulator; {problem.simulator_name(config)!r} declares "
                               "differentiable=False (no gradient exists to backpropagate): drop FO-SOL from "
                               "--methods, ZO-SOL trains through it by loss values")
     seeds = [config.run.seed] if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
-    return problem, config, methods, seeds
+    return config, methods, seeds
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    problem, config, methods, seeds = resolve(args)
+def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str, Any]:
+    problem = problem or SolProblem()
+    config, methods, seeds = resolve(args, problem)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, "sol-experiment")
+    out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, f"{problem.name}-experiment")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", config.model_dump_json(indent=2) + "\n")
-    s, progress = config.sol, config.run.progress
+    s, progress = problem.settings(config), config.run.progress
+    simulator = problem.simulator_name(config)
     log = print if progress else (lambda *a, **k: None)
 
     with PhaseClock() as clock:
-        parts = build_sol(config, progress, log=log)
+        parts = problem.build(config, progress, log=log)
     info = parts["data_info"]
     timing: dict[str, Any] = {"data": {"wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "cached": info["cached"]}}
     log(f"data: {info['source']} {info['path']} ({'cached' if info['cached'] else 'generated'}, "
@@ -197,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 with PhaseClock() as c:
                     if name == "NON":
-                        _seed_all(seed)
+                        seed_everything(seed)
                         if pairs is None:
                             pairs = one_step_pairs(sim, train, train_cond, max_batch=s.max_batch)
                         non_log = train_non(corrector, pairs, weight, steps=non_steps, lr=config.optimizer.lr,
@@ -207,8 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         cfg = config.model_copy(deep=True)
                         cfg.run.seed = seed
-                        if name == "FO-SOL":
-                            cfg.estimator.kind = "autograd"
+                        if name == "FO-SOL":  # the first-order reference takes no mu, scheme or sparsity
+                            cfg = resolve_config(problem.config_model, cfg.model_dump(), None, ["estimator=autograd"],
+                                                 name=problem.name)
                         corrector, summary = _train_sol(problem, cfg, seed_dir / name.lower(), name)
                 summaries[f"{name}/seed{seed}"] = summary
                 timing[f"{name}/seed{seed}"] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
@@ -226,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "summary": summaries[f"{name}/seed{seed}"], "timing": timing[f"{name}/seed{seed}"]},
                     indent=2, default=str) + "\n")
 
-    label = "cond"
+    label = problem.condition_label
     order = [m for m in METHODS if m in methods]
     per_seed = {m: {seed: float(mae[seed][m].mean()) for seed in seeds} for m in order}
     wins = None
@@ -234,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wins = {m: f"{sum(per_seed[m][sd] < per_seed['SRC'][sd] for sd in seeds)}/{len(seeds)} seeds below SRC"
                 for m in order if m != "SRC"}
     table, seed_rows = seed_table(per_seed, seeds, wins)
-    sections = [f"# {s.simulator}: test MAE, methods x seeds\n", table]
+    sections = [f"# {simulator}: test MAE, methods x seeds\n", table]
     rows: list[dict[str, Any]] = []
     for seed in seeds:
         md, r = mae_table({m: mae[seed][m] for m in order}, test_cond, extra[seed], label=label)
@@ -243,22 +235,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     markdown = "\n".join(sections)
     write_table(out, markdown, rows)
     _plot_seed_bars(per_seed, seeds, out / "mae_bars.png",
-                    title=f"{s.simulator}: mean test MAE over {len(seeds)} seed(s) (bars: mean +- std over seeds)")
+                    title=f"{simulator}: mean test MAE over {len(seeds)} seed(s) (bars: mean +- std over seeds)")
     plot_mae_over_time({n: mae_per_step(t, test, mask) for n, t in trajs.items()}, out / "mae_over_time.png")
-    t_max = trajs[next(iter(trajs))].shape[1] - 1
-    plot_test_run({"reference": test[0, : t_max + 1], **{n: t[0] for n, t in trajs.items()}}, out / "test_run.png",
-                  title=f"{s.simulator}: test run 0 ({run_labels(test_cond, label)[0]}), seed {first}")
+    t_max, k = trajs[next(iter(trajs))].shape[1] - 1, problem.test_run_index(test.shape[0])
+    problem.plot_test_run({"reference": test[k, : t_max + 1], **{n: t[k] for n, t in trajs.items()}},
+                          run_labels(test_cond, label)[k], out / problem.test_run_plot, f"{simulator}, seed {first}")
     # this invocation's time: the training of reused runs is not counted again
     spent = lambda v, k: k.endswith("_s") and not (v.get("cached") and k.startswith("train"))  # noqa: E731
     total_wall = sum(v[k] for v in timing.values() for k in v if spent(v, k) and k.endswith("wall_s"))
     total_cpu = sum(v[k] for v in timing.values() for k in v if spent(v, k) and k.endswith("cpu_s"))
-    result = {"out_dir": str(out), "simulator": s.simulator, "methods": order, "seeds": seeds,
+    result = {"out_dir": str(out), "problem": problem.name, "simulator": simulator, "methods": order, "seeds": seeds,
               "seed_table": seed_rows, "table": rows, "timing": timing, "summaries": summaries,
               "data": info, "non_steps": non_steps, "non_batch": non_batch, "sol_steps": sol_steps,
               "total_wall_s": total_wall, "total_cpu_s": total_cpu}
     atomic_write_text(out / "summary.json", json.dumps(result, indent=2, default=str) + "\n")
     print(table, end="")
-    print(f"sol experiment ({s.simulator}): {out} (wall {total_wall:.0f}s, cpu {total_cpu:.0f}s)")
+    print(f"{problem.name} experiment ({simulator}): {out} (wall {total_wall:.0f}s, cpu {total_cpu:.0f}s)")
     return result
 
 
@@ -281,9 +273,10 @@ def _plot_seed_bars(per_seed: dict[str, dict[int, float]], seeds: list[int], pat
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, problem: SolProblem | None = None) -> int:
     """SRC / NON / ZO-SOL (/ FO-SOL) for a registered simulator over seeds: test MAE table and plots."""
-    parser = build_parser()
+    problem = problem or SolProblem()
+    parser = build_parser(problem)
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -302,9 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.non_batch is not None and args.non_batch < 1:
         parser.error(f"--non-batch must be >= 1, got {args.non_batch}")
     try:
-        run(args)
+        run(args, problem)
     except (ConfigError, ProblemSetupError) as exc:
-        print(f"blackbox-zo experiment sol: error: {exc}", file=sys.stderr)
+        print(f"blackbox-zo experiment {problem.name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,6 +16,7 @@ docs/sol.md#diverging-rollouts).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional
 
 import torch
@@ -23,7 +24,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
-from blackbox_zo.config import SparsityField, Strict, TrainConfig, active_sparsity
+from blackbox_zo.config import ConfigError, SparsityField, Strict, TrainConfig, active_sparsity
 from blackbox_zo.problem import Problem, ProblemSetupError, TrainingSetup
 from blackbox_zo.registry import SIMULATORS
 from blackbox_zo.sparsity import build_sparse_sampler
@@ -32,12 +33,37 @@ from oracles.simulator import SolverInTheLoopOracle, is_differentiable, make_sim
 from .corrector import build_corrector, unshrunk
 from .data import ReferenceDataError, WindowBatches, normalisation, reference_runs
 from .methods import evaluate_mae
-from .report import report_single_run
+from .report import plot_test_run, report_single_run
 
-__all__ = ["SolSettings", "SolConfig", "SolProblem", "loss_weight", "step_cap", "build_sol"]
+__all__ = ["SolLoopSettings", "SolSettings", "SolConfig", "SolProblem", "loss_weight", "step_cap", "build_sol"]
 
 
-class SolSettings(Strict):
+class SolLoopSettings(Strict):
+    """What every solver-in-the-loop problem sets: eq. (A3)'s windows, the corrector's start, the
+    oracle's batching and divergence handling, the test rollout. `sol` and its presets (the
+    wake flow's `wake` section) declare these fields, each with its own defaults."""
+
+    unroll: int = Field(8, ge=1, description="n, the unrolled solver steps of eq. (A3)")
+    windows: int = Field(4, ge=1, description="(run, start frame) windows per step")
+    batches_per_epoch: Optional[int] = Field(
+        10, ge=1, description="cap on steps per epoch (None: all windows); the sparse coordinate set is redrawn "
+                              "every sparsity.resample_every_epochs epochs, so this sets how often")
+    eval_steps: Optional[int] = Field(None, ge=1, description="test rollout length (None: all recorded frames)")
+    out_init_scale: float = Field(1e-2, gt=0, description="scale of the last layer at init: corrections compound "
+                                                          "over a rollout")
+    max_batch: int = Field(512, ge=1, description="states simulated at once by the oracle")
+    prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
+    grasp_at: Literal["default-scale", "as-initialised"] = Field(
+        "as-initialised", description="where ZO-GraSP scores the corrector for its layer ratios: with the last "
+        "layer at its default initialisation scale (out_init_scale undone), or as initialised (the near-zero last "
+        "layer then scores ~0 and is pruned entirely; docs/sol.md)")
+    divergence: Literal["cap", "nan"] = Field(
+        "cap", description="a diverged rollout: cap (a capped loss, counted) or nan (run.nan_policy decides)")
+    divergence_factor: float = Field(10.0, gt=0, description="step cap = this x the loss of the all-zero state")
+    cache_dir: str = Field("data_cache", description="where the reference data are cached")
+
+
+class SolSettings(SolLoopSettings):
     """The `sol` section of the config (`--set sol.unroll=8`)."""
 
     simulator: str = Field("burgers-v1", description="a registered simulator (blackbox-zo list: simulators)")
@@ -45,10 +71,6 @@ class SolSettings(Strict):
                                               description="keyword arguments of the simulator's factory")
     data: Optional[str] = Field(None, description="reference trajectories, .npz (docs/sol.md); None: the "
                                                   "simulator's high-fidelity twin")
-    unroll: int = Field(8, ge=1, description="n, the unrolled solver steps of eq. (A3)")
-    windows: int = Field(4, ge=1, description="(run, start frame) windows per step")
-    batches_per_epoch: Optional[int] = Field(10, ge=1, description="cap on steps per epoch (None: all windows)")
-    eval_steps: Optional[int] = Field(None, ge=1, description="test rollout length (None: all recorded frames)")
     corrector: Literal["auto", "conv", "mlp"] = Field(
         "auto", description="auto: convolutional for grid states (channels, *grid), an MLP for vectors (D,)")
     width: int = Field(8, ge=1, le=4096, description="hidden channels (conv) or units (MLP)")
@@ -59,20 +81,8 @@ class SolSettings(Strict):
     conserve: Optional[bool] = Field(
         None, description="zero-mean correction per channel (conserves each channel's total); None: the simulator's "
                           "`conservative` (False if it declares none)")
-    out_init_scale: float = Field(1e-2, gt=0, description="scale of the last layer at init: corrections compound "
-                                                          "over a rollout")
     loss_weight: Literal["inverse-variance", "uniform"] = Field(
         "inverse-variance", description="eq. (A3)'s per-entry weight: 1/variance of each channel, or uniform")
-    max_batch: int = Field(512, ge=1, description="states simulated at once by the oracle")
-    prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
-    grasp_at: Literal["default-scale", "as-initialised"] = Field(
-        "as-initialised", description="where ZO-GraSP scores the corrector for its layer ratios: with the last "
-        "layer at its default initialisation scale (out_init_scale undone), or as initialised (the near-zero last "
-        "layer then scores ~0 and is pruned entirely; docs/sol.md)")
-    divergence: Literal["cap", "nan"] = Field(
-        "cap", description="a diverged rollout: cap (a capped loss, counted) or nan (run.nan_policy decides)")
-    divergence_factor: float = Field(10.0, gt=0, description="step cap = this x the loss of the all-zero state")
-    cache_dir: str = Field("data_cache", description="where the twin's reference data are cached (sol/ below it)")
 
     @field_validator("simulator")
     @classmethod
@@ -170,10 +180,21 @@ def build_sol(config: SolConfig, progress: bool = True, log=print, first_order: 
 
 
 class SolProblem(Problem):
+    """The generic solver-in-the-loop problem; a preset (the wake flow) is a subclass that names its
+    own config section and builds its own simulator, reference data and corrector (`build`), and
+    shares everything else: the oracle, the batches, sparsity, FO-SOL, the report, the experiment."""
+
     name = "sol"
     description = "solver-in-the-loop for any registered simulator (sol.simulator=NAME): corrector by loss values"
     config_model = SolConfig
     headline_metric = "test_mae"
+    section = "sol"  # the config section holding the SolLoopSettings fields
+    condition_label = "cond"  # how a test run's condition is labelled in tables ("Re" for the wake flow)
+    test_run_plot = "test_run.png"
+    paper_scale: Optional[dict[str, Any]] = None  # a preset's `experiment --paper-scale` settings
+    # `experiment --quick`: few steps of everything, on the simulator's own `quick_options` (`quick_overrides`)
+    quick: tuple[str, ...] = ("sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
+                              "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2")
 
     def default_config(self) -> dict[str, Any]:
         return {
@@ -187,24 +208,59 @@ class SolProblem(Problem):
             "sol": {},
         }
 
-    def setup(self, config: SolConfig, progress: bool | None = None) -> TrainingSetup:
-        s = config.sol
+    # -- what a preset overrides -------------------------------------------------------------
+
+    def settings(self, config) -> SolLoopSettings:
+        return getattr(config, self.section)
+
+    def simulator_name(self, config) -> str:
+        return config.sol.simulator
+
+    def quick_overrides(self, config) -> list[str]:
+        quick_opts = getattr(SIMULATORS.get(config.sol.simulator), "quick_options", {}) or {}
+        return list(self.quick) + [f"sol.simulator_options.{k}={json.dumps(v)}" for k, v in quick_opts.items()]
+
+    def differentiable(self, config) -> bool:
+        """Whether FO-SOL may run: the simulator declares differentiable=True (checked before any data)."""
+        try:
+            sim = make_simulator(config.sol.simulator, **config.sol.simulator_options)
+        except Exception as exc:  # the factory is plug-in code: one line naming the settings
+            raise ConfigError(f"cannot build simulator {config.sol.simulator!r} with sol.simulator_options="
+                              f"{config.sol.simulator_options}: {type(exc).__name__}: {exc}") from exc
+        return is_differentiable(sim)
+
+    def build(self, config, progress: bool = True, log=print, first_order: bool = False) -> dict[str, Any]:
+        """The simulator, the reference runs, the corrector factory and the loss pieces (`build_sol`)."""
+        return build_sol(config, progress, log=log, first_order=first_order)
+
+    def test_run_index(self, runs: int) -> int:
+        """Which test run the pictures show."""
+        return 0
+
+    def plot_test_run(self, rows: dict[str, Tensor], run_label: str, path, title: str) -> None:
+        """One test run as each method rolled it out; rows: {name: trajectory [steps+1, *state]}."""
+        plot_test_run(rows, path, title=f"{title}: test run {run_label}")
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def setup(self, config, progress: bool | None = None) -> TrainingSetup:
+        s = self.settings(config)
         progress = config.run.progress if progress is None else progress
         first_order = config.estimator.kind == "autograd"
-        parts = build_sol(config, progress, first_order=first_order)
+        parts = self.build(config, progress, first_order=first_order)
         sim = parts["simulator"]
         corrector = parts["new_corrector"](config.run.seed)
         weight, cap = parts["weight"], parts["step_cap"]
         oracle = SolverInTheLoopOracle(sim, corrector, weight=weight, max_batch=s.max_batch, step_cap=cap,
                                        on_divergence=s.divergence)
-        oracle.name = f"sol:{s.simulator}"
+        oracle.name = f"sol:{self.simulator_name(config)}"
         train, train_cond = parts["train"]
         test, test_cond = parts["test"]
         try:
             batches = WindowBatches(train, train_cond, s.unroll, s.windows, seed=config.run.seed,
                                     batches_per_epoch=s.batches_per_epoch)
         except ValueError as exc:
-            raise ProblemSetupError(f"sol.unroll / sol.windows: {exc}") from exc
+            raise ProblemSetupError(f"{self.section}.unroll / {self.section}.windows: {exc}") from exc
         mask = parts["mask"]
 
         def evaluate(m: nn.Module) -> dict[str, float]:
@@ -219,6 +275,7 @@ class SolProblem(Problem):
         coord_sampler, extras = None, dict(parts)
         sparsity = active_sparsity(config)
         if sparsity is not None and not first_order:
+            # DeepZero: ZO-GraSP at init on one fixed batch (queries charged to `prune`) -> LPRs -> Sparse-CGE.
             gen = torch.Generator().manual_seed(config.run.seed + 1)
             pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: s.prune_windows]]
             probe = oracle.initial_theta()
@@ -230,5 +287,5 @@ class SolProblem(Problem):
                              fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)
 
     def report(self, run_dir, summary: dict[str, Any]) -> None:
-        """Test MAE of this run's corrector next to SRC, and a plot of one test run."""
+        """Test MAE of this run's corrector next to SRC, and a picture of one test run."""
         report_single_run(self, run_dir)

@@ -194,7 +194,8 @@ def plot_test_run(rows: Mapping[str, Tensor], path: Path, title: str = "") -> Pa
 
 
 def report_single_run(problem, run_dir: Path) -> None:
-    """After `blackbox-zo train sol`: this run's corrector vs SRC on the test runs."""
+    """After `blackbox-zo train sol` (or a preset, `train wake-flow`): this run's corrector vs SRC on
+    the test runs (test_mae.md / .csv) and one test run as both roll it out (`problem.plot_test_run`)."""
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
     raw.setdefault("sparsity", {})["enabled"] = False  # no ZO-GraSP queries just to rebuild the module
@@ -204,13 +205,13 @@ def report_single_run(problem, run_dir: Path) -> None:
     setup.module.load_state_dict(state["module"])
     sim, mask = setup.extras["simulator"], setup.extras["mask"]
     test, test_cond = setup.extras["test"]
-    steps = config.sol.eval_steps
+    steps = problem.settings(config).eval_steps
     label = "FO-SOL" if config.estimator.kind == "autograd" else "ZO-SOL"
     mae_src, traj_src = evaluate_mae(sim, None, test, test_cond, mask, steps)
     mae_run, traj_run = evaluate_mae(sim, setup.module, test, test_cond, mask, steps)
-    markdown, rows = mae_table({"SRC": mae_src, label: mae_run}, test_cond, label="cond")
+    markdown, rows = mae_table({"SRC": mae_src, label: mae_run}, test_cond, label=problem.condition_label)
     write_table(run_dir, markdown, rows, stem="test_mae")
-    k = 0
-    t_max = traj_src.shape[1] - 1
-    plot_test_run({"reference": test[k, : t_max + 1], "SRC": traj_src[k], label: traj_run[k]},
-                  run_dir / "test_run.png", title=f"{config.sol.simulator}: test run 0 ({run_labels(test_cond, 'cond')[0]})")
+    t_max, k = traj_src.shape[1] - 1, problem.test_run_index(test.shape[0])
+    problem.plot_test_run({"reference": test[k, : t_max + 1], "SRC": traj_src[k], label: traj_run[k]},
+                          run_labels(test_cond, problem.condition_label)[k], run_dir / problem.test_run_plot,
+                          problem.simulator_name(config))

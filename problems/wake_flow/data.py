@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from blackbox_zo.rundir import atomic_write_bytes
 from oracles.wake_flow import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeFlowGeometry, face_mask, high_fidelity_frames
 from problems.sol.data import WindowBatches  # generic; imported here for the wake flow's callers
 
@@ -122,19 +120,6 @@ def generate(spec: WakeDataSpec, progress: bool = True) -> WakeData:
     return data
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def cache_path(spec: WakeDataSpec, cache_dir: str | Path = "data_cache") -> Path:
     return Path(cache_dir) / "wake_flow" / f"wake_{spec.key()}.pt"
 
@@ -158,7 +143,7 @@ def load_or_generate(spec: WakeDataSpec, cache_dir: str | Path = "data_cache", p
                           stacklevel=2)
     data = generate(spec, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({"train": data.train, "test": data.test, "train_re": data.train_re, "test_re": data.test_re,
-                        "stats": data.stats, "generation_s": data.generation_s,
-                        "spec": json.dumps(asdict(spec))}, path)
+    blob = {"train": data.train, "test": data.test, "train_re": data.train_re, "test_re": data.test_re,
+            "stats": data.stats, "generation_s": data.generation_s, "spec": json.dumps(asdict(spec))}
+    atomic_write_bytes(path, lambda fh: torch.save(blob, fh))
     return data

@@ -1,9 +1,11 @@
-"""The `wake-flow` problem: ZO-SOL (DeepZero Sec. 6.2, Appx. H) through the trainer.
+"""The `wake-flow` problem: a preset of the generic `sol` problem (DeepZero Sec. 6.2, Appx. H).
 
-`blackbox-zo train wake-flow` trains the corrector by loss values of eq. (A3) only
-(CGE + DeepZero gradient sparsity, Adam); `--set estimator=autograd` is FO-SOL, the same
-loss backpropagated through PhiFlow (a labelled first-order reference). The four-method
-comparison of Fig. 6 is the `wake-flow` experiment (`problems.wake_flow.experiment`).
+`blackbox-zo train wake-flow` is `problems.sol.SolProblem` on the PhiFlow wake flow, with the
+wake flow's own settings section (`wake.*`), data (the high-fidelity runs per Reynolds number,
+cached, `problems.wake_flow.data`), corrector (the reference code's network,
+`problems.wake_flow.model`) and loss weight (1/std^2 of each velocity component); the oracle,
+the window batches, DeepZero sparsity, FO-SOL (`--set estimator=autograd`, backpropagated
+through PhiFlow), the report and the four-method experiment are the generic ones.
 
 CPU default vs paper scale (settings, see `PAPER_SCALE`): the defaults keep the paper's
 grids (32x64 low fidelity, 64x128 high fidelity) and Reynolds numbers, but record 200
@@ -15,32 +17,38 @@ instead of ten full epochs.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+import time
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from blackbox_zo.config import SparsityField, Strict, TrainConfig, active_sparsity
-from blackbox_zo.problem import Problem, TrainingSetup
-from blackbox_zo.sparsity import build_sparse_sampler
-from oracles.simulator import SolverInTheLoopOracle, unrolled_loss
-from oracles.wake_flow import shared_simulator
-from problems.sol.corrector import unshrunk
+from blackbox_zo.config import SparsityField, TrainConfig
+from oracles.wake_flow import WakeFlowGeometry, shared_simulator
+from problems.sol.problem import SolLoopSettings, SolProblem, step_cap
 
-from .data import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeData, WakeDataSpec, WindowBatches, load_or_generate
-from .methods import evaluate_mae
+from .data import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeData, WakeDataSpec, cache_path, load_or_generate
 from .model import CORRECTOR_SIZES, WakeCorrector, make_corrector
-from .report import report_single_run
+from .report import plot_vorticity_strip
 
-__all__ = ["WakeSettings", "WakeFlowConfig", "WakeFlowProblem", "PAPER_SCALE", "loss_weight", "data_spec"]
+__all__ = ["WakeSettings", "WakeFlowConfig", "WakeFlowProblem", "PAPER_SCALE", "QUICK", "loss_weight", "data_spec"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-class WakeSettings(Strict):
-    """The wake-flow section of the config (`--set wake.unroll=8`)."""
+class WakeSettings(SolLoopSettings):
+    """The wake-flow section of the config (`--set wake.unroll=8`): the generic loop settings with
+    the wake flow's defaults, then the flow's own."""
 
+    unroll: int = Field(4, ge=1, description="n, the unrolled solver steps of eq. (A3) (paper: 16)")
+    windows: int = Field(2, ge=1, description="(simulation, start frame) windows per step")
+    out_init_scale: float = Field(
+        1e-3, gt=0, description="scale of the last layer at init: corrections compound over a 200-step rollout, "
+                                "so a default-initialised corrector (scale 1) starts far worse than no correction")
+    max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
+                                                  "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
+    cache_dir: str = Field("data_cache", description="where the generated high-fidelity data are cached")
     lo_nx: int = Field(32, ge=8, le=512, description="low-fidelity cells along x (y has twice as many)")
     hifi_factor: int = Field(2, ge=1, le=8, description="high fidelity is this much finer (2: 64x128, 4: 128x256)")
     skip_steps: int = Field(2000, ge=0, description="high-fidelity transient dropped before recording")
@@ -51,25 +59,8 @@ class WakeSettings(Strict):
                                                description="Reynolds numbers of the held-out test simulations")
     corrector: Literal["paper", "medium", "small", "tiny"] = Field(
         "tiny", description="paper: the reference's 56,898-parameter net; tiny: conv 3->4->2 (506); small: 3->8->2")
-    out_init_scale: float = Field(
-        1e-3, gt=0, description="scale of the last layer at init: corrections compound over a 200-step rollout, "
-                                "so a default-initialised corrector (scale 1) starts far worse than no correction")
-    unroll: int = Field(4, ge=1, description="n, the unrolled solver steps of eq. (A3) (paper: 16)")
-    windows: int = Field(2, ge=1, description="(simulation, start frame) windows per step")
-    batches_per_epoch: Optional[int] = Field(
-        10, ge=1, description="cap on steps per epoch (None: all windows); the sparse coordinate set is redrawn "
-                              "every sparsity.resample_every_epochs epochs, so this sets how often")
-    eval_steps: Optional[int] = Field(None, ge=1, description="test rollout length (None: all recorded frames)")
-    max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
-                                                  "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
-    prune_windows: int = Field(8, ge=1, description="windows of the ZO-GraSP batch")
-    grasp_at: Literal["default-scale", "as-initialised"] = Field(
-        "as-initialised", description="sparsity.method=zo-grasp: score the corrector for the layer ratios with its "
-        "last layer at the default initialisation scale (out_init_scale undone), or as initialised (the near-zero "
-        "last layer then gets no coordinates at all; docs/wake-flow.md)")
     cg_tolerance: float = Field(1e-5, gt=0, lt=1, description="relative tolerance of the pressure solve "
                                 "(conjugate gradient)")
-    cache_dir: str = Field("data_cache", description="where the generated high-fidelity data are cached")
 
 
 class WakeFlowConfig(TrainConfig):
@@ -116,64 +107,72 @@ def build_corrector(w: WakeSettings, data: WakeData, seed: int) -> WakeCorrector
     return corrector
 
 
-class WakeFlowProblem(Problem):
+# A smoke run (tests, a first look): tiny grids, a few steps of everything.
+QUICK: tuple[str, ...] = (
+    "wake.lo_nx=16", "wake.hifi_factor=2", "wake.skip_steps=40", "wake.record_steps=16", "wake.corrector=tiny",
+    "wake.unroll=2", "wake.windows=2", "wake.batches_per_epoch=3", "wake.prune_windows=2", "run.epochs=2",
+    "sparsity.q=4",
+)
+
+
+class WakeFlowProblem(SolProblem):
     name = "wake-flow"
     description = "solver-in-the-loop wake flow (PhiFlow 3): corrector trained through the simulator by loss values"
     config_model = WakeFlowConfig
-    headline_metric = "test_mae"
+    section = "wake"
+    condition_label = "Re"
+    test_run_plot = "vorticity.png"
+    paper_scale = PAPER_SCALE
+    quick = QUICK
 
     def default_config(self) -> dict[str, Any]:
-        return {
-            "problem": "wake-flow",
-            "estimator": {"kind": "cge", "mu": 1e-3, "scheme": "forward"},
-            "optimizer": {"name": "adam", "lr": 1e-3},
-            "schedule": {"name": "cosine", "min_lr_ratio": 0.1},
-            # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
-            # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
-            # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
-            "sparsity": {"enabled": True, "method": "random", "sparsity": 0.95, "q": 64,
-                         "resample_every_epochs": 1},
-            "run": {"epochs": 80, "seed": 0, "threads": 2, "eval_every_epochs": 80},
-            "wake": {},
-        }
+        config = super().default_config()  # the estimator, optimizer and schedule of `sol`
+        del config["sol"]
+        # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
+        # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
+        # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
+        config["sparsity"].update(enabled=True, sparsity=0.95)
+        config["run"].update(epochs=80, threads=2, eval_every_epochs=80)
+        return {**config, "problem": "wake-flow", "wake": {}}
 
-    def setup(self, config: WakeFlowConfig, progress: bool | None = None) -> TrainingSetup:
+    def simulator_name(self, config) -> str:
+        return "wake-flow-v1"
+
+    def quick_overrides(self, config) -> list[str]:
+        return list(self.quick)
+
+    def differentiable(self, config) -> bool:
+        return True  # PhiFlow's torch backend: FO-SOL backpropagates through it
+
+    def build(self, config: WakeFlowConfig, progress: bool = True, log=print, first_order: bool = False
+              ) -> dict[str, Any]:
+        """The wake flow's pieces for the generic loop: the low-fidelity PhiFlow simulator, the cached
+        high-fidelity runs, the reference code's corrector and loss weight (differentiable: FO-SOL runs)."""
         w = config.wake
-        progress = config.run.progress if progress is None else progress
         spec = data_spec(w)
+        path = cache_path(spec, w.cache_dir)
+        cached = path.exists()
+        start = time.perf_counter()
         data = load_or_generate(spec, w.cache_dir, progress=progress)
         sim = shared_simulator(spec.lo_geometry, min_reynolds=spec.min_reynolds, cg_tolerance=w.cg_tolerance)
-        corrector = build_corrector(w, data, config.run.seed)
         weight = loss_weight(sim.mask, data.stats)
-        oracle = SolverInTheLoopOracle(sim, corrector, weight=weight, max_batch=w.max_batch)
-        batches = WindowBatches(data.train, data.train_re, w.unroll, w.windows, seed=config.run.seed,
-                                batches_per_epoch=w.batches_per_epoch)
+        info = {"source": "wake-flow data", "path": str(path), "cached": cached,
+                "seconds": time.perf_counter() - start}
+        return {"simulator": sim, "data": data, "data_info": info, "train": (data.train, data.train_re),
+                "test": (data.test, data.test_re), "mask": sim.mask, "weight": weight,
+                "step_cap": step_cap(data.train, weight, w.divergence_factor),
+                "new_corrector": lambda seed: build_corrector(w, data, seed), "differentiable": True}
 
-        def evaluate(m: nn.Module) -> dict[str, float]:
-            mae, _ = evaluate_mae(sim, m, data.test, data.test_re, sim.mask, w.eval_steps)
-            return {"test_mae": float(mae.mean()), "test_mae_std": float(mae.std(unbiased=False))}
+    def test_run_index(self, runs: int) -> int:
+        return runs // 2  # the middle Reynolds number
 
-        def fo_loss(m: nn.Module, batch) -> Tensor:  # FO-SOL: eq. (A3) backpropagated through PhiFlow
-            return unrolled_loss(sim, m, batch.start, batch.targets, batch.conditions, weight).mean()
-
-        coord_sampler, extras = None, {"data": data, "simulator": sim, "weight": weight}
-        sparsity = active_sparsity(config)
-        if sparsity is not None:
-            # DeepZero: ZO-GraSP at init on one fixed batch (queries charged to `prune`) -> LPRs -> Sparse-CGE.
-            gen = torch.Generator().manual_seed(config.run.seed + 1)
-            pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: w.prune_windows]]
-            probe = oracle.initial_theta()
-            if w.grasp_at == "default-scale":  # the scores set layer ratios only; coordinates are random in each
-                probe = oracle.space.flatten_module(unshrunk(corrector, w.out_init_scale))
-            coord_sampler, extras["sparsity"] = build_sparse_sampler(
-                oracle, probe, batches.windows_at(pick), sparsity, seed=config.run.seed)
-
-        return TrainingSetup(oracle=oracle, train_batches=batches, module=corrector, evaluate=evaluate,
-                             fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)
-
-    def report(self, run_dir, summary: dict[str, Any]) -> None:
-        """Test MAE of this run's corrector next to SRC, and a vorticity strip (PNG)."""
-        report_single_run(self, run_dir)
+    def plot_test_run(self, rows: dict[str, Tensor], run_label: str, path, title: str) -> None:
+        """A vorticity strip (reference, source, corrected) at five times of the rollout."""
+        t_max = next(iter(rows.values())).shape[0] - 1
+        times = sorted({0, t_max // 4, t_max // 2, 3 * t_max // 4, t_max})
+        nx = next(iter(rows.values())).shape[2] - 1  # [steps+1, 2, nx+1, ny+1]
+        dx = WakeFlowGeometry(nx=nx, ny=2 * nx).dx
+        plot_vorticity_strip(rows, dx, times, path, title=f"test run {run_label.replace('Re ', 'Re = ')}")
 
 
 assert set(CORRECTOR_SIZES) == {"paper", "medium", "small", "tiny"}  # keep WakeSettings.corrector in sync
