@@ -162,11 +162,28 @@ def test_a_whole_run_task_keeps_the_methods_own_length(tmp_path):
     assert run["settings"]["run"]["query_budget"] == 1_000_000
 
 
+def test_set_applies_to_every_run_and_is_recorded(tmp_path):
+    args = ["--tasks", "digits-w8", "--methods", "es", "--seeds", "0", "--budget", "300", "--eval-points", "1",
+            "--set", "estimator.q=5", "--set", "optimizer.lr=0.02", "--out", str(tmp_path)]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "runs" / "digits-w8__es__s0.json").read_text())
+    # 2 x 5 = 10 queries a step (the method's own q is 14): the budget of 300 pays for 30 steps
+    assert run["step_queries"] == 10 and run["steps"] == 30 and run["queries"] == 300
+    assert run["settings"]["estimator"]["q"] == 5 and run["settings"]["optimizer"]["lr"] == 0.02
+    assert run["overrides"] == {"estimator": {"q": 5}, "optimizer": {"lr": 0.02}}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["overrides"] == run["overrides"]
+    assert summary["methods"]["digits-w8"]["es"]["estimator"]["q"] == 5
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "digits-w9"], "--tasks: unknown digits-w9"),
     (["--methods", "magic"], "--methods: unknown magic"),
     (["--seeds", "a"], "--seeds"),
     (["--budget", "0"], "--budget must be >= 1"),
+    (["--set", "estimator.q"], "--set expects key.path=value"),
+    (["--methods", "es", "--set", "estimator.nonsense=3"], "--set (digits-w8, es)"),
+    (["--methods", "sep-cma-es", "--set", "estimator.q=3"], "--set (digits-w8, sep-cma-es)"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2

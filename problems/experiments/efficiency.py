@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from blackbox_zo.config import deep_merge, resolve_config
+from blackbox_zo.config import ConfigError, deep_merge, parse_overrides, resolve_config
 from blackbox_zo.evolution import is_search
 from blackbox_zo.oracle import QueryLedger, job_ledger
 from blackbox_zo.problem import get_problem
@@ -125,12 +125,15 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
+        "cge": {"sparsity": {"enabled": False}},  # dense forward CGE: d + 1 = 507 queries a step (tiny), 50 steps
         "rge": {"sparsity": {"enabled": False}, "estimator": {"kind": "rge", "q": 16, "scheme": "central",
                                                               "mu": 1e-3}},
         "es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
                "optimizer": {"name": "adam", "lr": 1e-3}},
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
                                                                      "popsize": 16}},
+        # full covariance: d = 506 (tiny) is small enough for a 506 x 506 eigendecomposition a step
+        "cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "cma-es", "mu": 2e-3, "popsize": 16}},
     },
     # Each method keeps the problem's optimizer (Adam 3e-4) and its step schedule, stretched to the run
     # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu. Sparsity is set explicitly either way,
@@ -186,12 +189,13 @@ def _family(task: Task) -> str:
     return task.problem
 
 
-def method_settings(task: Task, method: str, seed: int) -> dict[str, Any]:
+def method_settings(task: Task, method: str, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The problem's defaults <- the task's settings <- the method's <- `overrides` (`--set`, every run)."""
     problem = get_problem(task.problem)
     spec = METHODS[_family(task)].get(method)
     if spec is None:
         raise KeyError(f"method {method!r} is not defined for {task.problem} (have: {', '.join(METHODS[task.problem])})")
-    settings = deep_merge(deep_merge(problem.default_config(), task.settings), spec)
+    settings = deep_merge(deep_merge(deep_merge(problem.default_config(), task.settings), spec), overrides or {})
     return deep_merge(settings, {"run": {"seed": seed, "progress": False}})
 
 
@@ -204,11 +208,12 @@ class Probe:
     step_s: float  # measured seconds per step (min of two), 0 when not timed
 
 
-def probe(task: Task, method: str, seed: int, time_steps: bool = False) -> Probe:
+def probe(task: Task, method: str, seed: int, time_steps: bool = False, overrides: dict[str, Any] | None = None
+          ) -> Probe:
     """What a step of `method` costs on `task`: its plan's queries (nothing evaluated) and, with
     `time_steps`, the wall time of two steps (min)."""
     problem = get_problem(task.problem)
-    config = resolve_config(problem.config_model, method_settings(task, method, seed))
+    config = resolve_config(problem.config_model, method_settings(task, method, seed, overrides))
     torch.manual_seed(seed)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -319,13 +324,15 @@ class _Curve:
         self.eval_cpu_s += time.process_time() - start_cpu
 
 
-def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -> dict[str, Any]:
-    """One run (cached in `cache` as JSON: a finished run is never run again)."""
+def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run (cached in `cache` as JSON: a finished run is never run again; the cache key is the task,
+    method and seed only, so a study with other `overrides` needs its own folder)."""
     path = cache / f"{task.name}__{method}__s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     problem = get_problem(task.problem)
-    info = probe(task, method, seed)
+    info = probe(task, method, seed, overrides=overrides)
     train_budget = task.budget - info.setup_queries
     if train_budget < info.step_queries:
         result = {"task": task.name, "method": method, "seed": seed, "skipped": (
@@ -333,7 +340,7 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
             f"budget of {task.budget}")}
         atomic_write_text(path, json.dumps(result) + "\n")
         return result
-    base = method_settings(task, method, seed)
+    base = method_settings(task, method, seed, overrides)
     if task.fit_to_budget:
         steps = train_budget // info.step_queries
         fitted = {"max_steps": steps, "epochs": math.ceil(steps / info.steps_per_epoch) + 1}
@@ -361,6 +368,7 @@ def run_one(task: Task, method: str, seed: int, eval_points: int, cache: Path) -
         "train_wall_s": round(float(summary["wall_s"]) - curve.eval_s, 3), "eval_s": round(curve.eval_s, 3),
         "train_cpu_s": round(curve.train_cpu_s, 3),
         "settings": config.model_dump(mode="json"),  # exactly as run (defaults that do not apply dropped)
+        "overrides": overrides or {},
     }
     atomic_write_text(path, json.dumps(result) + "\n")
     return result
@@ -534,7 +542,7 @@ def write_outputs(out: Path, tasks: Sequence[Task], results: Sequence[dict[str, 
     write_table(all_rows, out / "efficiency_rows", None) if all_rows else None
     summary = {"settings": args_used, "winners": winners, "crossover": cross,
                "tasks": {t.name: {**{k: v for k, v in asdict(t).items() if k != "units_per_query"}} for t in tasks},
-               "methods": {t.name: {m: method_settings(t, m, 0) for m in args_used["methods"]
+               "methods": {t.name: {m: method_settings(t, m, 0, args_used.get("overrides")) for m in args_used["methods"]
                                     if m in METHODS[_family(t)]} for t in tasks}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -567,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; a method a task's problem does not define is left out for it")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=None, help="queries per run (default: each task's own)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting over every method's, e.g. --set run.threads=1 --set estimator.mu=0.005 (a "
+                        "finished run is cached by task, method and seed only: use a new --out for other settings)")
     p.add_argument("--eval-points", type=int, default=40, help="evaluations along each run (budget / this apart)")
     p.add_argument("--out", default=None, help="output folder (default runs/experiments/efficiency/<timestamp>); "
                    "give the same folder again to resume")
@@ -577,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(args) -> tuple[list[Task], list[str], list[int]] | str:
+def _parse(args) -> tuple[list[Task], list[str], list[int], dict[str, Any]] | str:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -597,10 +608,21 @@ def _parse(args) -> tuple[list[Task], list[str], list[int]] | str:
         return f"--budget must be >= 1, got {args.budget}"
     if args.eval_points < 1:
         return f"--eval-points must be >= 1, got {args.eval_points}"
+    try:
+        overrides = parse_overrides(args.set)
+    except ConfigError as exc:
+        return str(exc)
     chosen = [TASKS[t] if args.budget is None else Task(**{**asdict(TASKS[t]), "budget": args.budget,
                                                             "units_per_query": TASKS[t].units_per_query})
               for t in tasks]
-    return chosen, methods, seeds
+    for task in chosen:  # a misspelt or inapplicable --set fails here, in one line, before anything runs
+        for method in [m for m in methods if m in METHODS[_family(task)]]:
+            try:
+                resolve_config(get_problem(task.problem).config_model, method_settings(task, method, seeds[0]), None,
+                               args.set, name=task.problem)
+            except ConfigError as exc:
+                return f"--set ({task.name}, {method}): {exc}"
+    return chosen, methods, seeds, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -609,13 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(parsed, str):
         print(f"error: {parsed}", file=sys.stderr)
         return 2
-    tasks, methods, seeds = parsed
+    tasks, methods, seeds, overrides = parsed
     jobs = [(t, m, s) for t in tasks for m in methods if m in METHODS[_family(t)] for s in seeds]
     if args.estimate:
         total = 0.0
         for task in tasks:
             for method in [m for m in methods if m in METHODS[_family(task)]]:
-                info = probe(task, method, seeds[0], time_steps=True)
+                info = probe(task, method, seeds[0], time_steps=True, overrides=overrides)
                 steps = max(0, task.budget - info.setup_queries) // info.step_queries
                 cost = steps * info.step_s * len(seeds)
                 total += cost
@@ -637,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report and not cached:
             continue
         t0 = time.perf_counter()
-        r = run_one(task, method, seed, args.eval_points, cache)
+        r = run_one(task, method, seed, args.eval_points, cache, overrides)
         results.append(r)
         note = r.get("skipped") or (f"{task.metric} {r['final']:.4f} at {r['queries']:,} queries, target at "
                                     f"{r['queries_to_target'] if r['queries_to_target'] is not None else '-'}; "
@@ -649,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no finished runs in {cache}", file=sys.stderr)
         return 1
     used = {"tasks": [t.name for t in tasks], "methods": methods, "seeds": seeds, "budgets": {
-        t.name: t.budget for t in tasks}, "eval_points": args.eval_points,
+        t.name: t.budget for t in tasks}, "eval_points": args.eval_points, "overrides": overrides,
         "wall_s": round(time.perf_counter() - started, 1)}
     summary = write_outputs(out, tasks, results, used)
     print((out / "efficiency.md").read_text())
