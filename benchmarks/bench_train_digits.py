@@ -11,6 +11,10 @@ sensitive to other jobs on a shared machine than wall time) and wall seconds. Re
 medians and the median of the per-pair ratios A / B. Every run's final line and checkpoint
 (sha256 over the module tensors, sorted keys) must be identical across revisions: the speed-up is
 for the same result, bit for bit.
+
+What is timed is DeepZero's recipe (the digits default before the two-phase default): a revision
+that has the `phase2` setting gets the recipe's `--set` values (`RECIPE_SETTINGS`, as in
+docs/digits.md), an older one runs its default, which was the recipe.
 """
 
 from __future__ import annotations
@@ -56,10 +60,20 @@ def module_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RECIPE_SETTINGS = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
+
+
+def recipe_settings(tree: Path) -> list[str]:
+    """The --set values that make `train digits` DeepZero's recipe in this revision (none before phase2)."""
+    if "phase2" not in (tree / "blackbox_zo" / "config.py").read_text():
+        return []
+    return [x for s in RECIPE_SETTINGS for x in ("--set", s)]
+
+
 def run_once(tree: Path, out: Path, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "blackbox_zo", "train", "digits", "--set", "run.progress=false",
-           "--set", f"run.out_dir={out}", *extra]
+           "--set", f"run.out_dir={out}", *recipe_settings(tree), *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
