@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from resume_helpers import stop_and_resume
+
 from blackbox_zo.config import EstimatorSettings, resolve_config
 from blackbox_zo.estimators import RGE, make_estimator
 from blackbox_zo.evolution import CMAES, ES, GuidedES, SepCMAES, centered_ranks, is_search, nes_utilities, \
@@ -294,16 +296,7 @@ def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
         p = DigitsProblem()
         return p, resolve_config(p.config_model, p.default_config(), overrides=fast + list(extra))
 
-    p, cfg = config()
-    full = train(p, cfg, run_dir=tmp_path / "full")
-    p, cfg = config("run.max_steps=7")
-    train(p, cfg, run_dir=tmp_path / "half")
-    p, cfg = config()
-    resumed = train(p, cfg, resume=tmp_path / "half")
-    a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=True)
-    b = torch.load(tmp_path / "half" / CHECKPOINT_NAME, weights_only=True)
-    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
-    assert full["queries"] == resumed["queries"] and full["test_acc"] == resumed["test_acc"]
+    full, resumed, a, b = stop_and_resume(config, tmp_path, stop_at=7)
     assert full["steps"] == 22 and resumed["steps"] == 22  # 1,437 images, batches of 64
     if kind == "sep-cma-es":
         assert a["estimator"]["generation"] == 22 and a["estimator"]["sigma"] == b["estimator"]["sigma"]

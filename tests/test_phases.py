@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from resume_helpers import stop_and_resume
+
 from blackbox_zo.config import ConfigError, resolve_config
 from blackbox_zo.rundir import CHECKPOINT_NAME
 from blackbox_zo.trainer import train
@@ -51,16 +53,7 @@ def test_phase2_switches_estimator_optimizer_and_schedule_at_its_step(tmp_path):
 
 @pytest.mark.parametrize("stop_at", [7, 10, 13])
 def test_phase2_resumes_bitwise_before_at_and_after_the_switch(tmp_path, stop_at):
-    p, cfg = _config()
-    full = train(p, cfg, run_dir=tmp_path / "full")
-    p, cfg = _config(f"run.max_steps={stop_at}")
-    train(p, cfg, run_dir=tmp_path / "half")
-    p, cfg = _config()
-    resumed = train(p, cfg, resume=tmp_path / "half")
-    a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=True)
-    b = torch.load(tmp_path / "half" / CHECKPOINT_NAME, weights_only=True)
-    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
-    assert full["queries"] == resumed["queries"] and full["test_acc"] == resumed["test_acc"]
+    stop_and_resume(_config, tmp_path, stop_at)
     lrs = [[r["lr"] for r in _metrics(tmp_path / run) if "loss" in r] for run in ("full", "half")]
     assert len(lrs[0]) == 22 and lrs[0] == lrs[1]
 
