@@ -17,6 +17,15 @@ layouts that the fast kernels want:
   are separate channels;
 * the loss is `torch.vmap` of the user's loss over the P outputs (cheap: no parameters).
 
+* a layer whose parameters are the same in every member (outside the space, or inside it but
+  not perturbed: ES / sep-CMA-ES on the later layers only, a coordinate subset that leaves the
+  first layers alone) is computed once while its input is still shared: the prefix of
+  unperturbed layers runs once per batch, and the first perturbed convolution after it is
+  one dense convolution with P * C_out output channels rather than a grouped one;
+* ReLU runs in place on the activations this forward made itself (not on the caller's input),
+  and a 4-D input of the first per-member convolution is laid out channels-last, so that its
+  output, the ReLU and the next grouped convolution need no layout copy.
+
 Three layouts flow between layers: "shared" [N, ...] (not yet perturbed: the same for every
 member), "channels" [N, P * C, *spatial] and "batch" [P, N, ...]. Supported layers:
 Conv1d/2d/3d (zero padding), Linear, Flatten (from dim 1), BatchNorm1d/2d/3d, pooling,
@@ -63,6 +72,7 @@ class _Act:
 
     t: Tensor
     layout: str  # "shared" | "channels" | "batch"
+    owned: bool = False  # made by this forward (may be overwritten in place), not the caller's input or a view of it
 
 
 def _to_batch(a: _Act, p: int) -> Tensor:
@@ -96,6 +106,12 @@ def _fast_max_pool(m: nn.Module, t: Tensor) -> Tensor | None:
         return None
     return torch.maximum(torch.maximum(t[..., 0::2, 0::2], t[..., 0::2, 1::2]),
                          torch.maximum(t[..., 1::2, 0::2], t[..., 1::2, 1::2]))
+
+
+def _same_in_every_member(views: dict[str, Tensor], names: list[str]) -> bool:
+    """True when every member has exactly the same values in these parameters (bitwise; NaN counts as
+    different, so such a layer takes the per-member path). O(P * size): negligible next to the forward."""
+    return all(bool((views[n] == views[n][:1]).all()) for n in names)
 
 
 class PopulationForward:
@@ -170,12 +186,23 @@ class PopulationForward:
         views = self.space.views(thetas)
         a = _Act(x, "shared")
         for prefix, m in self.layers:
-            perturbed = any(prefix + n in views for n, _ in m.named_parameters(recurse=False))
-            if a.layout == "shared" and not perturbed:  # not perturbed yet: every member computes the same
-                a = _Act(self._shared_norm(m, a.t) if isinstance(m, _NORM) else m(a.t), "shared")
+            names = [prefix + n for n, _ in m.named_parameters(recurse=False) if prefix + n in views]
+            if a.layout == "shared" and (not names or _same_in_every_member(views, names)):
+                # not perturbed (yet): every member computes the same, so compute it once
+                a = _Act(self._shared_layer(m, prefix, a.t, views), "shared")  # may be a view of x: never in place
                 continue
             a = self._layer(m, prefix, a, views, p)
         return _to_batch(a, p)
+
+    def _shared_layer(self, m: nn.Module, prefix: str, t: Tensor, views: dict[str, Tensor]) -> Tensor:
+        """The plain forward of one layer on the shared input, with member 0's parameters where the
+        layer's parameters are in the space (they are the same in every member)."""
+        own = {n: views[prefix + n][0] for n, _ in m.named_parameters(recurse=False) if prefix + n in views}
+        if isinstance(m, _NORM):
+            return self._shared_norm(m, t, own)
+        if not own:
+            return m(t)
+        return torch.func.functional_call(m, own, (t,), strict=False)
 
     def _layer(self, m: nn.Module, prefix: str, a: _Act, views: dict[str, Tensor], p: int) -> _Act:
         kind = type(m)
@@ -191,9 +218,9 @@ class PopulationForward:
                 groups = 1
             else:
                 t, groups = _to_channels(a, p), p * m.groups
-                if t.dim() == 4:
-                    t = t.contiguous(memory_format=torch.channels_last)
-            return _Act(conv(t, w, b, m.stride, m.padding, m.dilation, groups), "channels")
+            if t.dim() == 4:  # the output follows the input's layout: channels-last all the way down
+                t = t.contiguous(memory_format=torch.channels_last)
+            return _Act(conv(t, w, b, m.stride, m.padding, m.dilation, groups), "channels", owned=True)
         if kind is nn.Linear:
             w = self._param(views, m, prefix, "weight", p)  # [P, out, in]
             b = self._param(views, m, prefix, "bias", p)
@@ -202,26 +229,28 @@ class PopulationForward:
                 out = torch.matmul(t.reshape(-1, t.shape[-1]), w.transpose(1, 2))  # [P, M, out]
                 if b is not None:
                     out = out + b.unsqueeze(1)
-                return _Act(out.reshape(p, *t.shape[:-1], w.shape[1]), "batch")
+                return _Act(out.reshape(p, *t.shape[:-1], w.shape[1]), "batch", owned=True)
             t = _to_batch(a, p)
             flat = t.reshape(p, -1, t.shape[-1])
             if b is None:
                 out = torch.bmm(flat, w.transpose(1, 2))
             else:
                 out = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
-            return _Act(out.reshape(*t.shape[:-1], w.shape[1]), "batch")
+            return _Act(out.reshape(*t.shape[:-1], w.shape[1]), "batch", owned=True)
         if kind is nn.Flatten:
             if a.layout == "channels":
                 n = a.t.shape[0]
-                return _Act(a.t.reshape(n, p, -1).transpose(0, 1), "batch")
-            return _Act(a.t.flatten(2), "batch")
+                return _Act(a.t.reshape(n, p, -1).transpose(0, 1), "batch", owned=a.owned)
+            return _Act(a.t.flatten(2), "batch", owned=a.owned)
         if isinstance(m, _NORM):
             return self._norm(m, prefix, a, views, p)
         if isinstance(m, _POOL):
             t = _to_channels(a, p) if a.layout == "batch" else a.t
             out = _fast_max_pool(m, t)
-            return _Act(m(t) if out is None else out, a.layout if a.layout != "batch" else "channels")
-        return _Act(m(a.t), a.layout)  # elementwise, dropout (identity here)
+            return _Act(m(t) if out is None else out, a.layout if a.layout != "batch" else "channels", owned=True)
+        if kind is nn.ReLU and a.owned:  # nobody else holds this tensor: no new buffer of P activations
+            return _Act(torch.relu_(a.t), a.layout, owned=True)
+        return _Act(m(a.t), a.layout, owned=a.owned and isinstance(m, (nn.Dropout, nn.Identity)))
 
     def _norm(self, m: nn.Module, prefix: str, a: _Act, views: dict[str, Tensor], p: int) -> _Act:
         t = _to_channels(a, p)
@@ -233,15 +262,18 @@ class PopulationForward:
         rv = None if batch_stats else m.running_var.repeat(p)
         out = F.batch_norm(t, rm, rv, None if w is None else w.reshape(p * c), None if b is None else b.reshape(p * c),
                            batch_stats, 0.0, m.eps)
-        return _Act(out, "channels")
+        return _Act(out, "channels", owned=True)
 
     @staticmethod
-    def _shared_norm(m: nn.Module, t: Tensor) -> Tensor:
-        """A norm layer on the shared input: batch statistics in training mode, never updated."""
+    def _shared_norm(m: nn.Module, t: Tensor, own: dict[str, Tensor] | None = None) -> Tensor:
+        """A norm layer on the shared input: batch statistics in training mode, never updated; the affine
+        parameters from `own` (the members' common values) where given, else the module's."""
+        own = own or {}
         batch_stats = m.training or m.running_mean is None
+        w = own.get("weight", None if m.weight is None else m.weight.detach())
+        b = own.get("bias", None if m.bias is None else m.bias.detach())
         return F.batch_norm(t, None if batch_stats else m.running_mean, None if batch_stats else m.running_var,
-                            None if m.weight is None else m.weight.detach(), None if m.bias is None else m.bias.detach(),
-                            batch_stats, 0.0, m.eps)
+                            w, b, batch_stats, 0.0, m.eps)
 
     def losses(self, thetas: Tensor, x: Tensor, y: Any, loss_fn: Callable[[Tensor, Any], Tensor]) -> Tensor:
         """[P]: loss_fn(member's output, y) for each member."""
