@@ -111,7 +111,13 @@ def _fast_max_pool(m: nn.Module, t: Tensor) -> Tensor | None:
 def _same_in_every_member(views: dict[str, Tensor], names: list[str]) -> bool:
     """True when every member has exactly the same values in these parameters (bitwise; NaN counts as
     different, so such a layer takes the per-member path). O(P * size): negligible next to the forward."""
-    return all(bool((views[n] == views[n][:1]).all()) for n in names)
+    for n in names:
+        v = views[n]
+        if v.shape[0] > 1 and not torch.equal(v[1], v[0]):  # the usual answer, at 1/P of the full comparison
+            return False
+        if not bool((v == v[:1]).all()):
+            return False
+    return True
 
 
 class PopulationForward:
@@ -201,7 +207,8 @@ class PopulationForward:
         if isinstance(m, _NORM):
             return self._shared_norm(m, t, own)
         if not own:
-            return m(t)
+            out = _fast_max_pool(m, t)
+            return m(t) if out is None else out
         return torch.func.functional_call(m, own, (t,), strict=False)
 
     def _layer(self, m: nn.Module, prefix: str, a: _Act, views: dict[str, Tensor], p: int) -> _Act:
@@ -224,11 +231,12 @@ class PopulationForward:
         if kind is nn.Linear:
             w = self._param(views, m, prefix, "weight", p)  # [P, out, in]
             b = self._param(views, m, prefix, "bias", p)
-            if a.layout == "shared":
+            if a.layout == "shared":  # one matrix product [M, F] x [F, P * out] for all members
                 t = a.t
-                out = torch.matmul(t.reshape(-1, t.shape[-1]), w.transpose(1, 2))  # [P, M, out]
-                if b is not None:
-                    out = out + b.unsqueeze(1)
+                flat = t.reshape(-1, t.shape[-1])
+                out = torch.mm(flat, w.reshape(-1, w.shape[2]).T) if b is None else \
+                    torch.addmm(b.reshape(-1), flat, w.reshape(-1, w.shape[2]).T)
+                out = out.view(flat.shape[0], p, w.shape[1]).transpose(0, 1)  # [P, M, out]
                 return _Act(out.reshape(p, *t.shape[:-1], w.shape[1]), "batch", owned=True)
             t = _to_batch(a, p)
             flat = t.reshape(p, -1, t.shape[-1])
