@@ -122,7 +122,7 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                "lr": 0.01}, "sparsity": {"sparsity": 0.99, "resample_every_epochs": 1}},
         # the last layer only (model.frozen_convs=2: the convolutions keep their seeded initialisation, random
         # features): a population runs the conv stack once per batch (docs/efficiency.md, width 32)
-        "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.05,
+        "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.1,
                                                                                 "popsize": 28}},
         "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
                   "optimizer": {"name": "adam", "lr": 0.03}},
