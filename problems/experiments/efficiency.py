@@ -126,6 +126,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                                                                 "popsize": 28}},
         "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
                   "optimizer": {"name": "adam", "lr": 0.03}},
+        # the hybrid on the last layer: ES in the linear layer's ZO-GraSP set (half its weights, redrawn every epoch)
+        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                        "optimizer": {"name": "adam", "lr": 0.05}, "sparsity": {"sparsity": 0.5,
+                                                                               "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
         "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
     },
