@@ -21,7 +21,8 @@ layouts that the fast kernels want:
   not perturbed: ES / sep-CMA-ES on the later layers only, a coordinate subset that leaves the
   first layers alone) is computed once while its input is still shared: the prefix of
   unperturbed layers runs once per batch, and the first perturbed convolution after it is
-  one dense convolution with P * C_out output channels rather than a grouped one;
+  one dense convolution with P * C_out output channels rather than a grouped one; the prefix's
+  output is kept for the next call on the same batch (a plan executed in chunks);
 * ReLU runs in place on the activations this forward made itself (not on the caller's input),
   and a 4-D input of the first per-member convolution is laid out channels-last, so that its
   output, the ReLU and the next grouped convolution need no layout copy.
@@ -141,6 +142,7 @@ class PopulationForward:
         if missing:
             raise NotBatchableError(f"parameters {missing} are not owned by a layer the population forward knows")
         self._opaque: set[str] = set()
+        self._prefix_cache: tuple | None = None  # (x, key, the prefix's values, its output): see _shared_prefix
         for prefix, m in self.layers:
             self._check(prefix, m)
         first = next((i for i, (prefix, m) in enumerate(self.layers)
@@ -190,15 +192,40 @@ class PopulationForward:
     def forward(self, thetas: Tensor, x: Tensor) -> Tensor:
         p = thetas.shape[0]
         views = self.space.views(thetas)
-        a = _Act(x, "shared")
+        shared = 0  # the leading layers every member computes the same (not perturbed in this population)
         for prefix, m in self.layers:
             names = [prefix + n for n, _ in m.named_parameters(recurse=False) if prefix + n in views]
-            if a.layout == "shared" and (not names or _same_in_every_member(views, names)):
-                # not perturbed (yet): every member computes the same, so compute it once
-                a = _Act(self._shared_layer(m, prefix, a.t, views), "shared")  # may be a view of x: never in place
-                continue
+            if names and not _same_in_every_member(views, names):
+                break
+            shared += 1
+        a = _Act(self._shared_prefix(shared, x, views), "shared")  # may be x or a view of it: never in place
+        for prefix, m in self.layers[shared:]:
             a = self._layer(m, prefix, a, views, p)
         return _to_batch(a, p)
+
+    def _shared_prefix(self, count: int, x: Tensor, views: dict[str, Tensor]) -> Tensor:
+        """The first `count` layers on x, once for all members. A plan executed in chunks calls the
+        population forward several times on one batch with the same prefix: the last result is kept
+        and reused when x is the same tensor, unmodified (same object, held here so its memory cannot
+        be reused, same version counter), and every value the prefix reads (its parameters, member
+        0's where in the space, its buffers, the training flags) is equal to the last call's."""
+        if count == 0:
+            return x
+        state = []
+        for prefix, m in self.layers[:count]:
+            for n, t in m.named_parameters(recurse=False):
+                state.append(views[prefix + n][0] if prefix + n in views else t.detach())
+            state.extend(b for _, b in m.named_buffers(recurse=False) if b is not None)
+        key = (count, x._version, tuple(m.training for _, m in self.layers[:count]))
+        cached = self._prefix_cache
+        if (cached is not None and cached[0] is x and cached[1] == key and len(cached[2]) == len(state)
+                and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[2], state))):
+            return cached[3]
+        t = x
+        for prefix, m in self.layers[:count]:
+            t = self._shared_layer(m, prefix, t, views)
+        self._prefix_cache = (x, key, [v.clone() for v in state], t)
+        return t
 
     def _shared_layer(self, m: nn.Module, prefix: str, t: Tensor, views: dict[str, Tensor]) -> Tensor:
         """The plain forward of one layer on the shared input, with member 0's parameters where the

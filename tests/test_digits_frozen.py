@@ -43,22 +43,30 @@ def test_frozen_convs_keep_their_initialisation_and_the_rest_trains(tmp_path):
     assert summary["queries"]["train"] == 12 * 8
 
 
-def test_frozen_convs_run_once_per_population_call():
-    """The conv stack is the same for every member: its modules run once per loss call, on the batch."""
+def test_frozen_convs_run_once_per_batch():
+    """The conv stack is the same for every member: it runs once per batch, on the batch, however many
+    population calls (chunks of a plan) that batch gets; a new batch runs it once again."""
     p, cfg = _config()
     setup = p.setup(cfg)
     oracle, module = setup.oracle, setup.module
-    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     theta = oracle.initial_theta()
-    thetas = theta + 0.05 * torch.randn(8, theta.numel(), generator=torch.Generator().manual_seed(0))
-    oracle.losses(thetas, (x, y))  # the first call of a shape also sizes the chunks (a 2-image forward)
+    thetas = theta + 0.05 * torch.randn(8, theta.numel(), generator=gen)
+    oracle.losses(thetas[:2], (x.clone(), y))  # the first call of a shape sizes the chunks (a 2-image forward)
     shapes = []
     hook = module[2].register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
     try:
-        oracle.losses(thetas, (x, y))
+        first = oracle.losses(thetas[:4], (x, y))
+        second = oracle.losses(thetas[4:], (x, y))
+        assert shapes == [(64, 8, 8, 8)]
+        x2 = x.flip(0)
+        oracle.losses(thetas[:4], (x2, y))
+        assert shapes == [(64, 8, 8, 8)] * 2
     finally:
         hook.remove()
-    assert shapes == [(64, 8, 8, 8)]
+    whole = oracle.losses(thetas, (x, y))
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-6, atol=0)
 
 
 def test_a_run_with_frozen_convs_resumes_bitwise(tmp_path):

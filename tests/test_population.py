@@ -206,3 +206,37 @@ def test_the_forward_changes_neither_the_input_nor_the_parameters(name):
     with torch.no_grad():  # every member the module itself: every layer shared, the plain forward bitwise
         plain = F.cross_entropy(module.train()(x), y, reduction="none").mean()  # the population's reduction
     assert torch.equal(got_shared, plain.expand(3))
+
+
+def test_the_kept_prefix_is_used_only_while_nothing_it_read_has_changed():
+    """Chunks of one population on one batch share the prefix's output; changing the batch in place, a
+    frozen parameter of the prefix or the training flag of a norm in it gives the fresh answer, equal to a
+    loop of plain forwards."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3),
+                           nn.Flatten(), nn.Linear(6 * 6 * 6, 5))
+    module[0].requires_grad_(False)  # outside the space
+    space = ParamSpace.from_module(module)
+    pop = PopulationForward(module, space)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(10, 1, 8, 8, generator=gen), torch.randint(0, 5, (10,), generator=gen)
+    thetas = _suffix_members(space, module, "3.weight", 6)  # the norm's affine parameters the same in all
+
+    def check():
+        with torch.no_grad():
+            got = torch.cat([pop.losses(thetas[:3], x, y, F.cross_entropy), pop.losses(thetas[3:], x, y,
+                                                                                        F.cross_entropy)])
+        torch.testing.assert_close(got, _reference(module, space, thetas, x, y), rtol=1e-5, atol=0)
+        return got
+
+    base = check()
+    assert pop._prefix_cache is not None and pop._prefix_cache[0] is x
+    x.mul_(2.0)  # the batch changed in place
+    assert not torch.equal(check(), base)
+    with torch.no_grad():
+        module[0].weight.mul_(0.5)  # a frozen parameter of the prefix
+    changed = check()
+    module.eval()  # the norm now uses its running statistics
+    assert not torch.equal(check(), changed)
+    thetas[:, space["1.weight"].offset] += 0.25  # the norm's scale, in the space, changed in every member
+    check()
