@@ -353,7 +353,9 @@ def run_population(name: str, module, x, y, size: int, budget_s: float, seed: in
              "pop-vmap": lambda: vmapped.losses(thetas, batch)}
     for p in members:
         if p.startswith("pop-") and p not in paths:
-            paths[p] = (lambda m: lambda: grouped.losses(m, batch))(members[p])
+            # a fresh batch tensor each call, as each step has its own: the population forward keeps a shared
+            # prefix's output for the next call on the same batch, which would time a step's second chunk
+            paths[p] = (lambda m: lambda: grouped.losses(m, (x.clone(), y)))(members[p])
     outs = {p: fn() for p, fn in paths.items()}  # warm-up, and the values compared
     refs = {p: outs["pop-loop"] if members[p] is thetas else
             loop_population_losses(module, space, loss_fn, x, y, members[p]) for p in paths}
