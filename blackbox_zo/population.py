@@ -216,6 +216,11 @@ class PopulationForward:
             for n, t in m.named_parameters(recurse=False):
                 state.append(views[prefix + n][0] if prefix + n in views else t.detach())
             state.extend(b for _, b in m.named_buffers(recurse=False) if b is not None)
+        if x.is_inference():  # no version counter to tell an in-place change: never kept
+            t = x
+            for prefix, m in self.layers[:count]:
+                t = self._shared_layer(m, prefix, t, views)
+            return t
         key = (count, x._version, tuple(m.training for _, m in self.layers[:count]))
         cached = self._prefix_cache
         if (cached is not None and cached[0] is x and cached[1] == key and len(cached[2]) == len(state)

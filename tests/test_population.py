@@ -240,3 +240,18 @@ def test_the_kept_prefix_is_used_only_while_nothing_it_read_has_changed():
     assert not torch.equal(check(), changed)
     thetas[:, space["1.weight"].offset] += 0.25  # the norm's scale, in the space, changed in every member
     check()
+
+
+def test_an_inference_mode_batch_is_never_kept():
+    """Tensors made under torch.inference_mode have no version counter: the prefix is recomputed for them."""
+    torch.manual_seed(0)
+    module = make_digits_cnn(3)
+    module[0].requires_grad_(False)
+    space = ParamSpace.from_module(module)
+    pop = PopulationForward(module, space)
+    with torch.inference_mode():
+        x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    thetas = _members(space, module, 4, 0.1)
+    got = pop.losses(thetas, x, y, F.cross_entropy)
+    assert pop._prefix_cache is None
+    torch.testing.assert_close(got, _reference(module, space, thetas, x, y), rtol=1e-5, atol=0)
