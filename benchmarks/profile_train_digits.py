@@ -8,8 +8,10 @@ optimizer step) and the plot.
 The run is the CLI's own (`python -m blackbox_zo train digits --set run.progress=false`, in this
 process), with CPU seconds (`time.process_time`) summed per phase by wrapping the functions named in
 the table. The phases nest (the steps contain the oracle calls), so they do not add up to the total;
-"other" is the total less the top-level phases. The machine is shared: compare phases of one run, or
-runs at similar load. Besides the table, the modules that dominate the import time are named: run
+"other" is the total less the top-level phases. The engine is imported as `blackbox_zo.cli.main` does
+it (blackbox_zo/collector.py: the collector paused during the import, then tuned), and the CPU seconds
+spent in Python's cyclic garbage collector are summed across all phases (`gc.callbacks`). The
+machine is shared: compare phases of one run, or runs at similar load. Besides the table, the modules that dominate the import time are named: run
 `python -X importtime -m blackbox_zo train digits ...` for the full tree.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import runpy
 import sys
 import tempfile
@@ -55,10 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", action="append", default=[], help="extra --set for the run (e.g. run.epochs=2)")
     args = ap.parse_args(argv)
+    gc_spent = [0.0, 0.0]  # CPU s in Python's cyclic collector, start of the current collection
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_spent[1] = time.process_time()
+        else:
+            gc_spent[0] += time.process_time() - gc_spent[1]
+
+    gc.callbacks.append(on_gc)
     start = time.process_time()
     before = set(sys.modules)
-    import blackbox_zo._commands  # noqa: F401  (what `blackbox-zo train` imports: torch and the engine)
-    import blackbox_zo.cli  # noqa: F401
+    import blackbox_zo.cli
+    from blackbox_zo import collector
+
+    collector.tune_collector()  # what cli.main does before it imports the commands: torch and the engine
+    collector.import_engine("blackbox_zo._commands")
 
     SPENT["imports (torch, the engine, the CLI)"] = time.process_time() - start
     import blackbox_zo.trainer as trainer
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if exc.code:
                 raise
     total = time.process_time() - start
+    gc.callbacks.remove(on_gc)
     heavy = [m for m in ("torch._dynamo", "sklearn", "matplotlib.pyplot", "matplotlib.figure", "scipy", "sympy")
              if m in sys.modules and m not in before]
     print(f"\n{'phase':<48} {'CPU s':>7} {'%':>6}")
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     other = total - sum(SPENT.get(k, 0.0) for k in [rows[0], *top])
     print(f"{'other (CLI, config, run directory, summary)':<48} {other:7.2f} {100 * other / total:6.1f}")
     print(f"{'total':<48} {total:7.2f}")
+    print(f"{'of it in the cyclic garbage collector (any phase)':<48} {gc_spent[0]:7.2f} {100 * gc_spent[0] / total:6.1f}"
+          f"   (before the process exits: one more full collection, not counted)")
     print(f"modules imported during the run: {', '.join(heavy) or 'none of the heavy ones'}")
     return 0
 
