@@ -154,9 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the process's own settings: Python's collector paused while the engine loads, then tuned
-    # (blackbox_zo/collector.py: 0.6 to 0.9 CPU s of a default digits run)
+    # (blackbox_zo/collector.py: 0.7 to 0.9 CPU s of a digits run)
     tune_collector()
     commands = import_engine(f"{__package__}._commands")
+    if args.command == "train":
+        # torch.optim imports torch._dynamo when an optimizer is built (its add_param_group and step
+        # wrappers): imported here it is frozen too, and the run's collections skip its objects
+        try:
+            import_engine("torch._dynamo")
+        except Exception:  # noqa: BLE001 - only a head start: the optimizer imports it (or fails) as before
+            pass
     return commands.run_command(args.command, args, process=True)
 
 

@@ -109,21 +109,31 @@ def test_threshold_zero_is_left_alone(monkeypatch, restore_gc):
     assert gc.get_threshold()[0] == 0
 
 
-def test_cli_process_is_tuned():
-    """The `blackbox-zo` entry point itself: after a command, the collector is on, tuned, and the
-    engine's import frozen."""
-    script = textwrap.dedent("""
-        import gc, json
+def _cli_state(argv: list[str]) -> tuple[int, bool, int, int, bool]:
+    script = textwrap.dedent(f"""
+        import gc, json, sys
         from blackbox_zo import cli
-        code = cli.main(["list"])
-        print(json.dumps([code, gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count()]))
+        code = cli.main({argv!r})
+        print(json.dumps([code, gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count(),
+                          "torch._dynamo" in sys.modules]))
     """)
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("BLACKBOX_ZO_GC_TUNING", None)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    code, on, threshold, frozen = json.loads(out.stdout.strip().splitlines()[-1])
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_cli_process_is_tuned():
+    """The `blackbox-zo` entry point itself: after a command, the collector is on, tuned, and the
+    engine's import frozen; `train` also loads torch._dynamo (which torch.optim imports) frozen,
+    other commands do not pay for it."""
+    code, on, threshold, frozen_list, dynamo = _cli_state(["list"])
     assert code == 0 and on is True
     assert threshold == collector.FIRST_GENERATION_THRESHOLD
-    assert frozen > 100_000  # torch and the engine leave hundreds of thousands of objects
+    assert frozen_list > 100_000  # torch and the engine leave hundreds of thousands of objects
+    assert dynamo is False
+    # a train command refused at its settings (exit 2) has already loaded the engine and torch._dynamo
+    code, on, threshold, frozen_train, dynamo = _cli_state(["train", "digits", "--set", "run.epochs=0"])
+    assert code == 2 and on is True and dynamo is True
+    assert frozen_train > frozen_list + 50_000  # torch._dynamo's objects are frozen too
