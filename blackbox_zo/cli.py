@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from .collector import import_engine, tune_collector
 from .registry import CLI_COMMANDS
 
-__all__ = ["PROG", "build_parser", "main"]
+__all__ = ["PROG", "build_parser", "load_engine", "main"]
 
 PROG = "blackbox-zo"
 
@@ -151,20 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # the process's own settings: Python's collector paused while the engine loads, then tuned
-    # (blackbox_zo/collector.py: 0.7 to 0.9 CPU s of a digits run)
+def load_engine(command: str) -> ModuleType:
+    """The commands module, loaded as the `blackbox-zo` process loads it: Python's collector paused
+    while the engine imports, its objects frozen, the collector tuned (blackbox_zo/collector.py: 0.7
+    to 0.9 CPU s of a digits run). `train` also loads torch._dynamo, which torch.optim imports when an
+    optimizer is built (its add_param_group and step wrappers): frozen with the rest, the run's
+    collections skip its objects too."""
     tune_collector()
     commands = import_engine(f"{__package__}._commands")
-    if args.command == "train":
-        # torch.optim imports torch._dynamo when an optimizer is built (its add_param_group and step
-        # wrappers): imported here it is frozen too, and the run's collections skip its objects
+    if command == "train":
         try:
             import_engine("torch._dynamo")
         except Exception:  # noqa: BLE001 - only a head start: the optimizer imports it (or fails) as before
             pass
-    return commands.run_command(args.command, args, process=True)
+    return commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return load_engine(args.command).run_command(args.command, args, process=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
