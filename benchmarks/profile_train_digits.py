@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     before = set(sys.modules)
     import blackbox_zo.cli
 
-    blackbox_zo.cli.load_engine("train")  # as `blackbox-zo train` loads it: torch, the engine, torch._dynamo
+    if hasattr(blackbox_zo.cli, "load_engine"):
+        blackbox_zo.cli.load_engine("train")  # as `blackbox-zo train` loads it: torch, the engine, torch._dynamo
+    else:  # a revision before load_engine (this script copied into an older tree): what its main() imported
+        import blackbox_zo._commands  # noqa: F401
 
     SPENT[IMPORTS] = time.process_time() - start
     import blackbox_zo.trainer as trainer
