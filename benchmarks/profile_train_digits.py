@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import blackbox_zo.cli
 
     if hasattr(blackbox_zo.cli, "load_engine"):
-        blackbox_zo.cli.load_engine("train")  # as `blackbox-zo train` loads it: torch, the engine, torch._dynamo
+        blackbox_zo.cli.load_engine(with_optimizer=True)  # as `blackbox-zo train` loads it: torch, the engine, torch._dynamo
     else:  # a revision before load_engine (this script copied into an older tree): what its main() imported
         import blackbox_zo._commands  # noqa: F401
 

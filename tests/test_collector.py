@@ -137,3 +137,5 @@ def test_cli_process_is_tuned():
     code, on, threshold, frozen_train, dynamo = _cli_state(["train", "digits", "--set", "run.epochs=0"])
     assert code == 2 and on is True and dynamo is True
     assert frozen_train > frozen_list + 50_000  # torch._dynamo's objects are frozen too
+    code, _, _, _, dynamo = _cli_state(["train", "digits", "--help"])  # prints the settings, trains nothing
+    assert code == 0 and dynamo is False
