@@ -5,26 +5,28 @@ A `blackbox-zo train` process imports torch and the engine (about 1,700 modules)
 `torch._dynamo` (torch.optim imports it when an optimizer is built) and matplotlib (the plot).
 The imports leave hundreds of thousands of long-lived objects, and CPython's collector
 traverses all of them in every full collection, which it starts whenever the objects created
-since the last one reach a quarter of those it holds: in a default digits run (DeepZero's
-recipe, 10 epochs, CPython 3.11) that was 6 full collections during the imports, 0.6 CPU s,
+since the last one reach a quarter of those it holds: in a digits run with DeepZero's recipe
+(10 epochs, CPython 3.11) that was 6 full collections during the imports, 0.6 CPU s,
 plus 840 young-generation collections (the first generation's threshold is 700 allocations),
 0.25 CPU s, measured with `gc.callbacks` (docs/performance.md).
 
 `import_engine(name)` imports the engine's module `name` with automatic collection paused
-(the first time only: once imported it is returned as it is), then freezes what the imports left (`gc.freeze()`: those objects move to the permanent generation, which no
-collection traverses; module-level objects live as long as the process anyway).
+(the first time only: once imported it is returned as it is), then freezes what the imports
+left (`gc.freeze()`: those objects move to the permanent generation, which no collection
+traverses; module-level objects live as long as the process anyway).
 `tune_collector()` raises the first generation's threshold to `FIRST_GENERATION_THRESHOLD`
 allocations: cycles are still collected automatically, in about 25x fewer collections, and
 at most that many young objects wait for one (a few MiB). Neither changes any result: the
 arithmetic does not see the collector.
 
-The CLI imports `blackbox_zo._commands` (torch and the engine) this way, and for `train` also
+The CLI (`cli.load_engine`) imports `blackbox_zo._commands` (torch and the engine) this way, and
+for a `train` that trains also
 `torch._dynamo`, which torch.optim would import anyway when the optimizer is built: frozen with the
 rest, the run's collections skip its objects too (collector time of the digits run, measured as above:
 0.83 CPU s with Python's defaults, 0.22 with the engine frozen and the threshold raised, 0.07 with
 torch._dynamo frozen too; the full collection at interpreter exit 0.19, 0.13, 0.04).
 
-Only the CLI calls them, once per process; a library caller's process (a notebook, a test)
+Only the CLI's `main` calls them; a library caller's process (a notebook, a test)
 is left as it is. `BLACKBOX_ZO_GC_TUNING=0` turns both off.
 """
 
