@@ -36,8 +36,9 @@ def test_the_warm_start_is_the_non_methods_corrector_bitwise_and_its_cost_is_rep
     """The experiment's NON method (its own code path: pairs, seed, steps, batch and lr defaults) and
     a run's warm start give the same weights, bit for bit; the run then starts there, its queries
     are the cold run's (the warm start spends none), and summary.json names the warm start's cost."""
-    args = ["--methods", "NON", "--seeds", "1", "--no-progress", "--out", str(tmp_path / "exp")]
-    assert experiment(args + [a for s in settings(tmp_path) for a in ("--set", s)]) == 0
+    # the method sets warm_start itself: a --set does not turn the paper's ZO-SOL into a warm-started one
+    args = ["--methods", "NON,ZO-SOL,NON+ZO-SOL", "--seeds", "1", "--no-progress", "--out", str(tmp_path / "exp")]
+    assert experiment(args + [a for s in settings(tmp_path, "sol.warm_start=non") for a in ("--set", s)]) == 0
     non = torch.load(tmp_path / "exp" / "seed1" / "non.pt", weights_only=True)
 
     problem, cfg = config(tmp_path, "sol.warm_start=non", "run.seed=1")
@@ -60,6 +61,17 @@ def test_the_warm_start_is_the_non_methods_corrector_bitwise_and_its_cost_is_rep
     assert warm_summary["warm_start"]["pairs"] == 72 and "warm_start" not in cold_summary
     assert warm_summary["queries"] == cold_summary["queries"]  # the pairs are no queries
     assert warm_summary["test_mae"] != cold_summary["test_mae"]
+
+    # the experiment's ZO-SOL is the cold run, its NON+ZO-SOL the warm one, bit for bit
+    from blackbox_zo.rundir import CHECKPOINT_NAME
+    for slug, run in (("zo-sol", "cold"), ("non-zo-sol", "warm")):
+        ours = torch.load(tmp_path / "exp" / "seed1" / f"{slug}.pt", weights_only=True)
+        theirs = torch.load(tmp_path / run / CHECKPOINT_NAME, weights_only=True)["module"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), slug
+    table = json.loads((tmp_path / "exp" / "summary.json").read_text())
+    assert table["methods"] == ["NON", "ZO-SOL", "NON+ZO-SOL"]
+    assert table["summaries"]["NON+ZO-SOL/seed1"]["warm_start"]["pairs"] == 72
+    assert "warm_start" not in table["summaries"]["ZO-SOL/seed1"]
 
 
 def test_the_warm_start_settings_are_used_and_checked(tmp_path):
