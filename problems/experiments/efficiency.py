@@ -135,6 +135,8 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
+        # NON's corrector (first-order on pre-generated one-step pairs, no queries), then ZO-SOL from there
+        "non+sparse-cge": {"wake": {"warm_start": "non"}},
         "cge": {"sparsity": {"enabled": False}},  # dense forward CGE: d + 1 = 507 queries a step (tiny), 50 steps
         "rge": {"sparsity": {"enabled": False}, "estimator": {"kind": "rge", "q": 16, "scheme": "central",
                                                               "mu": 1e-3}},
