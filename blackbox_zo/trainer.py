@@ -122,6 +122,10 @@ class Trainer:
         loggers: Sequence[MetricsLogger] = (),
     ):
         self.setup, self.config, self.problem_name = setup, config, problem_name
+        self.space = setup.oracle.space
+        for est_cfg in (config.estimator, config.phase2.estimator if config.phase2 is not None else None):
+            if getattr(est_cfg, "blocks", None):  # a name that selects no block: one line, before any file
+                self._block_coords(est_cfg.blocks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         # metrics.jsonl of the run directory, then any other sink (TensorBoard, MLflow, ...); main rank only
@@ -382,11 +386,27 @@ class Trainer:
         sampler = self.setup.coord_sampler
         # with two phases the sampler may serve one of them only: an estimator that takes no sparsity gets none
         takes = type(self.estimator_config).uses_sparsity
-        coords = sampler.coords(epoch) if sampler is not None and takes else None
+        blocks = getattr(self.estimator_config, "blocks", None)
+        if blocks:  # the phase searches fixed parameter blocks (e.g. the last layer), not the sparsity set
+            coords = self._block_coords(blocks)
+        else:
+            coords = sampler.coords(epoch) if sampler is not None and takes else None
         if self.parallel is not None and self.parallel.due_for_check(step):
             self.parallel.check_agreement(step, parameters_and_buffers=self.module.state_dict(), coordinates=coords,
                                           batch=batch)
         return theta, coords, step_seed(self.config.run.seed, step)
+
+    def _block_coords(self, blocks: Sequence[str]) -> Tensor:
+        """The flat coordinates of `estimator.blocks` (cached per phase: the list does not change within one)."""
+        key = tuple(blocks)
+        cached = getattr(self, "_blocks_cache", None)
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, self.space.coords_of(key))
+            except ValueError as exc:
+                raise ConfigError(f"estimator.blocks: {exc}") from None
+            self._blocks_cache = cached
+        return cached[1]
 
     def _zo_step(self, batch: Any) -> Estimate | SearchStep | None:
         theta, coords, seed = self.step_inputs(batch)
@@ -796,7 +816,12 @@ def train(
             raise Interrupted(signum, during="setup (nothing was kept)" if resume is None else
                               f"setup ({run_dir} is unchanged)") from None
         raise
-    trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks, loggers=loggers)
+    try:
+        trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks, loggers=loggers)
+    except ConfigError:  # e.g. estimator.blocks names no parameter: nothing kept
+        if fresh:
+            rundir.discard_if_unused(Path(run_dir))
+        raise
     if resume is not None:
         if rundir.find_checkpoint(run_dir):
             note = trainer.resume_from(run_dir)

@@ -122,3 +122,33 @@ def test_model_loss_oracle_uses_the_population_path_and_agrees_with_vmap():
     got = oracle.losses(thetas, batch)
     torch.testing.assert_close(got, oracle._vmapped_losses(thetas, batch), rtol=1e-5, atol=0)
     torch.testing.assert_close(got, _reference(module, oracle.space, thetas, *batch), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,k", [("digits", 6), ("digits", 2), ("mlp", 3), ("bn-grouped", 9)])
+def test_members_that_share_the_first_layers_run_them_once(name, dtype, k):
+    """A population that varies only from top-level layer k on (an ES restricted to late blocks) runs
+    layers 0..k-1 once and the rest per member: the same losses as a loop of plain forwards. A norm
+    layer among the shared ones (bn-grouped) keeps the whole population forward; so does a population
+    that varies in the first layer."""
+    module, shape, classes = _models()[name]
+    module = module.to(dtype).train()
+    oracle = ModelLossOracle(module)
+    first = next(b.offset for b in oracle.space.blocks if int(b.name.split(".", 1)[0]) >= k)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(12, *shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (12,), generator=gen)
+    thetas = _members(oracle.space, module, 9, 0.1)
+    thetas[:, :first] = oracle.space.flatten_module(module)[:first]  # members agree on layers 0..k-1
+    got = oracle.losses(thetas, (x, y))
+    torch.testing.assert_close(got, _reference(module, oracle.space, thetas, x, y), rtol=TOL[dtype], atol=0)
+    split = oracle._shared_prefix(thetas)
+    if name == "bn-grouped":
+        assert split is None
+    else:
+        assert split is not None and split[2] == first and len(oracle._prefix_cache) == 1
+        varied = thetas.clone()
+        varied[1, 0] += 0.5  # one member differs in the first parameter: no shared layer
+        assert oracle._shared_prefix(varied) is None
+        torch.testing.assert_close(oracle.losses(varied, (x, y)), _reference(module, oracle.space, varied, x, y),
+                                   rtol=TOL[dtype], atol=0)
