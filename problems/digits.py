@@ -21,7 +21,7 @@ from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
 __all__ = ["load_digits_split", "stratified_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig",
-           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE"]
+           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE", "ES_LAST_THEN_SPARSE_CGE"]
 
 # DeepZero (Algorithm 2) tuned for digits: ZO-GraSP (q = 192, mu = 5e-3, 25 examples per class) at init ->
 # layer-wise ratios at 90% sparsity -> Sparse-CGE on a fresh LPR-obeying set every epoch, SGD 0.1 with
@@ -46,6 +46,21 @@ SEP_CMA_THEN_SPARSE_CGE: dict[str, Any] = {
     "run": {"epochs": 15},
     "phase2": {"after_steps": 715, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+               "schedule": {"name": "cosine", "warmup_epochs": 0.0}},
+}
+
+# Two phases, both on 64-image batches (docs/efficiency.md): ES on the last layer only (q = 28 antithetic pairs,
+# sigma 0.1, Adam 0.2 cosine; the oracle runs the conv layers once per batch, so a query is about 8x cheaper
+# than a whole-network one) for 536 steps (30,016 queries), then the recipe's Sparse-CGE on every layer with
+# Adam 3e-3 (cosine over the steps left of run.epochs).
+ES_LAST_THEN_SPARSE_CGE: dict[str, Any] = {
+    **DEEPZERO_RECIPE,
+    "estimator": {"kind": "es", "q": 28, "mu": 0.1, "blocks": ["6"], "shaping": "centered-ranks"},
+    "optimizer": {"name": "adam", "lr": 0.2, "weight_decay": 0.0},
+    "data": {"batch_size": 64},
+    "run": {"epochs": 40},
+    "phase2": {"after_steps": 536, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+               "optimizer": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0},
                "schedule": {"name": "cosine", "warmup_epochs": 0.0}},
 }
 

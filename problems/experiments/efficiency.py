@@ -41,7 +41,7 @@ from blackbox_zo.oracle import QueryLedger, job_ledger
 from blackbox_zo.problem import get_problem
 from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.trainer import Trainer, train
-from problems.digits import DEEPZERO_RECIPE, SEP_CMA_THEN_SPARSE_CGE
+from problems.digits import DEEPZERO_RECIPE, ES_LAST_THEN_SPARSE_CGE, SEP_CMA_THEN_SPARSE_CGE
 
 from .tables import experiment_dir, write_table
 
@@ -122,6 +122,11 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                "lr": 0.01}, "sparsity": {"sparsity": 0.99, "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
         "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
+        # ES on the last layer only (the conv layers run once per batch: cheap queries), 64 images
+        "es-last": {**_B64, "estimator": ES_LAST_THEN_SPARSE_CGE["estimator"],
+                    "optimizer": ES_LAST_THEN_SPARSE_CGE["optimizer"]},
+        # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
+        "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
