@@ -441,6 +441,8 @@ class PhaseTwoConfig(Strict):
                                                        description="phase 2's optimizer (fresh state at the switch)")
     schedule: SerializeAsAny[ScheduleConfig] = Field(default_factory=CosineSchedule,
                                                      description="phase 2's lr schedule, over phase 2's steps")
+    batch_size: Optional[int] = Field(None, ge=1, description="phase 2's examples per step (none: data.batch_size, "
+                                      "as phase 1); phase 1 must then be a whole number of epochs")
 
     @field_validator("estimator")
     @classmethod

@@ -101,6 +101,36 @@ class FlatParams(nn.Module):
         return [self.blocks[b.name.replace(".", "__")] for b in self.space]
 
 
+class PhasedBatches:
+    """Phase 1's batches for epochs before `from_epoch`, phase 2's (another batch size) from there on."""
+
+    def __init__(self, first: Any, second: Any, from_epoch: int):
+        self.first, self.second, self.from_epoch = first, second, from_epoch
+
+    def num_batches(self, epoch: int) -> int:
+        return (self.first if epoch < self.from_epoch else self.second).num_batches(epoch)
+
+    def batch(self, epoch: int, index: int) -> Any:
+        return (self.first if epoch < self.from_epoch else self.second).batch(epoch, index)
+
+
+def _phase_batches(batches: Any, config: TrainConfig) -> Any:
+    """The run's batch source: the problem's, or with `phase2.batch_size` phase 1's then phase 2's (ConfigError,
+    one line, when the problem's batches cannot change size or phase 1 does not end at an epoch boundary)."""
+    p2 = config.phase2
+    if p2 is None or p2.batch_size is None:
+        return batches
+    resize = getattr(batches, "with_batch_size", None)
+    if resize is None:
+        raise ConfigError(f"phase2.batch_size: this problem's batches ({type(batches).__name__}) have no other size")
+    per_epoch = batches.num_batches(0)
+    if p2.after_steps % per_epoch:
+        whole = max(per_epoch, p2.after_steps // per_epoch * per_epoch)
+        raise ConfigError(f"phase2.after_steps={p2.after_steps} must be a whole number of epochs ({per_epoch} steps "
+                          f"each, e.g. {whole}) when phase2.batch_size is set")
+    return PhasedBatches(batches, resize(p2.batch_size), p2.after_steps // per_epoch)
+
+
 # ---------------------------------------------------------------------------- trainer
 
 
@@ -126,6 +156,7 @@ class Trainer:
         for est_cfg in (config.estimator, config.phase2.estimator if config.phase2 is not None else None):
             if getattr(est_cfg, "blocks", None):  # a name that selects no block: one line, before any file
                 self._block_coords(est_cfg.blocks)
+        self.batches = _phase_batches(setup.train_batches, config)  # phase2.batch_size: its own batches from its epoch
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         # metrics.jsonl of the run directory, then any other sink (TensorBoard, MLflow, ...); main rank only
@@ -155,8 +186,8 @@ class Trainer:
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.estimator_config = config.estimator  # the current phase's estimator settings
         self.optimizer = build_optimizer(config.optimizer, self.params)
-        self.steps_per_epoch = setup.train_batches.num_batches(0)
-        total = config.run.epochs * self.steps_per_epoch
+        self.steps_per_epoch = self.batches.num_batches(0)
+        total = sum(self.batches.num_batches(e) for e in range(config.run.epochs))
         self.total_steps = min(total, config.run.max_steps) if config.run.max_steps else total
         # phase2: phase 1's schedule spans its own steps, phase 2's the rest of the run (enter_phase)
         self.schedule_steps = total  # what a schedule spans: run.epochs, not run.max_steps (a resume may change it)
@@ -272,7 +303,7 @@ class Trainer:
             p.grad = None
         self.optimizer = build_optimizer(p2.optimizer, self.params)
         self.scheduler = build_scheduler(p2.schedule, self.optimizer, max(1, self.schedule_steps - self.phase2_at),
-                                         self.steps_per_epoch)
+                                         self.batches.num_batches(self.config.run.epochs - 1))
 
     def _enter_due_phase(self) -> None:
         if self.phase2_at is not None and self.phase == 1 and self.pos.step >= self.phase2_at:
@@ -585,7 +616,7 @@ class Trainer:
         session_start = time.perf_counter()
         session_queries = self.oracle.ledger.total
         start_elapsed = self.elapsed
-        batches = self.setup.train_batches
+        batches = self.batches
         while self.pos.epoch < cfg.epochs and self.pos.step < self.total_steps:
             nb = batches.num_batches(self.pos.epoch)
             while self.pos.index < nb and self.pos.step < self.total_steps:

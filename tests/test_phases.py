@@ -127,3 +127,32 @@ def test_choosing_another_estimator_drops_the_defaults_phase2():
     assert kept.phase2.after_steps == 10 and kept.phase2.estimator.kind == "cge"
     with pytest.raises(ConfigError, match="phase2 needs a zeroth-order estimator in phase 1"):
         p.resolve_config(overrides=["estimator=autograd", "phase2.after_steps=10"])
+
+
+def test_phase2_batch_size_gives_phase_2_its_own_batches_and_resumes_bitwise(tmp_path):
+    """phase2.batch_size: phase 1 runs whole epochs of data.batch_size (22 batches of 64), phase 2 its own
+    (89 of 16, the same order rule per epoch); the run's steps, phase 2's cosine and a resume on either side
+    of the switch follow them."""
+    sizes = []
+    extra = ["run.epochs=2", "phase2.after_steps=22", "phase2.batch_size=16"]
+
+    def config(*more):
+        return _config(*extra, *more)
+
+    p, cfg = config()
+    summary = train(p, cfg, run_dir=tmp_path / "look", callbacks=[
+        lambda t, r: sizes.append(int(t.batches.batch(t.pos.epoch, t.pos.index - 1)[0].shape[0])) if "loss" in r
+        else None])
+    assert summary["steps"] == 22 + 89 and sizes == [64] * 22 + [16] * 89
+    lrs = [r["lr"] for r in _metrics(tmp_path / "look") if "loss" in r][22:]
+    assert lrs == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * k / 89)) for k in range(1, 90)], rel=1e-12)
+    for stop_at in (15, 40):
+        stop_and_resume(config, tmp_path / f"at{stop_at}", stop_at)
+
+
+def test_phase2_batch_size_needs_phase_1_in_whole_epochs(tmp_path):
+    p, cfg = _config("phase2.batch_size=16")  # phase 1 = 10 steps of an epoch of 22
+    with pytest.raises(ConfigError, match=r"phase2.after_steps=10 must be a whole number of epochs \(22 steps each"):
+        train(p, cfg, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="phase2.batch_size"):
+        _config("phase2.batch_size=0")

@@ -127,6 +127,9 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                     "optimizer": ES_LAST_THEN_SPARSE_CGE["optimizer"]},
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
+        # ... with phase 2 on 16-image batches (phase2.batch_size; phase 1 = 24 whole epochs of 64 images)
+        "es-last+sparse-cge-b16": deep_merge(ES_LAST_THEN_SPARSE_CGE, {
+            "run": {"epochs": 31}, "phase2": {"after_steps": 528, "batch_size": 16}}),
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
