@@ -71,6 +71,7 @@ class ModelLossOracle(Oracle):
         self._activation_bytes: dict[tuple, int] = {}
         self.population: PopulationForward | None = None
         self._prefix_cache: dict[int, tuple[_Prefix, PopulationForward, int] | None] = {}
+        self._columns: list[tuple[int, int, int]] | None = None
         if population is None or population:
             try:
                 self.population = PopulationForward(module, self.space)
@@ -138,18 +139,42 @@ class ModelLossOracle(Oracle):
         not apply (a norm layer among the shared ones, a suffix the population forward cannot batch)."""
         if thetas.shape[0] < 2 or not isinstance(self.module, nn.Sequential):
             return None
-        varies = (thetas[1:] != thetas[:1]).any(dim=0).nonzero()
-        if varies.numel() == 0:
+        layers = self._layer_columns()
+        if len(layers) < 2:
             return None
-        first = self.space.blocks[int(self.space.block_index(varies[0])[0])]
-        top = first.name.split(".", 1)[0]
-        children = [name for name, _ in self.module.named_children()]
-        k = children.index(top) if top in children else 0
-        if k == 0:
+        # the first layer whose columns differ between members (the last one's need no look: if every earlier
+        # layer is shared, the split is before it whether it varies or not)
+        k = layers[-1][0]
+        for index, start, stop in layers[:-1]:
+            if bool((thetas[1:, start:stop] != thetas[:1, start:stop]).any()):
+                k = index
+                break
+        if k == layers[0][0]:
             return None
         if k not in self._prefix_cache:
             self._prefix_cache[k] = self._build_prefix(k)
         return self._prefix_cache[k]
+
+    def _layer_columns(self) -> list[tuple[int, int, int]]:
+        """(index among the top-level layers, first column, end column) of each layer with parameters in the
+        space, in order; empty when a layer's parameters are not one contiguous range of theta."""
+        if self._columns is None:
+            children = [name for name, _ in self.module.named_children()]
+            spans: dict[str, list[int]] = {}
+            for b in self.space.blocks:
+                top = b.name.split(".", 1)[0]
+                if top not in children:
+                    spans = {}
+                    break
+                span = spans.setdefault(top, [b.offset, b.stop])
+                if b.offset != span[1] and b.offset != span[0]:
+                    spans = {}
+                    break
+                span[1] = b.stop
+            cols = sorted((children.index(top), a, z) for top, (a, z) in spans.items())
+            contiguous = all(z == a2 for (_, _, z), (_, a2, _) in zip(cols, cols[1:]))
+            self._columns = cols if contiguous else []
+        return self._columns
 
     def _build_prefix(self, k: int) -> tuple["_Prefix", PopulationForward, int] | None:
         prefix, suffix = self.module[:k], self.module[k:]
