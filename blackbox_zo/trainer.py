@@ -114,21 +114,34 @@ class PhasedBatches:
         return (self.first if epoch < self.from_epoch else self.second).batch(epoch, index)
 
 
+def _phase_one(config: TrainConfig) -> Any:
+    """The `phase1` section when it applies (a two-phase run), else None."""
+    return config.phase1 if config.phase2 is not None else None
+
+
 def _phase_batches(batches: Any, config: TrainConfig) -> Any:
-    """The run's batch source: the problem's, or with `phase2.batch_size` phase 1's then phase 2's (ConfigError,
-    one line, when the problem's batches cannot change size or phase 1 does not end at an epoch boundary)."""
-    p2 = config.phase2
-    if p2 is None or p2.batch_size is None:
+    """The run's batch source: the problem's, or with `phase1.batch_size` / `phase2.batch_size` each phase's
+    (ConfigError, one line, when the problem's batches cannot change size, or when the two phases' sizes differ
+    and phase 1 does not end at an epoch boundary)."""
+    p1, p2 = _phase_one(config), config.phase2
+    first_size = p1.batch_size if p1 is not None else None
+    second_size = p2.batch_size if p2 is not None else None
+    if first_size is None and second_size is None:
         return batches
     resize = getattr(batches, "with_batch_size", None)
     if resize is None:
-        raise ConfigError(f"phase2.batch_size: this problem's batches ({type(batches).__name__}) have no other size")
-    per_epoch = batches.num_batches(0)
+        which = "phase1.batch_size" if first_size is not None else "phase2.batch_size"
+        raise ConfigError(f"{which}: this problem's batches ({type(batches).__name__}) have no other size")
+    first = resize(first_size) if first_size is not None else batches
+    if (second_size or getattr(batches, "batch_size", None)) == getattr(first, "batch_size", None):
+        return first  # both phases on batches of one size
+    second = resize(second_size) if second_size is not None else batches
+    per_epoch = first.num_batches(0)
     if p2.after_steps % per_epoch:
         whole = max(per_epoch, p2.after_steps // per_epoch * per_epoch)
         raise ConfigError(f"phase2.after_steps={p2.after_steps} must be a whole number of epochs ({per_epoch} steps "
-                          f"each, e.g. {whole}) when phase2.batch_size is set")
-    return PhasedBatches(batches, resize(p2.batch_size), p2.after_steps // per_epoch)
+                          f"each, e.g. {whole}) when the phases' batch sizes differ")
+    return PhasedBatches(first, second, p2.after_steps // per_epoch)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -185,7 +198,9 @@ class Trainer:
                 log=write if config.run.progress else None)
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.estimator_config = config.estimator  # the current phase's estimator settings
-        self.optimizer = build_optimizer(config.optimizer, self.params)
+        p1 = _phase_one(config)  # a two-phase run's first phase may have its own optimizer and schedule
+        self.optimizer = build_optimizer(p1.optimizer if p1 is not None and p1.optimizer is not None else
+                                         config.optimizer, self.params)
         self.steps_per_epoch = self.batches.num_batches(0)
         total = sum(self.batches.num_batches(e) for e in range(config.run.epochs))
         self.total_steps = min(total, config.run.max_steps) if config.run.max_steps else total
@@ -193,7 +208,8 @@ class Trainer:
         self.schedule_steps = total  # what a schedule spans: run.epochs, not run.max_steps (a resume may change it)
         self.phase = 1
         self.phase2_at = config.phase2.after_steps if config.phase2 is not None else None
-        self.scheduler = build_scheduler(config.schedule, self.optimizer, total if self.phase2_at is None else
+        self.scheduler = build_scheduler(p1.schedule if p1 is not None and p1.schedule is not None else
+                                         config.schedule, self.optimizer, total if self.phase2_at is None else
                                          self.phase2_at, self.steps_per_epoch)
         self.pos = _Position()
         self.elapsed = 0.0  # wall seconds of training so far, across resumes

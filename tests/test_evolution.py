@@ -286,7 +286,7 @@ def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadra
 def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
     """A digits run stopped after 7 steps and resumed ends bitwise where the uninterrupted run ends:
     the search's state (mean, sigma, paths, diagonal) and Guided ES's history ride in the checkpoint."""
-    takes = {"es": ["estimator.q=4", "sparsity.enabled=false"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
+    takes = {"es": ["estimator.q=4", "sparsity.enabled=false", "estimator.blocks=none", "phase2=none"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
              "sep-cma-es": ["estimator.popsize=8"]}[kind]
     fast = ["model.width=2", "data.batch_size=64", f"estimator={kind}", *takes, "estimator.mu=0.05",
             "optimizer.name=adam",
@@ -307,7 +307,8 @@ def test_es_samples_in_the_zo_grasp_subspace_when_sparsity_is_on(tmp_path):
     to `prune`), and every step moves only the coordinates of that step's set."""
     p = DigitsProblem()
     cfg = resolve_config(p.config_model, p.default_config(), overrides=[
-        "model.width=2", "data.batch_size=64", "estimator=es", "estimator.q=3", "optimizer.name=sgd",
+        "model.width=2", "data.batch_size=64", "estimator=es", "estimator.blocks=none", "phase2=none",
+        "estimator.q=3", "optimizer.name=sgd",
         "optimizer.momentum=0", "run.max_steps=1", "run.progress=false", "sparsity.q=4"])
     assert cfg.sparsity.enabled
     before = torch.cat([v.reshape(-1) for v in p.setup(cfg).module.state_dict().values()])
@@ -325,7 +326,8 @@ def test_es_blocks_move_only_those_blocks_and_resume_bitwise(tmp_path):
     """`estimator.blocks=["6"]`: ES samples in the digits CNN's last layer only (the sparsity set is not
     used), so after a few Adam steps every other parameter is exactly where it started and the last
     layer moved; a run stopped mid-way resumes bitwise."""
-    fast = ["model.width=2", "data.batch_size=64", "estimator=es", 'estimator.blocks=["6"]', "estimator.q=4",
+    fast = ["model.width=2", "data.batch_size=64", "estimator=es", 'estimator.blocks=["6"]', "phase2=none",
+            "estimator.q=4",
             "estimator.mu=0.05", "optimizer.name=adam", "optimizer.lr=0.05", "run.progress=false", "run.epochs=1",
             "run.checkpoint_every_steps=1"]
 

@@ -79,8 +79,13 @@ class Task:
         return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.target}"
 
 
-def _images(config) -> int:
-    return int(config.data.batch_size)
+def _images(config) -> float:
+    """Images a query of the run consumes (NaN when its phases use batches of two sizes)."""
+    sizes = {int(config.data.batch_size)}
+    if config.phase2 is not None:
+        p1 = config.phase1.batch_size if config.phase1 is not None else None
+        sizes = {p1 or int(config.data.batch_size), config.phase2.batch_size or int(config.data.batch_size)}
+    return float(sizes.pop()) if len(sizes) == 1 else math.nan
 
 
 def _sim_steps(config) -> int:
@@ -124,12 +129,12 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
         # ES on the last layer only (the conv layers run once per batch: cheap queries), 64 images
         "es-last": {**_B64, "estimator": ES_LAST_THEN_SPARSE_CGE["estimator"],
-                    "optimizer": ES_LAST_THEN_SPARSE_CGE["optimizer"]},
+                    "optimizer": ES_LAST_THEN_SPARSE_CGE["phase1"]["optimizer"]},
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
-        # ... with phase 2 on 16-image batches (phase2.batch_size; phase 1 = 24 whole epochs of 64 images)
+        # ... with phase 2 on 16-image batches and Adam 3e-3 (phase 1 = 24 whole epochs of 64 images)
         "es-last+sparse-cge-b16": deep_merge(ES_LAST_THEN_SPARSE_CGE, {
-            "run": {"epochs": 31}, "phase2": {"after_steps": 528, "batch_size": 16}}),
+            "run": {"epochs": 31}, "phase2": {"after_steps": 528, "batch_size": 16, "optimizer": {"lr": 3e-3}}}),
     },
     "wake-flow": {
         "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
@@ -237,7 +242,7 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False, override
                                                                                chunk=chunk)
     step_s = 0.0
     if time_steps:
-        batch = setup.train_batches.batch(0, 0)
+        batch = trainer.batches.batch(0, 0)
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -247,7 +252,7 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False, override
                 est.estimate(trainer.oracle, theta, batch, coords=coords, seed=0)
             times.append(time.perf_counter() - start)
         step_s = min(times)
-    return Probe(ledger.total, plan.num_queries, setup.train_batches.num_batches(0), trainer.space.dim, step_s)
+    return Probe(ledger.total, plan.num_queries, trainer.batches.num_batches(0), trainer.space.dim, step_s)
 
 
 def fitted_step_schedule(settings: dict[str, Any], run_epochs: float) -> dict[str, Any]:
