@@ -38,15 +38,17 @@ DEEPZERO_RECIPE: dict[str, Any] = {
     "phase2": None,
 }
 
-# Two phases (docs/efficiency.md): sep-CMA-ES (lambda = 28, sigma_0 = 0.02) for 715 steps (20,020 queries),
-# then the recipe's Sparse-CGE with SGD 0.05 (momentum 0.9, cosine over the 620 steps left of 15 epochs).
+# The digits default before ES_LAST_THEN_SPARSE_CGE (docs/efficiency.md): sep-CMA-ES (lambda = 28, sigma_0 = 0.02)
+# for 715 steps (20,020 queries), then the recipe's Sparse-CGE with SGD 0.05 (momentum 0.9, cosine over the 620
+# steps left of 15 epochs), all on 16-image batches.
 SEP_CMA_THEN_SPARSE_CGE: dict[str, Any] = {
     **DEEPZERO_RECIPE,
     "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28},
     "run": {"epochs": 15},
+    "phase1": None,  # both phases on the run's 16-image batches
     "phase2": {"after_steps": 715, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
-               "schedule": {"name": "cosine", "warmup_epochs": 0.0}},
+               "schedule": {"name": "cosine", "warmup_epochs": 0.0}, "batch_size": None},
 }
 
 # The digits default (docs/efficiency.md, "The digits default"): two phases, both on 64-image batches.

@@ -115,6 +115,21 @@ def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
     assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "digits.md").read_text()
 
 
+def test_the_previous_digits_default_is_eight_set_values():
+    """sep-CMA-ES then Sparse-CGE on 16-image batches (SEP_CMA_THEN_SPARSE_CGE, the efficiency study's
+    sep-cma-es+sparse-cge), as docs/training.md spells it over today's default."""
+    from blackbox_zo.config import deep_merge
+    from problems.digits import SEP_CMA_THEN_SPARSE_CGE
+
+    p = DigitsProblem()
+    sets = ["estimator=sep-cma-es", "estimator.mu=0.02", "estimator.popsize=28", "run.epochs=15",
+            "phase2.after_steps=715", "phase2.optimizer.name=sgd", "phase2.optimizer.lr=0.05", "phase2.batch_size=none"]
+    by_sets = p.resolve_config(overrides=sets)
+    assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), SEP_CMA_THEN_SPARSE_CGE))
+    assert by_sets.phase1 is None and by_sets.data.batch_size == 16 and by_sets.phase2.batch_size is None
+    assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+
+
 def test_phase1_applies_to_a_two_phase_run_only(tmp_path):
     """phase1's optimizer and batch size drive phase 1 (the records' lr; 22 batches of 64 an epoch), phase 2
     keeps its own; a user's phase1 on a one-phase run is refused in one line."""
