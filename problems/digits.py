@@ -55,13 +55,13 @@ SEP_CMA_THEN_SPARSE_CGE: dict[str, Any] = {
 # Phase 1: ES on the last layer only (estimator.blocks; q = 28 antithetic pairs, sigma 0.1, Adam 0.2 cosine,
 # `phase1`): the oracle runs the conv layers once per batch, so a query costs about a tenth of a whole-network
 # one; 536 steps (30,016 queries). Phase 2: the recipe's Sparse-CGE on every layer with Adam 5e-3 (cosine over
-# the 344 steps left of 40 epochs). The run's own optimizer, schedule and batch size stay the recipe's, so
+# the 256 steps left of 36 epochs). The run's own optimizer, schedule and batch size stay the recipe's, so
 # DeepZero's recipe is four --set values away: estimator=cge, estimator.mu=0.005, run.epochs=10, phase2=none.
 ES_LAST_THEN_SPARSE_CGE: dict[str, Any] = {
     **DEEPZERO_RECIPE,
     "estimator": {"kind": "es", "q": 28, "mu": 0.1, "blocks": ["6"], "shaping": "centered-ranks"},
     "phase1": {"optimizer": {"name": "adam", "lr": 0.2, "weight_decay": 0.0}, "batch_size": 64},
-    "run": {"epochs": 40},
+    "run": {"epochs": 36},
     "phase2": {"after_steps": 536, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
                "optimizer": {"name": "adam", "lr": 5e-3, "weight_decay": 0.0},
                "schedule": {"name": "cosine", "warmup_epochs": 0.0}, "batch_size": 64},
@@ -184,7 +184,7 @@ class DigitsProblem(Problem):
         # Two phases (ES_LAST_THEN_SPARSE_CGE; docs/efficiency.md, the digits-w8-run rows): ES on the last layer
         # (cheap queries: the conv layers run once per batch) to 30K queries, then DeepZero's Sparse-CGE
         # (ZO-GraSP at init, layer-wise ratios at 90% sparsity, a fresh set every epoch) with Adam 5e-3 to the end
-        # of 40 epochs of 64 images: 0.94 in about half the queries of the previous default (sep-CMA-ES then
+        # of 36 epochs of 64 images: 0.94 in about half the queries of the previous default (sep-CMA-ES then
         # Sparse-CGE) and about its accuracy at the end. data.batch_size 16 is the recipe's (a one-phase run).
         return {
             "problem": "digits",
@@ -192,7 +192,7 @@ class DigitsProblem(Problem):
             "data": {"batch_size": 16, "seed": 0},
             # One intra-op thread: the ops are small, and on a shared 2-core machine torch's default
             # 2 threads made the same run 12x slower (279 s vs 23 s, identical result; docs/sparsity.md).
-            "run": {"epochs": 40, "seed": 0, "threads": 1},
+            "run": {"epochs": 36, "seed": 0, "threads": 1},
         }
 
     def setup(self, config: DigitsConfig) -> TrainingSetup:

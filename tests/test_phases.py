@@ -191,3 +191,19 @@ def test_phase2_batch_size_needs_phase_1_in_whole_epochs(tmp_path):
         train(p, cfg, run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="phase2.batch_size"):
         _config("phase2.batch_size=0")
+
+
+def test_a_phase_batch_size_on_batches_that_cannot_change_size_is_one_line(tmp_path):
+    """A bare oracle's batch source (one repeated batch) has no other size: phase1/phase2.batch_size is refused
+    before any file is written."""
+    import fault_oracles
+    from blackbox_zo.problem import OracleProblem
+
+    p = OracleProblem(fault_oracles.NAME)
+    for which in ("phase1.batch_size=4", "phase2.batch_size=4"):
+        cfg = resolve_config(p.config_model, p.default_config(), overrides=[
+            "run.progress=false", "estimator=rge", "phase2.after_steps=2", which])
+        with pytest.raises(ConfigError, match=rf"{which.split('=')[0]}: this problem's batches \(RepeatedBatch\) "
+                                              "have no other size"):
+            train(p, cfg, run_dir=tmp_path / "run")
+        assert not any((tmp_path / "run").iterdir())
