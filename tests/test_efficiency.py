@@ -160,11 +160,12 @@ def test_a_whole_run_task_keeps_the_methods_own_length(tmp_path):
     assert run["steps"] == 4 and run["step_queries"] == 56 and run["queries"] == run["setup_queries"] + 4 * 56
     assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 536
     from problems.digits import DigitsProblem
-    from problems.experiments.efficiency import _images
+    from problems.experiments.efficiency import images_per_query
 
     p = DigitsProblem()  # images a query: both phases of the default on 64 (phase1/phase2.batch_size), the recipe 16
-    assert _images(p.resolve_config()) == 64 and _images(p.resolve_config(overrides=["phase2=none"])) == 16
-    assert math.isnan(_images(p.resolve_config(overrides=["phase2.batch_size=16"])))
+    assert images_per_query(p.resolve_config()) == 64
+    assert images_per_query(p.resolve_config(overrides=["phase2=none"])) == 16
+    assert math.isnan(images_per_query(p.resolve_config(overrides=["phase2.batch_size=16"])))
     assert run["settings"]["run"]["query_budget"] == 1_000_000
 
 

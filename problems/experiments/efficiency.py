@@ -79,7 +79,7 @@ class Task:
         return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.target}"
 
 
-def _images(config) -> float:
+def images_per_query(config) -> float:
     """Images a query of the run consumes (NaN when its phases use batches of two sizes)."""
     sizes = {int(config.data.batch_size)}
     if config.phase2 is not None:
@@ -170,7 +170,7 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 _DIGITS = dict(problem="digits", metric="test_acc", target=0.94, higher_is_better=True, units="images",
-               units_per_query=_images)
+               units_per_query=images_per_query)
 _WAKE = dict(problem="wake-flow", metric="test_mae", target=0.0327, higher_is_better=False, budget=25_600,
              units="simulation steps", units_per_query=_sim_steps)
 TASKS: dict[str, Task] = {
@@ -192,7 +192,7 @@ TASKS: dict[str, Task] = {
     # without the 1%, the default itself would "reach" its last digit only at its last evaluation.
     "certified-defense": Task("certified-defense", problem="certified-defense", settings={"run": {"threads": 1}},
                               metric="test_noisy_loss", target=math.nan, higher_is_better=False, budget=127_600,
-                              units="images", units_per_query=_images, dim_hint=289,
+                              units="images", units_per_query=images_per_query, dim_hint=289,
                               also=("test_noisy_acc", "test_clean_acc"), target_from="cge", target_slack=0.01,
                               held=True),
 }
