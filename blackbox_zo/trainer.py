@@ -101,7 +101,7 @@ class FlatParams(nn.Module):
         return [self.blocks[b.name.replace(".", "__")] for b in self.space]
 
 
-class PhasedBatches:
+class _PhasedBatches:
     """Phase 1's batches for epochs before `from_epoch`, phase 2's (another batch size) from there on."""
 
     def __init__(self, first: Any, second: Any, from_epoch: int):
@@ -141,7 +141,7 @@ def _phase_batches(batches: Any, config: TrainConfig) -> Any:
         whole = max(per_epoch, p2.after_steps // per_epoch * per_epoch)
         raise ConfigError(f"phase2.after_steps={p2.after_steps} must be a whole number of epochs ({per_epoch} steps "
                           f"each, e.g. {whole}) when the phases' batch sizes differ")
-    return PhasedBatches(first, second, p2.after_steps // per_epoch)
+    return _PhasedBatches(first, second, p2.after_steps // per_epoch)
 
 
 # ---------------------------------------------------------------------------- trainer
