@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -17,14 +16,6 @@ from blackbox_zo.reuse import FeatureReuse, NotStageableError
 __all__ = ["ModelLossOracle"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-@dataclass(frozen=True)
-class _Prefix:
-    """The first layers of a Sequential that every member of a population shares, and their parameters' names."""
-
-    module: nn.Module
-    names: frozenset[str]
 
 
 class ModelLossOracle(Oracle):
@@ -70,8 +61,6 @@ class ModelLossOracle(Oracle):
             self.memory_cap_bytes = int(memory_cap_bytes)
         self._activation_bytes: dict[tuple, int] = {}
         self.population: PopulationForward | None = None
-        self._prefix_cache: dict[int, tuple[_Prefix, PopulationForward, int] | None] = {}
-        self._columns: list[tuple[int, int, int]] | None = None
         if population is None or population:
             try:
                 self.population = PopulationForward(module, self.space)
@@ -119,78 +108,8 @@ class ModelLossOracle(Oracle):
     def _population_losses(self, thetas: Tensor, batch: Any) -> Tensor:
         x, y = batch
         chunk = self._vmap_chunk(thetas[0], x)
-        population = self.population
-        split = self._shared_prefix(thetas)
-        if split is not None:  # every member has the same first layers: run them once, the rest per member
-            prefix, population, offset = split
-            params = {name: view for name, view in self.space.views(thetas[0]).items() if name in prefix.names}
-            x = functional_call(prefix.module, {**self._frozen_params(), **self._buffers(), **params}, (x,),
-                                strict=False)
-            thetas = thetas[:, offset:]
-        return torch.cat([population.losses(thetas[i : i + chunk], x, y, self.loss_fn)
+        return torch.cat([self.population.losses(thetas[i : i + chunk], x, y, self.loss_fn)
                           for i in range(0, thetas.shape[0], chunk)])
-
-    def _shared_prefix(self, thetas: Tensor) -> tuple["_Prefix", PopulationForward, int] | None:
-        """(the shared first layers, the population forward of the others, where their parameters start)
-        when the P > 1 members agree exactly on every parameter of the module's first k >= 1 layers (an
-        estimate restricted to late layers, e.g. `estimator.blocks`): those layers then run once on the
-        batch and only the rest runs per member. Same losses as the whole population forward up to
-        floating-point rounding (tests/test_population.py). None when no layer is shared or the split does
-        not apply (a norm layer among the shared ones, a suffix the population forward cannot batch)."""
-        if thetas.shape[0] < 2 or not isinstance(self.module, nn.Sequential):
-            return None
-        layers = self._layer_columns()
-        if len(layers) < 2:
-            return None
-        # the first layer whose columns differ between members (the last one's need no look: if every earlier
-        # layer is shared, the split is before it whether it varies or not)
-        k = layers[-1][0]
-        for index, start, stop in layers[:-1]:
-            if bool((thetas[1:, start:stop] != thetas[:1, start:stop]).any()):
-                k = index
-                break
-        if k == layers[0][0]:
-            return None
-        if k not in self._prefix_cache:
-            self._prefix_cache[k] = self._build_prefix(k)
-        return self._prefix_cache[k]
-
-    def _layer_columns(self) -> list[tuple[int, int, int]]:
-        """(index among the top-level layers, first column, end column) of each layer with parameters in the
-        space, in order; empty when a layer's parameters are not one contiguous range of theta."""
-        if self._columns is None:
-            children = [name for name, _ in self.module.named_children()]
-            spans: dict[str, list[int]] = {}
-            for b in self.space.blocks:
-                top = b.name.split(".", 1)[0]
-                if top not in children:
-                    spans = {}
-                    break
-                span = spans.setdefault(top, [b.offset, b.stop])
-                if b.offset != span[1] and b.offset != span[0]:
-                    spans = {}
-                    break
-                span[1] = b.stop
-            cols = sorted((children.index(top), a, z) for top, (a, z) in spans.items())
-            contiguous = all(z == a2 for (_, _, z), (_, a2, _) in zip(cols, cols[1:]))
-            self._columns = cols if contiguous else []
-        return self._columns
-
-    def _build_prefix(self, k: int) -> tuple["_Prefix", PopulationForward, int] | None:
-        prefix, suffix = self.module[:k], self.module[k:]
-        if any(isinstance(m, _NORM_TYPES) for m in prefix.modules()):
-            return None  # its statistics would be updated by the prefix forward; on_step owns that
-        names = [b.name for b in self.space.blocks if b.name.split(".", 1)[0] in dict(prefix.named_children())]
-        if not names:
-            return None  # only parameter-free layers are shared: the population forward shares those already
-        offset = sum(self.space[n].numel for n in names)
-        rest = ParamSpace([(b.name, b.shape) for b in self.space.blocks[len(names):]])
-        if [b.name for b in self.space.blocks[: len(names)]] != names:
-            return None  # the prefix's parameters are not the first blocks of the flat vector
-        try:
-            return _Prefix(prefix, frozenset(names)), PopulationForward(suffix, rest), offset
-        except NotBatchableError:
-            return None
 
     def _vmapped_losses(self, thetas: Tensor, batch: Any) -> Tensor:
         x, y = batch

@@ -125,6 +125,16 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                                                                 "popsize": 28}},
         "sparse-cge-99-adam": {**_B64, "estimator": {"kind": "cge", "mu": 5e-3}, "optimizer": {"name": "adam",
                                "lr": 0.01}, "sparsity": {"sparsity": 0.99, "resample_every_epochs": 1}},
+        # the last layer only (model.frozen_convs=2: the convolutions keep their seeded initialisation, random
+        # features): a population runs the conv stack once per batch (docs/efficiency.md, width 32)
+        "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.1,
+                                                                                "popsize": 28}},
+        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                  "optimizer": {"name": "adam", "lr": 0.03}},
+        # the hybrid on the last layer: ES in the linear layer's ZO-GraSP set (half its weights, redrawn every epoch)
+        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                        "optimizer": {"name": "adam", "lr": 0.05}, "sparsity": {"sparsity": 0.5,
+                                                                               "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
         "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
         # ES on the last layer only (the conv layers run once per batch: cheap queries), 64 images
