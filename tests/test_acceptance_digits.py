@@ -29,7 +29,7 @@ def test_default_two_phase_run_reaches_095():
     # The default: ZO-GraSP (2 (192 + 1) = 386 queries, phase `prune`) for phase 2's sparsity, ES on the last
     # layer (28 antithetic pairs: 56 queries a step, 64-image batches) for 536 steps, then Sparse-CGE at 90%
     # sparsity of the weights (378 of 3,784 weights + 34 dense biases = 412 coordinates, 413 queries a step)
-    # to the end of 36 epochs of 22 batches (792 steps). Measured (docs/efficiency.md): 0.9583 / 0.9583 /
+    # to the end of 36 epochs of 22 batches (792 steps). Measured (docs/efficiency.md): 0.9556 / 0.9583 /
     # 0.9667 for run.seed 0 / 1 / 2.
     summary = run()
     assert summary["zeroth_order"] and summary["test_acc"] >= 0.95
