@@ -278,3 +278,26 @@ def test_an_oracle_population_that_shares_its_first_layers_equals_a_loop(name, d
     varied[1, 0] += 0.5
     torch.testing.assert_close(oracle.losses(varied, (x, y)), _reference(module, oracle.space, varied, x, y),
                                rtol=TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("name", ["digits", "bn-grouped"])
+def test_cpu_chunks_change_no_bit(name, monkeypatch):
+    """The oracle splits a population into CPU chunks whose largest activation stays under
+    POPULATION_CPU_CHUNK_BYTES; ZO-GraSP's scores (hence the digits run) stay the same only if no
+    loss changes by a bit: the members never meet in a kernel. Checked against chunks 4x larger."""
+    import oracles.model_loss as model_loss
+
+    module, shape, classes = _models()[name]
+    oracle = ModelLossOracle(module)
+    gen = torch.Generator().manual_seed(3)
+    batch = (torch.rand(250, *shape, generator=gen), torch.randint(0, classes, (250,), generator=gen))
+    thetas = _members(oracle.space, module, 67, 0.01)
+    oracle.losses(thetas[:2], batch)  # measures the largest activation
+    largest = max(oracle._activation_bytes.values())
+    monkeypatch.setattr(model_loss, "POPULATION_CPU_CHUNK_BYTES", 4 * largest)  # chunks of 4 members
+    small = oracle.losses(thetas, batch)
+    monkeypatch.setattr(model_loss, "POPULATION_CPU_CHUNK_BYTES", 16 * largest)  # chunks of 16
+    large = oracle.losses(thetas, batch)
+    whole = oracle.population.losses(thetas, *batch, oracle.loss_fn)  # one chunk
+    assert torch.equal(small, large) and torch.equal(small, whole)
+    torch.testing.assert_close(small, _reference(module, oracle.space, thetas, *batch), rtol=1e-5, atol=0)
