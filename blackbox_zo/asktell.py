@@ -375,7 +375,7 @@ class AskTellRun:
     def _plan(self):
         """The next step's plan, exactly as the trainer's step builds it: (plan, coords, batch)."""
         t = self.trainer
-        batch = t.setup.train_batches.batch(t.pos.epoch, t.pos.index)
+        batch = t.batches.batch(t.pos.epoch, t.pos.index)
         theta, coords, seed = t.step_inputs(batch)
         t.oracle.on_step(theta, batch)
         method = t.estimator
@@ -475,7 +475,7 @@ class AskTellRun:
             engine_s = float(pending.get("engine_s", 0.0)) + time.perf_counter() - started
             base = t.elapsed
             record = t.advance(True, result.base_loss, result.queries, lambda: base + engine_s)
-            nb = t.setup.train_batches.num_batches(t.pos.epoch)
+            nb = t.batches.num_batches(t.pos.epoch)
             if t.pos.index >= nb:
                 t.end_epoch()
             if t.done:

@@ -64,6 +64,7 @@ __all__ = [
     "SparsityField",
     "ParallelConfig",
     "PhaseTwoConfig",
+    "PhaseOneConfig",
     "TrainConfig",
     "ENGINE_SECTIONS",
     "active_sparsity",
@@ -441,6 +442,8 @@ class PhaseTwoConfig(Strict):
                                                        description="phase 2's optimizer (fresh state at the switch)")
     schedule: SerializeAsAny[ScheduleConfig] = Field(default_factory=CosineSchedule,
                                                      description="phase 2's lr schedule, over phase 2's steps")
+    batch_size: Optional[int] = Field(None, ge=1, description="phase 2's examples per step (none: data.batch_size, "
+                                      "as phase 1); phase 1 must then be a whole number of epochs")
 
     @field_validator("estimator")
     @classmethod
@@ -449,6 +452,20 @@ class PhaseTwoConfig(Strict):
             raise PydanticCustomError("phase2_autograd", "phase 2 must be a zeroth-order estimator, not "
                                       "'{kind}'", {"kind": est.kind})
         return est
+
+
+class PhaseOneConfig(Strict):
+    """The `phase1` section of a two-phase run: the first phase's own optimizer, schedule and batch size,
+    where they differ from the run's. The run's `optimizer`, `schedule` and `data.batch_size` are then
+    what a one-phase run of these settings uses (`phase2=none` drops this section with phase 2): e.g. the
+    digits default's ES phase takes Adam and 64 images while DeepZero's recipe, four --set values away,
+    keeps SGD and 16."""
+
+    optimizer: Optional[SerializeAsAny[OptimizerConfig]] = Field(None, description="phase 1's optimizer (none: the "
+                                                                 "run's)")
+    schedule: Optional[SerializeAsAny[ScheduleConfig]] = Field(None, description="phase 1's lr schedule, over phase 1's "
+                                                               "steps (none: the run's)")
+    batch_size: Optional[int] = Field(None, ge=1, description="phase 1's examples per step (none: data.batch_size)")
 
 
 # ---------------------------------------------------------------------------- the config
@@ -473,6 +490,8 @@ class TrainConfig(Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="forward parallelism under torchrun")
     phase2: Optional[PhaseTwoConfig] = Field(None, description="a second phase: another estimator, optimizer and "
                                              "schedule after phase2.after_steps steps (none: one phase)")
+    phase1: Optional[PhaseOneConfig] = Field(None, description="a two-phase run's first phase: its own optimizer, "
+                                             "schedule or batch size (none: the run's)")
 
     @model_validator(mode="after")
     def _sparsity_needs_its_estimator(self) -> "TrainConfig":
@@ -589,7 +608,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
-        if k in _SHORTHAND and not isinstance(v, dict) and isinstance(out.get(k), (dict, type(None))):
+        none = v is None or (isinstance(v, str) and v.strip().lower() in _NONE_WORDS)  # unset (phase1.optimizer)
+        if k in _SHORTHAND and not isinstance(v, dict) and not none and isinstance(out.get(k), (dict, type(None))):
             v = {_SHORTHAND[k]: v}
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
@@ -645,12 +665,16 @@ def unused_settings(model: type[TrainConfig], data: dict[str, Any], name: str | 
         if key not in fields:
             if key in ENGINE_SECTIONS:  # (phase2 is not listed: a second copy of estimator, optimizer, schedule)
                 out.append((key, f"{who} has no {key} section (its sections: "
-                                 f"{', '.join(k for k in fields if k not in ('problem', 'phase2'))})"))
+                                 f"{', '.join(k for k in fields if k not in ('problem', 'phase1', 'phase2'))})"))
             continue
         section = section_model(fields[key].annotation)
         if isinstance(value, dict) and section is not None and issubclass(section, Tagged):
             out += _tagged_unused(key, section, value)
-        elif isinstance(value, dict) and section is PhaseTwoConfig:
+        elif isinstance(value, dict) and section in (PhaseTwoConfig, PhaseOneConfig):
+            if section is PhaseOneConfig and not isinstance(data.get("phase2"), dict):
+                out.append((key, "phase1 holds the first phase's settings of a two-phase run, and this run has one "
+                                 "phase (phase2 is none)"))
+                continue
             for sub, root in (("estimator", EstimatorSettings), ("optimizer", OptimizerConfig),
                               ("schedule", ScheduleConfig)):
                 if isinstance(value.get(sub), dict):
@@ -703,14 +727,19 @@ def _copy(data: dict[str, Any]) -> dict[str, Any]:
 def _drop_default_phase2(base: dict[str, Any], user: dict[str, Any], data: dict[str, Any]) -> None:
     """A `phase2` from the defaults belongs to the defaults' estimator: a user who picks another
     estimator.kind (and sets nothing of phase2) gets a one-phase run of that estimator, starting
-    from that kind's own settings (the two-phase preset's estimator values, e.g. sep-CMA-ES's
-    sigma_0 as `mu`, are dropped with its phase2 unless the user sets them)."""
-    if not isinstance(base.get("phase2"), dict) or "phase2" in user:
+    from that kind's own settings (the two-phase preset's estimator values, e.g. ES's sigma as
+    `mu`, are dropped with its phase2 unless the user sets them). The preset's `phase1` (its first
+    phase's optimizer and batch size) leaves whenever another kind is picked, unless the user sets it."""
+    if not isinstance(base.get("phase2"), dict):
         return
     user_estimator = user.get("estimator") if isinstance(user.get("estimator"), dict) else {}
     chosen = user_estimator.get("kind")
     default = base.get("estimator", {}).get("kind") if isinstance(base.get("estimator"), dict) else None
-    if chosen is not None and chosen != default:
+    if chosen is None or chosen == default:
+        return
+    if isinstance(base.get("phase1"), dict) and "phase1" not in user:  # the preset's phase-1 optimizer, batch size
+        data["phase1"] = None
+    if "phase2" not in user:
         data["phase2"] = None
         data["estimator"] = {k: v for k, v in data["estimator"].items() if k == "kind" or k in user_estimator}
 

@@ -172,6 +172,10 @@ class ESConfig(EstimatorSettings):
     shaping: Literal["centered-ranks", "nes", "none"] = Field(
         "centered-ranks", description="losses -> ranks in [-0.5, 0.5], minus NES utilities, or raw losses "
         "(none: central Gaussian RGE)")
+    blocks: Optional[list[str]] = Field(
+        None, min_length=1, description="sample only in these parameter blocks, each a name or the prefix of "
+        "names (e.g. [\"6\"]: a Sequential's layer 6, weight and bias); the sparsity set is then not used "
+        "(none: every coordinate, or the step's sparsity set)")
 
 
 class GuidedESConfig(ESConfig):

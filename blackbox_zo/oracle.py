@@ -113,6 +113,19 @@ class ParamSpace:
     def names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    def coords_of(self, names: Sequence[str]) -> Tensor:
+        """Flat indices (sorted, int64) of the blocks that `names` select: a name selects the block of
+        that name and every block under it ("6" selects "6.weight" and "6.bias"). ValueError, naming
+        the blocks there are, for a name that selects nothing."""
+        chosen: list[Block] = []
+        for name in names:
+            hits = [b for b in self.blocks if b.name == name or b.name.startswith(f"{name}.")]
+            if not hits:
+                raise ValueError(f"no parameter block {name!r} (blocks: {', '.join(self.names)})")
+            chosen.extend(b for b in hits if b not in chosen)
+        chosen.sort(key=lambda b: b.offset)
+        return torch.cat([torch.arange(b.offset, b.stop, dtype=torch.long) for b in chosen])
+
     def block_index(self, coords: Tensor) -> Tensor:
         """Index of the block each flat coordinate belongs to."""
         return torch.searchsorted(self._starts, coords.to(torch.long), right=True) - 1

@@ -126,9 +126,18 @@ def perturbed(theta: Tensor, u: Tensor, coords: Tensor | None, step: float) -> T
     thetas = theta.unsqueeze(0).repeat(u.shape[0], 1)
     if coords is None:
         thetas += step * u
+    elif _is_range(coords):  # e.g. whole parameter blocks (estimator.blocks): a slice, not a scatter
+        start = int(coords[0])
+        thetas[:, start : start + coords.numel()] += step * u
     else:
         thetas[:, coords] += step * u
     return thetas
+
+
+def _is_range(coords: Tensor) -> bool:
+    """coords is start, start + 1, ..., start + n - 1 (n >= 1)."""
+    n = coords.numel()
+    return n > 0 and int(coords[-1]) - int(coords[0]) == n - 1 and bool((coords.diff() == 1).all())
 
 
 # ------------------------------------------------------------------------------ plans

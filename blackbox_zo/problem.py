@@ -87,6 +87,11 @@ class TensorBatches:
     def num_batches(self, epoch: int) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
+    def with_batch_size(self, batch_size: int) -> "TensorBatches":
+        """The same tensors, seed and order rule in batches of another size (a run's phase 2)."""
+        return TensorBatches(*self.tensors, batch_size=batch_size, seed=self.seed, shuffle=self.shuffle,
+                             drop_last=self.drop_last)
+
     def _order(self, epoch: int) -> Tensor:
         if self._perm_epoch != epoch:
             if self.shuffle:

@@ -101,6 +101,49 @@ class FlatParams(nn.Module):
         return [self.blocks[b.name.replace(".", "__")] for b in self.space]
 
 
+class _PhasedBatches:
+    """Phase 1's batches for epochs before `from_epoch`, phase 2's (another batch size) from there on."""
+
+    def __init__(self, first: Any, second: Any, from_epoch: int):
+        self.first, self.second, self.from_epoch = first, second, from_epoch
+
+    def num_batches(self, epoch: int) -> int:
+        return (self.first if epoch < self.from_epoch else self.second).num_batches(epoch)
+
+    def batch(self, epoch: int, index: int) -> Any:
+        return (self.first if epoch < self.from_epoch else self.second).batch(epoch, index)
+
+
+def _phase_one(config: TrainConfig) -> Any:
+    """The `phase1` section when it applies (a two-phase run), else None."""
+    return config.phase1 if config.phase2 is not None else None
+
+
+def _phase_batches(batches: Any, config: TrainConfig) -> Any:
+    """The run's batch source: the problem's, or with `phase1.batch_size` / `phase2.batch_size` each phase's
+    (ConfigError, one line, when the problem's batches cannot change size, or when the two phases' sizes differ
+    and phase 1 does not end at an epoch boundary)."""
+    p1, p2 = _phase_one(config), config.phase2
+    first_size = p1.batch_size if p1 is not None else None
+    second_size = p2.batch_size if p2 is not None else None
+    if first_size is None and second_size is None:
+        return batches
+    resize = getattr(batches, "with_batch_size", None)
+    if resize is None:
+        which = "phase1.batch_size" if first_size is not None else "phase2.batch_size"
+        raise ConfigError(f"{which}: this problem's batches ({type(batches).__name__}) have no other size")
+    first = resize(first_size) if first_size is not None else batches
+    if (second_size or getattr(batches, "batch_size", None)) == getattr(first, "batch_size", None):
+        return first  # both phases on batches of one size
+    second = resize(second_size) if second_size is not None else batches
+    per_epoch = first.num_batches(0)
+    if p2.after_steps % per_epoch:
+        whole = max(per_epoch, p2.after_steps // per_epoch * per_epoch)
+        raise ConfigError(f"phase2.after_steps={p2.after_steps} must be a whole number of epochs ({per_epoch} steps "
+                          f"each, e.g. {whole}) when the phases' batch sizes differ")
+    return _PhasedBatches(first, second, p2.after_steps // per_epoch)
+
+
 # ---------------------------------------------------------------------------- trainer
 
 
@@ -122,6 +165,11 @@ class Trainer:
         loggers: Sequence[MetricsLogger] = (),
     ):
         self.setup, self.config, self.problem_name = setup, config, problem_name
+        self.space = setup.oracle.space
+        for est_cfg in (config.estimator, config.phase2.estimator if config.phase2 is not None else None):
+            if getattr(est_cfg, "blocks", None):  # a name that selects no block: one line, before any file
+                self._block_coords(est_cfg.blocks)
+        self.batches = _phase_batches(setup.train_batches, config)  # phase2.batch_size: its own batches from its epoch
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         # metrics.jsonl of the run directory, then any other sink (TensorBoard, MLflow, ...); main rank only
@@ -150,15 +198,18 @@ class Trainer:
                 log=write if config.run.progress else None)
             parallel.sum_ledger_over_ranks(self.oracle.ledger)  # setup-time queries (e.g. pruning) ran on every rank
         self.estimator_config = config.estimator  # the current phase's estimator settings
-        self.optimizer = build_optimizer(config.optimizer, self.params)
-        self.steps_per_epoch = setup.train_batches.num_batches(0)
-        total = config.run.epochs * self.steps_per_epoch
+        p1 = _phase_one(config)  # a two-phase run's first phase may have its own optimizer and schedule
+        self.optimizer = build_optimizer(p1.optimizer if p1 is not None and p1.optimizer is not None else
+                                         config.optimizer, self.params)
+        self.steps_per_epoch = self.batches.num_batches(0)
+        total = sum(self.batches.num_batches(e) for e in range(config.run.epochs))
         self.total_steps = min(total, config.run.max_steps) if config.run.max_steps else total
         # phase2: phase 1's schedule spans its own steps, phase 2's the rest of the run (enter_phase)
         self.schedule_steps = total  # what a schedule spans: run.epochs, not run.max_steps (a resume may change it)
         self.phase = 1
         self.phase2_at = config.phase2.after_steps if config.phase2 is not None else None
-        self.scheduler = build_scheduler(config.schedule, self.optimizer, total if self.phase2_at is None else
+        self.scheduler = build_scheduler(p1.schedule if p1 is not None and p1.schedule is not None else
+                                         config.schedule, self.optimizer, total if self.phase2_at is None else
                                          self.phase2_at, self.steps_per_epoch)
         self.pos = _Position()
         self.elapsed = 0.0  # wall seconds of training so far, across resumes
@@ -270,7 +321,7 @@ class Trainer:
             p.grad = None
         self.optimizer = build_optimizer(p2.optimizer, self.params)
         self.scheduler = build_scheduler(p2.schedule, self.optimizer, max(1, self.schedule_steps - self.phase2_at),
-                                         self.steps_per_epoch)
+                                         self.batches.num_batches(self.config.run.epochs - 1))
 
     def _enter_due_phase(self) -> None:
         if self.phase2_at is not None and self.phase == 1 and self.pos.step >= self.phase2_at:
@@ -386,11 +437,27 @@ class Trainer:
         sampler = self.setup.coord_sampler
         # with two phases the sampler may serve one of them only: an estimator that takes no sparsity gets none
         takes = type(self.estimator_config).uses_sparsity
-        coords = sampler.coords(epoch) if sampler is not None and takes else None
+        blocks = getattr(self.estimator_config, "blocks", None)
+        if blocks:  # the phase searches fixed parameter blocks (e.g. the last layer), not the sparsity set
+            coords = self._block_coords(blocks)
+        else:
+            coords = sampler.coords(epoch) if sampler is not None and takes else None
         if self.parallel is not None and self.parallel.due_for_check(step):
             self.parallel.check_agreement(step, parameters_and_buffers=self.module.state_dict(), coordinates=coords,
                                           batch=batch)
         return theta, coords, step_seed(self.config.run.seed, step)
+
+    def _block_coords(self, blocks: Sequence[str]) -> Tensor:
+        """The flat coordinates of `estimator.blocks` (cached per phase: the list does not change within one)."""
+        key = tuple(blocks)
+        cached = getattr(self, "_blocks_cache", None)
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, self.space.coords_of(key))
+            except ValueError as exc:
+                raise ConfigError(f"estimator.blocks: {exc}") from None
+            self._blocks_cache = cached
+        return cached[1]
 
     def _zo_step(self, batch: Any) -> Estimate | SearchStep | None:
         theta, coords, seed = self.step_inputs(batch)
@@ -569,7 +636,7 @@ class Trainer:
         session_start = time.perf_counter()
         session_queries = self.oracle.ledger.total
         start_elapsed = self.elapsed
-        batches = self.setup.train_batches
+        batches = self.batches
         while self.pos.epoch < cfg.epochs and self.pos.step < self.total_steps:
             nb = batches.num_batches(self.pos.epoch)
             while self.pos.index < nb and self.pos.step < self.total_steps:
@@ -807,7 +874,12 @@ def train(
             raise Interrupted(signum, during="setup (nothing was kept)" if resume is None else
                               f"setup ({run_dir} is unchanged)") from None
         raise
-    trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks, loggers=loggers)
+    try:
+        trainer = Trainer(setup, config, run_dir, problem_name=problem.name, callbacks=callbacks, loggers=loggers)
+    except ConfigError:  # e.g. estimator.blocks names no parameter: nothing kept
+        if fresh:
+            rundir.discard_if_unused(Path(run_dir))
+        raise
     if resume is not None:
         if rundir.find_checkpoint(run_dir):
             note = trainer.resume_from(run_dir)

@@ -156,9 +156,16 @@ def test_a_whole_run_task_keeps_the_methods_own_length(tmp_path):
     default's phase 1), not as many steps as the budget pays for."""
     task = Task("tiny-run", "digits", {"model": {"width": 2}, "run": {"max_steps": 4}}, "test_acc", 0.94, True,
                 1_000_000, "images", fit_to_budget=False)
-    run = run_one(task, "sep-cma-es+sparse-cge", 0, 2, tmp_path)
-    assert run["steps"] == 4 and run["step_queries"] == 28 and run["queries"] == run["setup_queries"] + 4 * 28
-    assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 715
+    run = run_one(task, "es-last+sparse-cge", 0, 2, tmp_path)
+    assert run["steps"] == 4 and run["step_queries"] == 56 and run["queries"] == run["setup_queries"] + 4 * 56
+    assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 536
+    from problems.digits import DigitsProblem
+    from problems.experiments.efficiency import images_per_query
+
+    p = DigitsProblem()  # images a query: both phases of the default on 64 (phase1/phase2.batch_size), the recipe 16
+    assert images_per_query(p.resolve_config()) == 64
+    assert images_per_query(p.resolve_config(overrides=["phase2=none"])) == 16
+    assert math.isnan(images_per_query(p.resolve_config(overrides=["phase2.batch_size=16"])))
     assert run["settings"]["run"]["query_budget"] == 1_000_000
 
 

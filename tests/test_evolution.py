@@ -21,7 +21,7 @@ import torch
 
 from resume_helpers import stop_and_resume
 
-from blackbox_zo.config import EstimatorSettings, resolve_config
+from blackbox_zo.config import ConfigError, EstimatorSettings, resolve_config
 from blackbox_zo.estimators import RGE, make_estimator
 from blackbox_zo.evolution import CMAES, ES, GuidedES, SepCMAES, centered_ranks, is_search, nes_utilities, \
     shape_losses
@@ -286,7 +286,7 @@ def test_searches_are_registered_reproducible_and_checkpoint_safely(kind, quadra
 def test_training_resumes_bitwise_mid_epoch(tmp_path, kind):
     """A digits run stopped after 7 steps and resumed ends bitwise where the uninterrupted run ends:
     the search's state (mean, sigma, paths, diagonal) and Guided ES's history ride in the checkpoint."""
-    takes = {"es": ["estimator.q=4", "sparsity.enabled=false"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
+    takes = {"es": ["estimator.q=4", "sparsity.enabled=false", "estimator.blocks=none", "phase2=none"], "guided-es": ["estimator.q=4", "estimator.guide_k=2"],
              "sep-cma-es": ["estimator.popsize=8"]}[kind]
     fast = ["model.width=2", "data.batch_size=64", f"estimator={kind}", *takes, "estimator.mu=0.05",
             "optimizer.name=adam",
@@ -307,7 +307,8 @@ def test_es_samples_in_the_zo_grasp_subspace_when_sparsity_is_on(tmp_path):
     to `prune`), and every step moves only the coordinates of that step's set."""
     p = DigitsProblem()
     cfg = resolve_config(p.config_model, p.default_config(), overrides=[
-        "model.width=2", "data.batch_size=64", "estimator=es", "estimator.q=3", "optimizer.name=sgd",
+        "model.width=2", "data.batch_size=64", "estimator=es", "estimator.blocks=none", "phase2=none",
+        "estimator.q=3", "optimizer.name=sgd",
         "optimizer.momentum=0", "run.max_steps=1", "run.progress=false", "sparsity.q=4"])
     assert cfg.sparsity.enabled
     before = torch.cat([v.reshape(-1) for v in p.setup(cfg).module.state_dict().values()])
@@ -319,3 +320,48 @@ def test_es_samples_in_the_zo_grasp_subspace_when_sparsity_is_on(tmp_path):
     assert 0 < moved < 0.3 * before.numel()  # 90% sparsity on the weights; biases are always in the set
     dense = resolve_config(p.config_model, p.default_config(), overrides=["estimator=es", "sparsity.enabled=false"])
     assert dense.sparsity is None or not dense.sparsity.enabled
+
+
+def test_es_blocks_move_only_those_blocks_and_resume_bitwise(tmp_path):
+    """`estimator.blocks=["6"]`: ES samples in the digits CNN's last layer only (the sparsity set is not
+    used), so after a few Adam steps every other parameter is exactly where it started and the last
+    layer moved; a run stopped mid-way resumes bitwise."""
+    fast = ["model.width=2", "data.batch_size=64", "estimator=es", 'estimator.blocks=["6"]', "phase2=none",
+            "estimator.q=4",
+            "estimator.mu=0.05", "optimizer.name=adam", "optimizer.lr=0.05", "run.progress=false", "run.epochs=1",
+            "run.checkpoint_every_steps=1"]
+
+    def config(*extra):
+        p = DigitsProblem()
+        return p, resolve_config(p.config_model, p.default_config(), overrides=fast + list(extra))
+
+    p, cfg = config("run.max_steps=3")
+    assert cfg.sparsity.enabled  # the default's sparsity section is there; blocks take precedence over it
+    before = p.setup(cfg).module.state_dict()
+    summary = train(p, cfg, tmp_path / "short")
+    after = torch.load(tmp_path / "short" / CHECKPOINT_NAME, weights_only=True)["module"]
+    assert summary["queries"]["train"] == 3 * 8
+    for name in before:
+        if name.startswith("6."):
+            assert not torch.equal(before[name], after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), name
+    stop_and_resume(config, tmp_path, stop_at=7)
+
+
+def test_es_blocks_naming_no_block_is_a_config_error(tmp_path):
+    p = DigitsProblem()
+    cfg = resolve_config(p.config_model, p.default_config(), overrides=[
+        "model.width=2", "estimator=es", 'estimator.blocks=["7"]', "run.progress=false"])
+    with pytest.raises(ConfigError, match=r"estimator.blocks: no parameter block '7' \(blocks: 0.weight"):
+        train(p, cfg, tmp_path / "run")
+    assert not any((tmp_path / "run").iterdir())  # nothing kept (the CLI also removes the directory it made)
+
+
+def test_param_space_coords_of_selects_blocks_by_name_or_prefix():
+    space = ParamSpace([("0.weight", (2, 3)), ("0.bias", (2,)), ("2.weight", (4,)), ("20.bias", (1,))])
+    assert space.coords_of(["2"]).tolist() == [8, 9, 10, 11]  # "2" is not a prefix of "20.bias"
+    assert space.coords_of(["0.bias", "2.weight"]).tolist() == [6, 7, 8, 9, 10, 11]
+    assert space.coords_of(["20", "0"]).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12]  # block order, each once
+    with pytest.raises(ValueError, match="no parameter block '3'"):
+        space.coords_of(["3"])

@@ -19,9 +19,10 @@ from problems.digits import DEEPZERO_RECIPE, DigitsProblem
 # width 2 (d = 310), one epoch of 22 batches of 64 images: ES (q = 3: 6 queries a step) for 10 steps,
 # then Sparse-CGE (ZO-GraSP at 50%: a fixed number of coordinates + 1 base query a step)
 FAST = ["model.width=2", "data.batch_size=64", "estimator=es", "estimator.q=3", "estimator.mu=0.05",
+        "estimator.blocks=none", "phase1=none", "phase2.batch_size=none",
         "optimizer=adam", "optimizer.lr=0.01", "schedule=constant", "sparsity.sparsity=0.5", "sparsity.q=4",
         "run.progress=false", "run.epochs=1", "run.checkpoint_every_steps=1",
-        "phase2.after_steps=10", "phase2.optimizer.lr=0.05", "phase2.optimizer.momentum=0.9"]
+        "phase2.after_steps=10", "phase2.optimizer.name=sgd", "phase2.optimizer.lr=0.05", "phase2.optimizer.momentum=0.9"]
 
 
 def _config(*extra, drop=()):
@@ -72,11 +73,11 @@ def test_a_search_then_sparse_cge_keeps_phase_1_dense(tmp_path):
     """sep-CMA-ES takes no coordinates: it moves every parameter, while the sampler (built for phase 2's
     Sparse-CGE) serves phase 2 only."""
     p, cfg = _config("estimator=sep-cma-es", "estimator.popsize=6", "phase2.after_steps=1", "run.max_steps=2",
-                     drop=("estimator.q",))
+                     drop=("estimator.q", "estimator.blocks"))
     assert cfg.sparsity is not None and cfg.sparsity.enabled
     before = torch.cat([v.reshape(-1) for v in p.setup(cfg).module.state_dict().values()])
     p, cfg = _config("estimator=sep-cma-es", "estimator.popsize=6", "phase2.after_steps=1", "run.max_steps=1",
-                     drop=("estimator.q",))
+                     drop=("estimator.q", "estimator.blocks"))
     train(p, cfg, run_dir=tmp_path)
     after = torch.cat([v.reshape(-1) for v in torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
                        ["module"].values()])
@@ -96,19 +97,52 @@ def test_phase2_settings_are_checked_in_one_line():
 
 
 def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
-    """The default: sep-CMA-ES for 715 steps, then DeepZero's Sparse-CGE (docs/efficiency.md). DEEPZERO_RECIPE
-    (the efficiency study's sparse-cge) and the --set values docs/digits.md gives for it are one config."""
+    """The default: ES on the last layer for 536 steps (Adam, 64 images: `phase1`), then DeepZero's Sparse-CGE
+    (docs/efficiency.md). DEEPZERO_RECIPE (the efficiency study's sparse-cge) and the --set values docs/digits.md
+    gives for it are one config: `phase2=none` takes the preset's phase1 with it."""
     from blackbox_zo.config import deep_merge
 
     p = DigitsProblem()
     default = p.resolve_config()
-    assert default.estimator.kind == "sep-cma-es" and default.phase2.after_steps == 715
+    assert default.estimator.kind == "es" and default.estimator.blocks == ["6"] and default.phase2.after_steps == 536
+    assert default.phase1.optimizer.name == "adam" and default.phase1.batch_size == default.phase2.batch_size == 64
     assert default.phase2.estimator.kind == "cge" and default.sparsity.enabled and default.data.batch_size == 16
     sets = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
     by_sets = resolve_config(p.config_model, p.default_config(), overrides=sets)
     assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), DEEPZERO_RECIPE))
-    assert by_sets.phase2 is None and by_sets.estimator.kind == "cge" and by_sets.optimizer.lr == 0.1
+    assert by_sets.phase2 is None and by_sets.phase1 is None and by_sets.estimator.kind == "cge"
+    assert by_sets.optimizer.name == "sgd" and by_sets.optimizer.lr == 0.1 and by_sets.data.batch_size == 16
     assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "digits.md").read_text()
+
+
+def test_the_previous_digits_default_is_eight_set_values():
+    """sep-CMA-ES then Sparse-CGE on 16-image batches (SEP_CMA_THEN_SPARSE_CGE, the efficiency study's
+    sep-cma-es+sparse-cge), as docs/training.md spells it over today's default."""
+    from blackbox_zo.config import deep_merge
+    from problems.digits import SEP_CMA_THEN_SPARSE_CGE
+
+    p = DigitsProblem()
+    sets = ["estimator=sep-cma-es", "estimator.mu=0.02", "estimator.popsize=28", "run.epochs=15",
+            "phase2.after_steps=715", "phase2.optimizer.name=sgd", "phase2.optimizer.lr=0.05", "phase2.batch_size=none"]
+    by_sets = p.resolve_config(overrides=sets)
+    assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), SEP_CMA_THEN_SPARSE_CGE))
+    assert by_sets.phase1 is None and by_sets.data.batch_size == 16 and by_sets.phase2.batch_size is None
+    assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+
+
+def test_phase1_applies_to_a_two_phase_run_only(tmp_path):
+    """phase1's optimizer and batch size drive phase 1 (the records' lr; 22 batches of 64 an epoch), phase 2
+    keeps its own; a user's phase1 on a one-phase run is refused in one line."""
+    p, cfg = _config("phase1.optimizer.name=adam", "phase1.optimizer.lr=0.03", "optimizer.lr=0.5", "data.batch_size=16",
+                     "phase1.batch_size=64", "phase2.batch_size=64", drop=("phase1", "phase2.batch_size"))
+    summary = train(p, cfg, run_dir=tmp_path)
+    steps = [r for r in _metrics(tmp_path) if "loss" in r]
+    assert summary["steps"] == 22 and {r["lr"] for r in steps[:10]} == {0.03}  # 1,437 // 64 batches, Adam 0.03
+    assert steps[10]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 12)), rel=1e-12)
+    with pytest.raises(ConfigError, match="phase1.batch_size: phase1 holds the first phase's settings of a two-phase run"):
+        _config("phase2=none", "phase1.batch_size=64", drop=("phase1", "phase2.batch_size", "phase2.after_steps",
+                                                              "phase2.optimizer.name", "phase2.optimizer.lr",
+                                                              "phase2.optimizer.momentum"))
 
 
 def test_choosing_another_estimator_drops_the_defaults_phase2():
@@ -117,7 +151,8 @@ def test_choosing_another_estimator_drops_the_defaults_phase2():
     p = DigitsProblem()
     assert p.resolve_config(overrides=["estimator=rge"]).phase2 is None
     assert p.resolve_config(overrides=["estimator=autograd"]).phase2 is None
-    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 715  # same kind: kept
+    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 536  # same kind: kept
+    assert p.resolve_config(overrides=["estimator=rge"]).phase1 is None  # the preset's phase-1 optimizer leaves too
     # the preset's phase-1 values (sep-CMA-ES's sigma_0 as mu, its popsize) leave with its phase 2: the chosen
     # kind starts from its own defaults, and what the user sets is kept
     rge = p.resolve_config(overrides=["estimator=rge"]).estimator
@@ -127,3 +162,47 @@ def test_choosing_another_estimator_drops_the_defaults_phase2():
     assert kept.phase2.after_steps == 10 and kept.phase2.estimator.kind == "cge"
     with pytest.raises(ConfigError, match="phase2 needs a zeroth-order estimator in phase 1"):
         p.resolve_config(overrides=["estimator=autograd", "phase2.after_steps=10"])
+
+
+def test_phase2_batch_size_gives_phase_2_its_own_batches_and_resumes_bitwise(tmp_path):
+    """phase2.batch_size: phase 1 runs whole epochs of data.batch_size (22 batches of 64), phase 2 its own
+    (89 of 16, the same order rule per epoch); the run's steps, phase 2's cosine and a resume on either side
+    of the switch follow them."""
+    sizes = []
+    extra = ["run.epochs=2", "phase2.after_steps=22", "phase2.batch_size=16"]
+
+    def config(*more):
+        return _config(*extra, *more)
+
+    p, cfg = config()
+    summary = train(p, cfg, run_dir=tmp_path / "look", callbacks=[
+        lambda t, r: sizes.append(int(t.batches.batch(t.pos.epoch, t.pos.index - 1)[0].shape[0])) if "loss" in r
+        else None])
+    assert summary["steps"] == 22 + 89 and sizes == [64] * 22 + [16] * 89
+    lrs = [r["lr"] for r in _metrics(tmp_path / "look") if "loss" in r][22:]
+    assert lrs == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * k / 89)) for k in range(1, 90)], rel=1e-12)
+    stop_and_resume(config, tmp_path / "resume", 40)  # in phase 2, on its own batches
+
+
+def test_phase2_batch_size_needs_phase_1_in_whole_epochs(tmp_path):
+    p, cfg = _config("phase2.batch_size=16")  # phase 1 = 10 steps of an epoch of 22
+    with pytest.raises(ConfigError, match=r"phase2.after_steps=10 must be a whole number of epochs \(22 steps each"):
+        train(p, cfg, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="phase2.batch_size"):
+        _config("phase2.batch_size=0")
+
+
+def test_a_phase_batch_size_on_batches_that_cannot_change_size_is_one_line(tmp_path):
+    """A bare oracle's batch source (one repeated batch) has no other size: phase1/phase2.batch_size is refused
+    before any file is written."""
+    import fault_oracles
+    from blackbox_zo.problem import OracleProblem
+
+    p = OracleProblem(fault_oracles.NAME)
+    for which in ("phase1.batch_size=4", "phase2.batch_size=4"):
+        cfg = resolve_config(p.config_model, p.default_config(), overrides=[
+            "run.progress=false", "estimator=rge", "phase2.after_steps=2", which])
+        with pytest.raises(ConfigError, match=rf"{which.split('=')[0]}: this problem's batches \(RepeatedBatch\) "
+                                              "have no other size"):
+            train(p, cfg, run_dir=tmp_path / "run")
+        assert not any((tmp_path / "run").iterdir())

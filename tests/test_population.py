@@ -257,6 +257,29 @@ def test_an_inference_mode_batch_is_never_kept():
     torch.testing.assert_close(got, _reference(module, space, thetas, x, y), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,k", [("digits", 6), ("digits", 2), ("mlp", 3), ("bn-grouped", 9)])
+def test_an_oracle_population_that_shares_its_first_layers_equals_a_loop(name, dtype, k):
+    """Through ModelLossOracle.losses: members that agree on the top-level layers before k (an ES restricted to
+    late blocks, `estimator.blocks`) give the losses of a loop of plain forwards; so do members that differ in
+    the first parameter."""
+    module, shape, classes = _models()[name]
+    module = module.to(dtype).train()
+    oracle = ModelLossOracle(module)
+    first = next(b.offset for b in oracle.space.blocks if int(b.name.split(".", 1)[0]) >= k)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(12, *shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (12,), generator=gen)
+    thetas = _members(oracle.space, module, 9, 0.1)
+    thetas[:, :first] = oracle.space.flatten_module(module)[:first]  # members agree on layers 0..k-1
+    torch.testing.assert_close(oracle.losses(thetas, (x, y)), _reference(module, oracle.space, thetas, x, y),
+                               rtol=TOL[dtype], atol=0)
+    varied = thetas.clone()
+    varied[1, 0] += 0.5
+    torch.testing.assert_close(oracle.losses(varied, (x, y)), _reference(module, oracle.space, varied, x, y),
+                               rtol=TOL[dtype], atol=0)
+
+
 @pytest.mark.parametrize("name", ["digits", "bn-grouped"])
 def test_cpu_chunks_change_no_bit(name, monkeypatch):
     """The oracle splits a population into CPU chunks whose largest activation stays under

@@ -71,9 +71,9 @@ def test_every_problem_refuses_a_setting_it_does_not_use(name, tmp_path, capsys)
 def test_the_refusal_names_the_setting_and_what_is_used_instead():
     p = DigitsProblem()
     with pytest.raises(ConfigError) as exc:
-        p.resolve_config(overrides=["estimator.q=64"])
-    assert str(exc.value) == ("setting not used: estimator.q: estimator.kind='sep-cma-es' has no q "
-                              "(its settings: kind, mu, popsize)")
+        p.resolve_config(overrides=["estimator.popsize=64"])
+    assert str(exc.value) == ("setting not used: estimator.popsize: estimator.kind='es' has no popsize "
+                              "(its settings: kind, mu, q, shaping, blocks)")
     with pytest.raises(ConfigError, match=r"sparsity.sparsity: sparsity.enabled=false has no sparsity"):
         p.resolve_config(overrides=["sparsity.enabled=false", "sparsity.sparsity=0.5"])
     with pytest.raises(ConfigError, match=r"estimator.interp.m: estimator.kind='rge' has no interp"):
