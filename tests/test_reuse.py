@@ -392,3 +392,40 @@ def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(
     assert torch.equal(results[0], results[1])
     oracle = ModelLossOracle(module)
     assert_rel_close(results[1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_im2col_by_strided_view_equals_unfold_bitwise(dtype):
+    """`_im2col` (one copy of a strided view of the padded input) against F.unfold itself: only data
+    movement, so equal bits, for padding, stride, dilation and non-square kernels."""
+    from blackbox_zo.reuse import _im2col
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [((64, 8, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)), ((3, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+             ((5, 3, 11, 9), (3, 2), (2, 1), (2, 0), (2, 3)), ((2, 4, 7, 7), (1, 1), (1, 1), (0, 0), (2, 2)),
+             ((2, 2, 9, 6), (5, 1), (1, 3), (0, 2), (1, 1))]
+    for shape, kernel, dilation, padding, stride in cases:
+        x = torch.randn(*shape, generator=gen, dtype=dtype)
+        x[0, 0, 0, 0] = -0.0  # a negative zero is moved, never recomputed
+        want = F.unfold(x, kernel, dilation, padding, stride)
+        got = _im2col(x, kernel, dilation, padding, stride)
+        assert got.shape == want.shape and torch.equal(got, want), (shape, kernel, dilation, padding, stride)
+        assert torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           want.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def test_cached_base_forward_equals_the_module_bitwise():
+    """The cached unperturbed forward (direct conv / linear calls, max-pool as maxima of slices) gives
+    the module's own output and loss, bit for bit: the base loss of forward CGE comes from it."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    for n in (1, 16, 64):
+        batch = digits_batch(n)
+        theta = oracle.initial_theta() + 1e-2 * torch.randn(oracle.space.dim, generator=torch.Generator().manual_seed(n))
+        st = oracle.reuse.prepare(theta, batch)
+        with torch.no_grad():
+            out = torch.func.functional_call(module, oracle.space.views(theta), (batch[0],))
+        assert torch.equal(st.output, out)
+        assert torch.equal(st.loss, F.cross_entropy(out, batch[1]))
+    assert oracle.reuse._direct["4"] == "maxpool"  # the path under test was taken
