@@ -685,13 +685,16 @@ class FeatureReuse:
             per_out = m.weight[0].numel()
             o, r = local // per_out, local % per_out
             cols = self._unfolded_input(st, node, m)  # [N, Cin*kh*kw, L]: what each weight multiplies
-            v = torch.add(base_out.reshape(base_out.shape[0], cout, -1).index_select(1, o), cols.index_select(1, r),
-                          alpha=mu)
+            # in place on the fresh gather of the output channels: the same kernel (a + alpha * b), one
+            # [N, P, L] buffer fewer
+            v = base_out.reshape(base_out.shape[0], cout, -1).index_select(1, o)
+            v.add_(cols.index_select(1, r), alpha=mu)
             return _Channel.of(base_out, o, v)
         if kind == "linear_weight":
             fan_in = inp.shape[1]
             o, i = local // fan_in, local % fan_in
-            v = torch.add(base_out.index_select(1, o), inp.index_select(1, i), alpha=mu)  # [N, P]
+            v = base_out.index_select(1, o)  # [N, P]
+            v.add_(inp.index_select(1, i), alpha=mu)
             return _Channel.of(base_out, o, v)
         if kind in ("conv_bias", "linear_bias", "bn_bias"):
             v = base_out.index_select(1, local) + mu
