@@ -537,10 +537,21 @@ class FeatureReuse:
             return cached[1], cached[2], cached[3]
         blocks = self.space.block_index(coords.cpu()).to(coords.device)
         groups = []
-        for bi in torch.unique(blocks).tolist():
-            pos = torch.nonzero(blocks == bi).squeeze(1)
-            local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
-            groups.append((bi, pos[order], local))
+        if coords.numel() > 1 and bool((coords[1:] > coords[:-1]).all()):
+            # sorted and distinct (a rank's contiguous piece of a sorted set: it changes whenever the
+            # cut moves, i.e. every step of a refined 2-rank run): each block is one run of positions,
+            # already in order; the same groups as below, 10x cheaper
+            ids, counts = torch.unique_consecutive(blocks, return_counts=True)
+            start = 0
+            for bi, n in zip(ids.tolist(), counts.tolist()):
+                groups.append((bi, torch.arange(start, start + n, device=coords.device),
+                               coords[start:start + n] - self.space.blocks[bi].offset))
+                start += n
+        else:
+            for bi in torch.unique(blocks).tolist():
+                pos = torch.nonzero(blocks == bi).squeeze(1)
+                local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
+                groups.append((bi, pos[order], local))
         units: list[list[int]] = []
         by_node: dict[fx.Node, list[int]] = {}
         for gi, (bi, _, _) in enumerate(groups):

@@ -433,3 +433,23 @@ def test_cached_base_forward_equals_the_module_bitwise():
         assert torch.equal(st.output, out)
         assert torch.equal(st.loss, F.cross_entropy(out, batch[1]))
     assert oracle.reuse._direct["4"] == "maxpool"  # the path under test was taken
+
+
+def test_sorted_pieces_group_like_any_order():
+    """A rank's contiguous piece of a sorted coordinate set takes the grouping fast path (one run per
+    block); the losses are the same bits as for the same coordinates in shuffled order (general path),
+    for pieces that start and end inside blocks, and for a set with a repeated coordinate."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    batch = digits_batch(16)
+    fast, general = ModelLossOracle(module), ModelLossOracle(module)
+    theta = fast.initial_theta()
+    gen = torch.Generator().manual_seed(3)
+    for lo, hi in [(0, 3818), (50, 1300), (1300, 3818), (5, 9)]:
+        piece = torch.arange(lo, hi)
+        shuffle = torch.randperm(piece.numel(), generator=gen)
+        got = fast.coordinate_losses(theta, piece, MU, batch)
+        want = general.coordinate_losses(theta, piece[shuffle], MU, batch)
+        assert torch.equal(got[shuffle], want), (lo, hi)
+    repeated = torch.tensor([3, 3, 100, 2000])  # not strictly increasing: the general path
+    assert torch.equal(fast.coordinate_losses(theta, repeated, MU, batch)[:2].diff(), torch.zeros(1))
