@@ -399,3 +399,21 @@ def test_zo_grasp_sparsity_hook_charges_prune_queries_and_keeps_biases(tiny):
     w, b = setup.oracle.space["last.weight"], setup.oracle.space["last.bias"]
     assert int(((coords >= w.offset) & (coords < w.stop)).sum()) == round(0.5 * w.numel)
     assert set(range(b.offset, b.stop)) <= set(coords.tolist())  # 1-D blocks stay dense
+
+
+def test_stage_cache_key_separates_torch_thread_counts(tiny):
+    """The first-order stages differ bitwise with torch's thread count, so their cache must too: a
+    1-thread run may not pick up a stage a 2-thread run trained (and the same count finds its own)."""
+    from problems.certified_defense import stage_directory
+
+    _, config, _, _, _ = tiny
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_again = stage_directory(config), stage_directory(config)
+        torch.set_num_threads(2)
+        two = stage_directory(config)
+    finally:
+        torch.set_num_threads(before)
+    assert one == one_again
+    assert one != two and one.parent == two.parent

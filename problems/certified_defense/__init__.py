@@ -156,8 +156,11 @@ def _stage_key(config: CertifiedDefenseConfig, classifier_identity: dict[str, An
     fields = {k: v for k, v in d.model_dump().items()
               if k not in ("artifacts_dir", "eval_noise_draws", "onnx_threads", "trainable", "classifier_width",
                            "classifier_epochs", "classifier_lr", "classifier_seed")}
+    # The first-order stages' bits depend on torch's intra-op thread count (reduction order), so a
+    # stage trained with 2 threads must not be reused by a 1-thread run that expects its own bits.
     blob = json.dumps({"defense": fields, "seed": config.run.seed, "classifier": classifier_identity,
-                       "images": images_identity, "v": 3}, sort_keys=True, default=str)
+                       "images": images_identity, "torch_threads": torch.get_num_threads(), "v": 4},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
