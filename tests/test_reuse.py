@@ -402,8 +402,9 @@ def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(
 def test_im2col_by_strided_view_equals_unfold_bitwise(dtype):
     """`_im2col` (one copy of a strided view of the padded input) against F.unfold itself: only data
     movement, so equal bits, for padding, stride, dilation and non-square kernels."""
-    from blackbox_zo.reuse import _im2col
+    import blackbox_zo.reuse as reuse_mod
 
+    _im2col = reuse_mod._im2col
     gen = torch.Generator().manual_seed(0)
     cases = [((64, 8, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)), ((3, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
              ((5, 3, 11, 9), (3, 2), (2, 1), (2, 0), (2, 3)), ((2, 4, 7, 7), (1, 1), (1, 1), (0, 0), (2, 2)),
