@@ -5,11 +5,11 @@
 Two ranks (spawned, one thread each, gloo on localhost) run forward CGE over all 3,818 digits
 coordinates with the default balanced `PlanSharder`, at a new theta and batch every step, as
 `bench_parallel.py`'s balanced mode does. The executor's calls are wrapped with timers (wall and
-CPU seconds of the process): the base loss (`_Runner.base`), the rank's shard
-(`_Runner.coordinates`), every collective (`parallel._collective`), and the whole step; "rest" is
-the step less those. Medians over the steps after the first 8 (calibration and refinement). Compare
-a rank's step with half of `bench_split_overhead.py`'s full step (one process): the difference is
-what 2 ranks add per step.
+CPU seconds of the process): the base loss (`oracle.query`), the rank's shard
+(`oracle.query_coordinates`), every all-reduce (`torch.distributed.all_reduce`), and the whole
+step; "rest" is the step less those. Medians over the steps after the first 8 (calibration and
+refinement). Compare a rank's step with half of `bench_split_overhead.py`'s full step (one
+process): the difference is what 2 ranks add per step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _worker(rank: int, port: int, steps: int, queue) -> None:
     torch.set_num_threads(1)
     from blackbox_zo import parallel
-    from blackbox_zo import plan as plan_module
     from blackbox_zo.estimators import CGE
     from blackbox_zo.runtime import tune_allocator
     from oracles.model_loss import ModelLossOracle
@@ -60,9 +59,11 @@ def _worker(rank: int, port: int, steps: int, queue) -> None:
                 acc[1] += time.process_time() - c
         return wrapper
 
-    parallel._collective = timed("all-reduce", parallel._collective)
-    plan_module._Runner.base = timed("base forward", plan_module._Runner.base)
-    plan_module._Runner.coordinates = timed("shard", plan_module._Runner.coordinates)
+    # public entry points only: the executor's base query and shard go through the oracle's
+    # accounting wrappers, the sharder's all-reduce through torch.distributed
+    torch.distributed.all_reduce = timed("all-reduce", torch.distributed.all_reduce)
+    oracle.query = timed("base forward", oracle.query)
+    oracle.query_coordinates = timed("shard", oracle.query_coordinates)
     rows = []
     for s in range(steps + 8):
         batch = (x[(s % 20) * 64:(s % 20 + 1) * 64], y[(s % 20) * 64:(s % 20 + 1) * 64])
