@@ -19,7 +19,12 @@ perturbed models on one batch, loss values per CPU second:
   pop-vmap   ModelLossOracle.losses through torch.func.vmap (population=False)
   pop-group  ModelLossOracle.losses through blackbox_zo.population (grouped convolutions,
              batched matrix products; the default for an nn.Sequential)
-interleaved in the same way, with the largest difference of the losses against the loop.
+  pop-tail1  the same, members perturbed in every layer but the first conv (it is the same in
+             all: computed once per batch, the next conv is one dense conv on the shared input)
+  pop-fc     the same, members perturbed in the linear layer only (the whole conv stack runs
+             once per batch: ES / sep-CMA-ES on the last layer, digits' model.frozen_convs=2)
+interleaved in the same way, with the largest difference of the losses against the loop of the
+same members (a loop costs the same whichever layers differ, so "x loop" is against pop-loop).
 
 Rates are per CPU second of this (one-thread) process, so other jobs on a shared machine
 distort them less than wall time; the wall-clock ratio is printed beside. The reuse rows
@@ -318,19 +323,42 @@ def loop_population_losses(module: nn.Module, space, loss_fn, x, y, thetas: torc
 
 
 def run_population(name: str, module, x, y, size: int, budget_s: float, seed: int) -> list[dict]:
-    """Queries per CPU second of a population of `size` full forwards: loop vs vmap vs grouped (interleaved)."""
+    """Queries per CPU second of a population of `size` full forwards: loop vs vmap vs grouped (interleaved),
+    and grouped with the members equal in a prefix of layers (perturbed on a suffix only)."""
     loss_fn = nn.functional.cross_entropy
     module.train()
     grouped = ModelLossOracle(module, feature_reuse=False, population=True)
     vmapped = ModelLossOracle(module, feature_reuse=False, population=False)
+    space = grouped.space
     theta = grouped.initial_theta()
     gen = torch.Generator().manual_seed(seed)
     thetas = theta + 0.02 * torch.randn(size, theta.numel(), generator=gen)
+
+    def suffix_only(first_perturbed: str) -> torch.Tensor:
+        """Members that equal theta before block `first_perturbed` (perturbed from it on)."""
+        start = space[first_perturbed].offset
+        out = thetas.clone()
+        out[:, :start] = theta[:start]
+        return out
+
+    convs = [n for n in space.names if n.endswith(".weight") and len(space[n].shape) == 4]
+    linear = [n for n in space.names if n.endswith(".weight") and len(space[n].shape) == 2]
+    members = {"pop-loop": thetas, "pop-vmap": thetas, "pop-group": thetas}
+    if len(convs) >= 2:
+        members["pop-tail1"] = suffix_only(convs[1])
+    if linear:
+        members["pop-fc"] = suffix_only(linear[-1])
     batch = (x, y)
-    paths = {"pop-loop": lambda: loop_population_losses(module, grouped.space, loss_fn, x, y, thetas),
-             "pop-vmap": lambda: vmapped.losses(thetas, batch),
-             "pop-group": lambda: grouped.losses(thetas, batch)}
+    paths = {"pop-loop": lambda: loop_population_losses(module, space, loss_fn, x, y, thetas),
+             "pop-vmap": lambda: vmapped.losses(thetas, batch)}
+    for p in members:
+        if p.startswith("pop-") and p not in paths:
+            # a fresh batch tensor each call, as each step has its own: the population forward keeps a shared
+            # prefix's output for the next call on the same batch, which would time a step's second chunk
+            paths[p] = (lambda m: lambda: grouped.losses(m, (x.clone(), y)))(members[p])
     outs = {p: fn() for p, fn in paths.items()}  # warm-up, and the values compared
+    refs = {p: outs["pop-loop"] if members[p] is thetas else
+            loop_population_losses(module, space, loss_fn, x, y, members[p]) for p in paths}
     cpu = {p: 0.0 for p in paths}
     wall = {p: 0.0 for p in paths}
     calls = {p: 0 for p in paths}
@@ -342,11 +370,10 @@ def run_population(name: str, module, x, y, size: int, budget_s: float, seed: in
             wall[p] += time.perf_counter() - t0
             cpu[p] += time.process_time() - c0
             calls[p] += 1
-    ref = outs["pop-loop"]
     rows = []
     for p in paths:
         rate = calls[p] * size / cpu[p]
-        diff = float(((outs[p] - ref) / ref.abs()).abs().max())
+        diff = float(((outs[p] - refs[p]) / refs[p].abs()).abs().max())
         rows.append({"model": name, "path": p, "population": size, "calls": calls[p], "cpu_s": round(cpu[p], 3),
                      "queries_per_s": rate, "queries_per_wall_s": calls[p] * size / wall[p],
                      "note": f"max rel. diff vs loop {diff:.1e}"})
@@ -465,12 +492,14 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {r['model']} | {r['path']} | {r['queries_per_s']:.1f} | {r['x_naive']:.2f} | "
                          f"{r['x_naive_wall']:.2f} | {r['note']} |")
         reuse = [r for r in rows if r["model"] == "digits-cnn" and r["path"] == "reuse"]
-        group = [r for r in pop_rows if r["model"] == "digits-w8" and r["path"] == "pop-group"]
-        if reuse and group:  # both the width-8 CNN on the same batch
-            ratio = reuse[0]["queries_per_s"] / group[0]["queries_per_s"]
-            lines.append(f"\ndigits CNN width 8, batch {args.batch}, this run: a population query (grouped, "
-                         f"{group[0]['queries_per_s']:.0f}/CPU-s) costs {ratio:.1f}x a feature-reuse coordinate "
-                         f"query ({reuse[0]['queries_per_s']:.0f}/CPU-s)")
+        if reuse:  # the reuse rows are the width-8 CNN on the same batch
+            lines.append(f"\ndigits CNN width 8, batch {args.batch}, this run: a population query costs this many "
+                         f"feature-reuse coordinate queries ({reuse[0]['queries_per_s']:.0f}/CPU-s):")
+            for r in pop_rows:
+                if r["model"] == "digits-w8" and r["path"] != "pop-loop":
+                    r["x_reuse_cost"] = reuse[0]["queries_per_s"] / r["queries_per_s"]
+                    lines.append(f"  {r['path']:9s} {r['queries_per_s']:8.0f}/CPU-s ({r['x_naive']:.2f}x loop): "
+                                 f"{r['x_reuse_cost']:.1f}x a reuse query")
     # Roofline: a query must do its FLOPs and move its bytes; each alone caps the rate at
     # (machine rate) / (per-query amount). The lower cap is the limit; achieved / limit is the
     # distance to it. Machine rates: the better of the two measurements of this run.

@@ -12,6 +12,12 @@ medians and the median of the per-pair ratios A / B. Every run's final line and 
 (sha256 over the module tensors, sorted keys) must be identical across revisions: the speed-up is
 for the same result, bit for bit.
 
+`--loop-cpu` also times the training loop alone (`Trainer._loop`: the steps, the per-epoch
+evaluation and checkpoint; not the imports, the data, ZO-GraSP, the optimizer's construction or the
+plot) in the same runs: the child then starts through a small launcher (LOOP_TIMER) that wraps
+`Trainer._loop` with `time.process_time` when the trainer module is imported, importing nothing
+itself, so the CLI loads the engine as usual. Same method at every revision.
+
 What is timed is DeepZero's recipe (the digits default before the two-phase default): a revision
 that has the `phase2` setting gets the recipe's `--set` values (`RECIPE_SETTINGS`, as in
 docs/digits.md), an older one runs its default, which was the recipe.
@@ -60,6 +66,46 @@ def module_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Runs `python -m blackbox_zo ...` (sys.argv[1:]) with Trainer._loop timed in CPU seconds (stderr line
+# "loop_cpu_s=..."); the wrap happens when blackbox_zo.trainer is first imported (a meta path hook), so the
+# launcher imports nothing before the CLI does.
+LOOP_TIMER = """
+import importlib.abc, importlib.util, runpy, sys, time
+spent = [0.0]
+
+def wrap(module):
+    inner = module.Trainer._loop
+
+    def _loop(self, *args, **kwargs):
+        start = time.process_time()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            spent[0] += time.process_time() - start
+
+    module.Trainer._loop = _loop
+
+class AfterTrainer(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "blackbox_zo.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            wrap(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AfterTrainer())
+sys.argv = ["blackbox_zo", *sys.argv[1:]]
+try:
+    runpy.run_module("blackbox_zo", run_name="__main__", alter_sys=True)
+finally:
+    print(f"loop_cpu_s={spent[0]:.4f}", file=sys.stderr)
+"""
+
 RECIPE_SETTINGS = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
 
 
@@ -70,9 +116,10 @@ def recipe_settings(tree: Path) -> list[str]:
     return [x for s in RECIPE_SETTINGS for x in ("--set", s)]
 
 
-def run_once(tree: Path, out: Path, extra: list[str]) -> dict:
+def run_once(tree: Path, out: Path, extra: list[str], loop_cpu: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "blackbox_zo", "train", "digits", "--set", "run.progress=false",
+    launch = ["-c", LOOP_TIMER] if loop_cpu else ["-m", "blackbox_zo"]
+    cmd = [sys.executable, *launch, "train", "digits", "--set", "run.progress=false",
            "--set", f"run.out_dir={out}", *recipe_settings(tree), *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -84,14 +131,17 @@ def run_once(tree: Path, out: Path, extra: list[str]) -> dict:
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("digits:")][-1]
     result = line.split(" | wall")[0]
     ckpt = sorted(out.glob("digits/*/checkpoint.pt"))[-1]
+    loop = [float(ln.split("=", 1)[1]) for ln in proc.stderr.splitlines() if ln.startswith("loop_cpu_s=")]
     return {"cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), "wall": wall,
-            "result": result, "sha256": module_sha256(ckpt)}
+            "result": result, "sha256": module_sha256(ckpt), "loop": loop[-1] if loop else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--revs", default="main,HEAD", help="two git revisions, A,B (default main,HEAD); B / A is the speed-up")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each revision")
+    ap.add_argument("--loop-cpu", action="store_true", help="also time the training loop alone (Trainer._loop, "
+                    "CPU s), in the same runs")
     ap.add_argument("--set", action="append", default=[], help="extra --set for both (e.g. run.epochs=2)")
     args = ap.parse_args(argv)
     revs = [r.strip() for r in args.revs.split(",") if r.strip()]
@@ -106,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[list[dict]] = [[], []]
         for k in range(args.repeats):
             for i in ((0, 1) if k % 2 == 0 else (1, 0)):
-                r = run_once(trees[i], tmp / f"runs{i}_{k}", extra)
+                r = run_once(trees[i], tmp / f"runs{i}_{k}", extra, args.loop_cpu)
                 runs[i].append(r)
-                print(f"  {revs[i]:<8} run {k + 1}: {r['cpu']:6.2f} CPU s  {r['wall']:6.2f} wall s   {r['result']}  "
+                loop = f"  loop {r['loop']:6.2f} CPU s" if r["loop"] is not None else ""
+                print(f"  {revs[i]:<8} run {k + 1}: {r['cpu']:6.2f} CPU s  {r['wall']:6.2f} wall s{loop}   {r['result']}  "
                       f"sha256 {r['sha256'][:16]}", flush=True)
     results = {r["result"] for rs in runs for r in rs}
     hashes = {r["sha256"] for rs in runs for r in rs}
@@ -121,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
           f"faster (median of per-pair ratios {pair_cpu:.2f}x; target 2x)")
     print(f"median wall s: {revs[0]} {wall[0]:.2f}, {revs[1]} {wall[1]:.2f}  ->  {wall[0] / wall[1]:.2f}x "
           f"(per-pair {pair_wall:.2f}x); load average now {os.getloadavg()[0]:.2f}")
+    if args.loop_cpu:
+        loop = [statistics.median(r["loop"] for r in rs) for rs in runs]
+        pair_loop = statistics.median(a["loop"] / b["loop"] for a, b in zip(*runs))
+        print(f"training loop only (Trainer._loop, CPU s): {revs[0]} {loop[0]:.2f}, {revs[1]} {loop[1]:.2f}  ->  "
+              f"{loop[0] / loop[1]:.2f}x (per-pair {pair_loop:.2f}x); the whole process above is the issue's measure")
     print(f"same result and checkpoint bit for bit: {'yes' if same else 'NO'} ({sorted(hashes)[0][:16]}...)")
     return 0 if same else 1
 

@@ -359,7 +359,7 @@ class AskTellRun:
     def _complete(self) -> dict[str, Any]:
         """The end of fit(): the final evaluation (when not done yet), checkpoint, summary.json."""
         t = self.trainer
-        if t.stopped_reason != "completed" or (not t.last_eval and t.eval_missing is None):
+        if t.final_evaluation_due():
             t.evaluate()
         t.save_checkpoint()
         summary = t.finish()

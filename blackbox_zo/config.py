@@ -553,8 +553,8 @@ def _parse_value(raw: str) -> Any:
         low = raw.lower()
         if low in ("true", "false"):
             return low == "true"
-        if low in _NONE_WORDS:
-            return None
+        # "none" stays a string here: Strict turns it into None only where the field admits None, so a
+        # setting whose own value is the word "none" (estimator.shaping=none) keeps it.
         return raw
 
 

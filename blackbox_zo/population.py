@@ -17,6 +17,16 @@ layouts that the fast kernels want:
   are separate channels;
 * the loss is `torch.vmap` of the user's loss over the P outputs (cheap: no parameters).
 
+* a layer whose parameters are the same in every member (outside the space, or inside it but
+  not perturbed: ES / sep-CMA-ES on the later layers only, a coordinate subset that leaves the
+  first layers alone) is computed once while its input is still shared: the prefix of
+  unperturbed layers runs once per batch, and the first perturbed convolution after it is
+  one dense convolution with P * C_out output channels rather than a grouped one; the prefix's
+  output is kept for the next call on the same batch (a plan executed in chunks);
+* ReLU runs in place on the activations this forward made itself (not on the caller's input),
+  and a 4-D input of the first per-member convolution is laid out channels-last, so that its
+  output, the ReLU and the next grouped convolution need no layout copy.
+
 Three layouts flow between layers: "shared" [N, ...] (not yet perturbed: the same for every
 member), "channels" [N, P * C, *spatial] and "batch" [P, N, ...]. Supported layers:
 Conv1d/2d/3d (zero padding), Linear, Flatten (from dim 1), BatchNorm1d/2d/3d, pooling,
@@ -63,6 +73,7 @@ class _Act:
 
     t: Tensor
     layout: str  # "shared" | "channels" | "batch"
+    owned: bool = False  # made by this forward (may be overwritten in place), not the caller's input or a view of it
 
 
 def _to_batch(a: _Act, p: int) -> Tensor:
@@ -98,6 +109,18 @@ def _fast_max_pool(m: nn.Module, t: Tensor) -> Tensor | None:
                          torch.maximum(t[..., 1::2, 0::2], t[..., 1::2, 1::2]))
 
 
+def _same_in_every_member(views: dict[str, Tensor], names: list[str]) -> bool:
+    """True when every member has exactly the same values in these parameters (bitwise; NaN counts as
+    different, so such a layer takes the per-member path). O(P * size): negligible next to the forward."""
+    for n in names:
+        v = views[n]
+        if v.shape[0] > 1 and not torch.equal(v[1], v[0]):  # the usual answer, at 1/P of the full comparison
+            return False
+        if not bool((v == v[:1]).all()):
+            return False
+    return True
+
+
 class PopulationForward:
     """`forward(thetas [P, d], x) -> outputs [P, N, ...]` for an nn.Sequential whose trainable
     parameters are `space`; `losses(thetas, x, y, loss_fn) -> [P]`.
@@ -119,6 +142,7 @@ class PopulationForward:
         if missing:
             raise NotBatchableError(f"parameters {missing} are not owned by a layer the population forward knows")
         self._opaque: set[str] = set()
+        self._prefix_cache: tuple | None = None  # (x, key, the prefix's values, its output): see _shared_prefix
         for prefix, m in self.layers:
             self._check(prefix, m)
         first = next((i for i, (prefix, m) in enumerate(self.layers)
@@ -168,14 +192,56 @@ class PopulationForward:
     def forward(self, thetas: Tensor, x: Tensor) -> Tensor:
         p = thetas.shape[0]
         views = self.space.views(thetas)
-        a = _Act(x, "shared")
+        shared = 0  # the leading layers every member computes the same (not perturbed in this population)
         for prefix, m in self.layers:
-            perturbed = any(prefix + n in views for n, _ in m.named_parameters(recurse=False))
-            if a.layout == "shared" and not perturbed:  # not perturbed yet: every member computes the same
-                a = _Act(self._shared_norm(m, a.t) if isinstance(m, _NORM) else m(a.t), "shared")
-                continue
+            names = [prefix + n for n, _ in m.named_parameters(recurse=False) if prefix + n in views]
+            if names and not _same_in_every_member(views, names):
+                break
+            shared += 1
+        a = _Act(self._shared_prefix(shared, x, views), "shared")  # may be x or a view of it: never in place
+        for prefix, m in self.layers[shared:]:
             a = self._layer(m, prefix, a, views, p)
         return _to_batch(a, p)
+
+    def _shared_prefix(self, count: int, x: Tensor, views: dict[str, Tensor]) -> Tensor:
+        """The first `count` layers on x, once for all members. A plan executed in chunks calls the
+        population forward several times on one batch with the same prefix: the last result is kept
+        and reused when x is the same tensor, unmodified (same object, held here so its memory cannot
+        be reused, same version counter), and every value the prefix reads (its parameters, member
+        0's where in the space, its buffers, the training flags) is equal to the last call's."""
+        if count == 0:
+            return x
+        state = []
+        for prefix, m in self.layers[:count]:
+            for n, t in m.named_parameters(recurse=False):
+                state.append(views[prefix + n][0] if prefix + n in views else t.detach())
+            state.extend(b for _, b in m.named_buffers(recurse=False) if b is not None)
+        if x.is_inference():  # no version counter to tell an in-place change: never kept
+            t = x
+            for prefix, m in self.layers[:count]:
+                t = self._shared_layer(m, prefix, t, views)
+            return t
+        key = (count, x._version, tuple(m.training for _, m in self.layers[:count]))
+        cached = self._prefix_cache
+        if (cached is not None and cached[0] is x and cached[1] == key and len(cached[2]) == len(state)
+                and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[2], state))):
+            return cached[3]
+        t = x
+        for prefix, m in self.layers[:count]:
+            t = self._shared_layer(m, prefix, t, views)
+        self._prefix_cache = (x, key, [v.clone() for v in state], t)
+        return t
+
+    def _shared_layer(self, m: nn.Module, prefix: str, t: Tensor, views: dict[str, Tensor]) -> Tensor:
+        """The plain forward of one layer on the shared input, with member 0's parameters where the
+        layer's parameters are in the space (they are the same in every member)."""
+        own = {n: views[prefix + n][0] for n, _ in m.named_parameters(recurse=False) if prefix + n in views}
+        if isinstance(m, _NORM):
+            return self._shared_norm(m, t, own)
+        if not own:
+            out = _fast_max_pool(m, t)
+            return m(t) if out is None else out
+        return torch.func.functional_call(m, own, (t,), strict=False)
 
     def _layer(self, m: nn.Module, prefix: str, a: _Act, views: dict[str, Tensor], p: int) -> _Act:
         kind = type(m)
@@ -191,37 +257,40 @@ class PopulationForward:
                 groups = 1
             else:
                 t, groups = _to_channels(a, p), p * m.groups
-                if t.dim() == 4:
-                    t = t.contiguous(memory_format=torch.channels_last)
-            return _Act(conv(t, w, b, m.stride, m.padding, m.dilation, groups), "channels")
+            if t.dim() == 4:  # the output follows the input's layout: channels-last all the way down
+                t = t.contiguous(memory_format=torch.channels_last)
+            return _Act(conv(t, w, b, m.stride, m.padding, m.dilation, groups), "channels", owned=True)
         if kind is nn.Linear:
             w = self._param(views, m, prefix, "weight", p)  # [P, out, in]
             b = self._param(views, m, prefix, "bias", p)
-            if a.layout == "shared":
+            if a.layout == "shared":  # one matrix product [M, F] x [F, P * out] for all members
                 t = a.t
-                out = torch.matmul(t.reshape(-1, t.shape[-1]), w.transpose(1, 2))  # [P, M, out]
-                if b is not None:
-                    out = out + b.unsqueeze(1)
-                return _Act(out.reshape(p, *t.shape[:-1], w.shape[1]), "batch")
+                flat = t.reshape(-1, t.shape[-1])
+                out = torch.mm(flat, w.reshape(-1, w.shape[2]).T) if b is None else \
+                    torch.addmm(b.reshape(-1), flat, w.reshape(-1, w.shape[2]).T)
+                out = out.view(flat.shape[0], p, w.shape[1]).transpose(0, 1)  # [P, M, out]
+                return _Act(out.reshape(p, *t.shape[:-1], w.shape[1]), "batch", owned=True)
             t = _to_batch(a, p)
             flat = t.reshape(p, -1, t.shape[-1])
             if b is None:
                 out = torch.bmm(flat, w.transpose(1, 2))
             else:
                 out = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
-            return _Act(out.reshape(*t.shape[:-1], w.shape[1]), "batch")
+            return _Act(out.reshape(*t.shape[:-1], w.shape[1]), "batch", owned=True)
         if kind is nn.Flatten:
             if a.layout == "channels":
                 n = a.t.shape[0]
-                return _Act(a.t.reshape(n, p, -1).transpose(0, 1), "batch")
-            return _Act(a.t.flatten(2), "batch")
+                return _Act(a.t.reshape(n, p, -1).transpose(0, 1), "batch", owned=a.owned)
+            return _Act(a.t.flatten(2), "batch", owned=a.owned)
         if isinstance(m, _NORM):
             return self._norm(m, prefix, a, views, p)
         if isinstance(m, _POOL):
             t = _to_channels(a, p) if a.layout == "batch" else a.t
             out = _fast_max_pool(m, t)
-            return _Act(m(t) if out is None else out, a.layout if a.layout != "batch" else "channels")
-        return _Act(m(a.t), a.layout)  # elementwise, dropout (identity here)
+            return _Act(m(t) if out is None else out, a.layout if a.layout != "batch" else "channels", owned=True)
+        if kind is nn.ReLU and a.owned:  # nobody else holds this tensor: no new buffer of P activations
+            return _Act(torch.relu_(a.t), a.layout, owned=True)
+        return _Act(m(a.t), a.layout, owned=a.owned and isinstance(m, (nn.Dropout, nn.Identity)))
 
     def _norm(self, m: nn.Module, prefix: str, a: _Act, views: dict[str, Tensor], p: int) -> _Act:
         t = _to_channels(a, p)
@@ -233,15 +302,18 @@ class PopulationForward:
         rv = None if batch_stats else m.running_var.repeat(p)
         out = F.batch_norm(t, rm, rv, None if w is None else w.reshape(p * c), None if b is None else b.reshape(p * c),
                            batch_stats, 0.0, m.eps)
-        return _Act(out, "channels")
+        return _Act(out, "channels", owned=True)
 
     @staticmethod
-    def _shared_norm(m: nn.Module, t: Tensor) -> Tensor:
-        """A norm layer on the shared input: batch statistics in training mode, never updated."""
+    def _shared_norm(m: nn.Module, t: Tensor, own: dict[str, Tensor] | None = None) -> Tensor:
+        """A norm layer on the shared input: batch statistics in training mode, never updated; the affine
+        parameters from `own` (the members' common values) where given, else the module's."""
+        own = own or {}
         batch_stats = m.training or m.running_mean is None
+        w = own.get("weight", None if m.weight is None else m.weight.detach())
+        b = own.get("bias", None if m.bias is None else m.bias.detach())
         return F.batch_norm(t, None if batch_stats else m.running_mean, None if batch_stats else m.running_var,
-                            None if m.weight is None else m.weight.detach(), None if m.bias is None else m.bias.detach(),
-                            batch_stats, 0.0, m.eps)
+                            w, b, batch_stats, 0.0, m.eps)
 
     def losses(self, thetas: Tensor, x: Tensor, y: Any, loss_fn: Callable[[Tensor, Any], Tensor]) -> Tensor:
         """[P]: loss_fn(member's output, y) for each member."""

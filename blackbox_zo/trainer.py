@@ -164,6 +164,7 @@ class Trainer:
         self.elapsed = 0.0  # wall seconds of training so far, across resumes
         self.metrics_lines = 0
         self.last_eval: dict[str, float] = {}
+        self.eval_step: int | None = None  # the step last_eval (or eval_missing) belongs to
         self.eval_missing: str | None = None  # why the last evaluation's metrics are missing (nan_policy=skip)
         self.skipped_steps = 0
         self.stopped_reason = "completed"
@@ -195,6 +196,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "metrics_lines": self.metrics_lines,
             "last_eval": dict(self.last_eval),
+            "eval_step": self.eval_step,
             "skipped_steps": self.skipped_steps,
             "phase": self.phase,
         }
@@ -286,6 +288,7 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.metrics_lines = int(state["metrics_lines"])
         self.last_eval = dict(state["last_eval"])
+        self.eval_step = state.get("eval_step")  # absent in older checkpoints: the end evaluates again
         self.skipped_steps = int(state["skipped_steps"])
         self.checkpoint_step = self.pos.step
         if "coord_sampler" in state and self.setup.coord_sampler is not None:
@@ -371,6 +374,7 @@ class Trainer:
             self._warn(f"step {self.pos.step}: {missing}")
         self.eval_missing = missing
         self.last_eval = out
+        self.eval_step = self.pos.step
         return out
 
     # -- one step --------------------------------------------------------------------
@@ -513,7 +517,7 @@ class Trainer:
                     raise Interrupted(signum, step=self.pos.step, checkpoint_step=self.checkpoint_step,
                                       run_dir=self.run_dir, summary=summary)
                 bar.close()
-                if self.stopped_reason != "completed" or (not self.last_eval and self.eval_missing is None):
+                if self.final_evaluation_due():
                     self.evaluate()
                 self.save_checkpoint()
                 return self.finish()
@@ -636,6 +640,12 @@ class Trainer:
         if not cfg.checkpoint_every_steps:
             self.save_checkpoint()
 
+    def final_evaluation_due(self) -> bool:
+        """Whether the run's end must evaluate: summary.json's metrics belong to the last step, so a run that
+        stops mid-epoch (run.max_steps, a fresh or a resumed run) evaluates rather than report an earlier
+        epoch's metrics; a run stopped early (query budget) evaluates again."""
+        return self.stopped_reason != "completed" or self.eval_step != self.pos.step
+
     @property
     def done(self) -> bool:
         """Every step of the run has been taken."""
@@ -673,6 +683,7 @@ class Trainer:
             "estimator": self.config.estimator.kind if self.estimator is not None else "autograd (first-order reference, not ZO)",
             "zeroth_order": self.estimator is not None,
             **self.last_eval,
+            "eval_step": self.eval_step,
             "queries": {**ledger.counts, "total": ledger.total},
             "queries_retried": ledger.retried,
             "wall_s": round(self.elapsed, 3),

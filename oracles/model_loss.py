@@ -17,6 +17,12 @@ __all__ = ["ModelLossOracle"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
+# On a CPU the population forward runs in chunks whose largest activation stays below this (feature
+# reuse's `cpu_chunk_bytes`): below glibc's mmap threshold as runtime.tune_allocator sets it, so a
+# chunk's tensors come from the reused heap instead of fresh zero pages, and nearer the cache.
+# ZO-GraSP's 386 forwards on 250 digits images: 1.7x faster than chunks of 65 members (66 MB each).
+POPULATION_CPU_CHUNK_BYTES = 32 * 2**20
+
 
 class ModelLossOracle(Oracle):
     """loss_fn(module(x; theta), y) for P parameter vectors at once (functional_call + vmap).
@@ -108,6 +114,9 @@ class ModelLossOracle(Oracle):
     def _population_losses(self, thetas: Tensor, batch: Any) -> Tensor:
         x, y = batch
         chunk = self._vmap_chunk(thetas[0], x)
+        if thetas.device.type == "cpu":  # members never meet in a kernel: no loss changes by a bit (tests)
+            largest = self._activation_bytes[(tuple(x.shape), x.dtype, str(x.device))]
+            chunk = min(chunk, max(1, POPULATION_CPU_CHUNK_BYTES // max(1, largest)))
         return torch.cat([self.population.losses(thetas[i : i + chunk], x, y, self.loss_fn)
                           for i in range(0, thetas.shape[0], chunk)])
 

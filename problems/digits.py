@@ -21,7 +21,7 @@ from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
 __all__ = ["load_digits_split", "stratified_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig",
-           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE"]
+           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE", "freeze_leading_convs"]
 
 # DeepZero (Algorithm 2) tuned for digits: ZO-GraSP (q = 192, mu = 5e-3, 25 examples per class) at init ->
 # layer-wise ratios at 90% sparsity -> Sparse-CGE on a fresh LPR-obeying set every epoch, SGD 0.1 with
@@ -137,11 +137,24 @@ def make_digits_cnn(width: int = 8) -> nn.Sequential:
     )
 
 
+def freeze_leading_convs(module: nn.Sequential, count: int) -> None:
+    """requires_grad=False on the first `count` convolutions: they leave the parameter space the
+    oracle and the trainer see, and keep their seeded initialisation (random features)."""
+    convs = [m for m in module if isinstance(m, nn.Conv2d)]
+    if not 0 <= count <= len(convs):
+        raise ValueError(f"model.frozen_convs must be in [0, {len(convs)}], got {count}")
+    for conv in convs[:count]:
+        conv.requires_grad_(False)
+
+
 class DigitsModelConfig(Strict):
     """The `model` section of digits: the CNN's width."""
 
     width: int = Field(8, ge=1, description="channels of the first conv (the second has 2x): 8 gives 3,818 "
                        "parameters")
+    frozen_convs: int = Field(0, ge=0, le=2, description="leading convolutions kept at their seeded initialisation "
+                              "(not trained, not queried): 0 trains all, 1 the second conv and the linear layer, 2 "
+                              "the linear layer only; a population then computes the frozen prefix once per batch")
 
 
 class DigitsConfig(TrainConfig):
@@ -181,6 +194,7 @@ class DigitsProblem(Problem):
         x_tr, y_tr, x_te, y_te = load_digits_split(config.data.seed)
         torch.manual_seed(config.run.seed)
         module = make_digits_cnn(config.model.width)
+        freeze_leading_convs(module, config.model.frozen_convs)
         oracle = ModelLossOracle(module, nn.functional.cross_entropy)
 
         def evaluate(m: nn.Module) -> dict[str, float]:

@@ -12,9 +12,9 @@ from blackbox_zo.rundir import CHECKPOINT_NAME
 from blackbox_zo.trainer import train
 
 
-def stop_and_resume(config: Callable[..., tuple[Any, Any]], tmp_path: Path, stop_at: int):
+def stop_and_resume(config: Callable[..., tuple[Any, Any]], tmp_path: Path, stop_at: int, metric: str = "test_acc"):
     """Train `config()` whole (tmp_path/full), `config("run.max_steps=stop_at")` (tmp_path/half), resume the
-    latter with `config()`; assert the final module tensors, queries and test accuracy are equal.
+    latter with `config()`; assert the final module tensors, queries and test metric (`metric`) are equal.
 
     `config(*overrides)` returns (problem, resolved config). Returns (full summary, resumed summary, full
     checkpoint, resumed checkpoint) for the caller's own checks of the state that rode in the checkpoint."""
@@ -28,5 +28,5 @@ def stop_and_resume(config: Callable[..., tuple[Any, Any]], tmp_path: Path, stop
     b = torch.load(tmp_path / "half" / CHECKPOINT_NAME, weights_only=True)
     assert a["module"].keys() == b["module"].keys()
     assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
-    assert full["queries"] == resumed["queries"] and full["test_acc"] == resumed["test_acc"]
+    assert full["queries"] == resumed["queries"] and full[metric] == resumed[metric]
     return full, resumed, a, b

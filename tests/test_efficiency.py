@@ -190,3 +190,21 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["sep-cma-es-fc", "es-fc", "es-grasp-fc"])
+def test_last_layer_methods_search_the_linear_layer_only(method):
+    """The -fc methods resolve for every digits width and their oracle's space is the linear layer:
+    2w * 16 * 10 + 10 parameters (10,250 at width 32)."""
+    from blackbox_zo.config import resolve_config
+    from blackbox_zo.problem import get_problem
+    from problems.experiments.efficiency import method_settings
+
+    for task, width in (("digits-w8", 8), ("digits-w32", 32), ("digits-w64", 64)):
+        problem = get_problem("digits")
+        cfg = resolve_config(problem.config_model, method_settings(TASKS[task], method, 0))
+        assert cfg.model.width == width and cfg.model.frozen_convs == 2
+        if width == 32:
+            space = problem.setup(cfg).oracle.space
+            assert space.dim == 2 * width * 16 * 10 + 10 == 10_250
+            assert space.names == ["6.weight", "6.bias"]

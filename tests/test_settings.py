@@ -270,6 +270,17 @@ def test_config_toml_writes_unset_settings_as_none_and_reads_them_back(tmp_path)
     assert p.resolve_config(tmp_path / "w.toml").model_dump() == config.model_dump()
 
 
+def test_the_word_none_is_unset_only_where_a_setting_may_be_unset():
+    """`--set estimator.shaping=none` names ES's shaping "none" (a choice, not unset); `phase2=none`
+    and `run.max_steps=none` unset settings that may be unset."""
+    p = get_problem("digits")
+    config = p.resolve_config(overrides=["estimator=es", "estimator.shaping=none", "run.max_steps=none"])
+    assert config.estimator.shaping == "none" and config.run.max_steps is None
+    assert p.resolve_config(overrides=["estimator=cge", "phase2=null"]).phase2 is None
+    with pytest.raises(ConfigError, match="estimator.kind"):
+        p.resolve_config(overrides=["estimator=none"])  # a kind must be named
+
+
 def test_a_plug_in_estimator_without_a_settings_model_takes_mu_and_scheme(monkeypatch):
     from blackbox_zo.estimators import CGE
 

@@ -177,3 +177,30 @@ def test_a_metrics_logger_is_closed_and_told_why_when_a_run_fails(tmp_path):
         train(prob, cfg, run_dir=tmp_path, loggers=[logger])
     assert [r["step"] for r in logger.records] == [1, 2]
     assert logger.summaries[-1]["stopped"] == "non-finite" and logger.closed == 1
+
+
+def _checkpoint_test_acc(problem, cfg, run_dir):
+    """The test accuracy of the module in the run's checkpoint, evaluated afresh."""
+    setup = problem.setup(cfg)
+    setup.module.load_state_dict(final_params(run_dir)[0])
+    setup.module.eval()
+    with torch.no_grad():
+        return setup.evaluate(setup.module)["test_acc"]
+
+
+def test_a_run_stopped_mid_epoch_reports_the_metrics_of_its_last_step(tmp_path):
+    # 2 epochs of 44 steps: the first epoch's end evaluates; a stop at step 50 (run.max_steps), fresh
+    # or resumed from step 47, must report step 50's metrics, not step 44's.
+    p, cfg = digits_config("run.max_steps=50")
+    fresh = train(p, cfg, run_dir=tmp_path / "fresh")
+    assert fresh["eval_step"] == 50 and fresh["steps"] == 50
+    assert fresh["test_acc"] == _checkpoint_test_acc(p, cfg, tmp_path / "fresh")
+    epoch_end = [json.loads(line) for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
+    at_44 = [r["eval/test_acc"] for r in epoch_end if "eval/test_acc" in r and r["step"] == 44]
+    assert at_44 and at_44[0] != fresh["test_acc"]  # else this test could not tell the two apart
+
+    p, half = digits_config("run.max_steps=47")
+    train(p, half, run_dir=tmp_path / "resumed")
+    resumed = train(p, cfg, resume=tmp_path / "resumed")
+    assert resumed["eval_step"] == 50
+    assert resumed["test_acc"] == fresh["test_acc"]

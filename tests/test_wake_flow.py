@@ -363,7 +363,11 @@ def test_cli_trains_wake_flow(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "wake-flow").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zeroth_order"] and summary["test_mae"] > 0
+    # the default starts from NON's corrector: a one-step pair per recorded step of each training run
+    w = summary["warm_start"]
+    assert w["method"] == "non" and w["pairs"] == 6 * 16 and w["steps"] == summary["steps"]
     assert (run_dir / "vorticity.png").is_file() and (run_dir / "test_mae.md").is_file()
+    assert "NON+ZO-SOL" in (run_dir / "test_mae.md").read_text()
 
 
 def test_the_registered_wake_flow_simulator_passes_check_simulator_with_its_gradient():

@@ -40,7 +40,7 @@ from blackbox_zo.cli import main
 import problems.wake_flow
 out = sys.argv[1]
 sets = lambda items: [a for s in items for a in ("--set", s)]
-tiny, grasp = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tiny, grasp = json.loads(sys.argv[2]), json.loads(sys.argv[3]) + json.loads(sys.argv[4])
 cache = [f"wake.cache_dir={out}/cache"]
 assert main(["experiment", "wake-flow", "--out", f"{out}/exp", *sets(tiny + cache)]) == 0
 assert main(["train", "wake-flow", *sets(tiny + grasp + cache + [f"run.out_dir={out}/runs"])]) == 0
@@ -48,11 +48,11 @@ print(problems.wake_flow.__file__)
 """
 
 
-def _run(tree: Path | None, out: Path) -> str:
+def _run(tree: Path | None, out: Path, new: list[str]) -> str:
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), json.dumps(TINY), json.dumps(GRASP)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), json.dumps(TINY), json.dumps(GRASP), json.dumps(new)],
                           capture_output=True, text=True, env=env, cwd=out, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -71,9 +71,11 @@ def outputs(tmp_path_factory):
     archive = subprocess.run([git, "-C", str(ROOT), "archive", PARITY_COMMIT, "blackbox_zo", "oracles", "problems"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
-    old_file = _run(old_tree, old_out)
+    old_file = _run(old_tree, old_out, [])
     assert old_file.startswith(str(old_tree)), old_file  # the old code really ran
-    new_file = _run(None, new_out)
+    # the wake flow's default now starts from NON's corrector (wake.warm_start=non): the old code's start is
+    # `none` (the experiment's FO-SOL and ZO-SOL set it themselves)
+    new_file = _run(None, new_out, ["wake.warm_start=none"])
     assert new_file.startswith(str(ROOT)), new_file
     return old_out, new_out
 

@@ -120,20 +120,35 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                                                                 "popsize": 28}},
         "sparse-cge-99-adam": {**_B64, "estimator": {"kind": "cge", "mu": 5e-3}, "optimizer": {"name": "adam",
                                "lr": 0.01}, "sparsity": {"sparsity": 0.99, "resample_every_epochs": 1}},
+        # the last layer only (model.frozen_convs=2: the convolutions keep their seeded initialisation, random
+        # features): a population runs the conv stack once per batch (docs/efficiency.md, width 32)
+        "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.1,
+                                                                                "popsize": 28}},
+        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                  "optimizer": {"name": "adam", "lr": 0.03}},
+        # the hybrid on the last layer: ES in the linear layer's ZO-GraSP set (half its weights, redrawn every epoch)
+        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+                        "optimizer": {"name": "adam", "lr": 0.05}, "sparsity": {"sparsity": 0.5,
+                                                                               "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
         "sep-cma-es+sparse-cge": SEP_CMA_THEN_SPARSE_CGE,
     },
     "wake-flow": {
-        "sparse-cge": {},  # ZO-SOL as the wake-flow default: 95% random sparsity, forward CGE, Adam 1e-3
-        "cge": {"sparsity": {"enabled": False}},  # dense forward CGE: d + 1 = 507 queries a step (tiny), 50 steps
+        # The wake flow's default is NON+ZO-SOL (wake.warm_start=non); every method here names where it starts.
+        "sparse-cge": {"wake": {"warm_start": "none"}},  # ZO-SOL (DeepZero): 95% random sparsity, forward CGE, Adam 1e-3
+        # NON's corrector (first-order on pre-generated one-step pairs, no queries), then ZO-SOL from there
+        "non+sparse-cge": {"wake": {"warm_start": "non"}},
+        # dense forward CGE: d + 1 = 507 queries a step (tiny), 50 steps
+        "cge": {"sparsity": {"enabled": False}, "wake": {"warm_start": "none"}},
         "rge": {"sparsity": {"enabled": False}, "estimator": {"kind": "rge", "q": 16, "scheme": "central",
-                                                              "mu": 1e-3}},
+                                                              "mu": 1e-3}, "wake": {"warm_start": "none"}},
         "es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
-               "optimizer": {"name": "adam", "lr": 1e-3}},
+               "optimizer": {"name": "adam", "lr": 1e-3}, "wake": {"warm_start": "none"}},
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
-                                                                     "popsize": 16}},
+                                                                     "popsize": 16}, "wake": {"warm_start": "none"}},
         # full covariance: d = 506 (tiny) is small enough for a 506 x 506 eigendecomposition a step
-        "cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "cma-es", "mu": 2e-3, "popsize": 16}},
+        "cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "cma-es", "mu": 2e-3, "popsize": 16},
+                   "wake": {"warm_start": "none"}},
     },
     # Each method keeps the problem's optimizer (Adam 3e-4) and its step schedule, stretched to the run
     # (`fitted_step_schedule`); sigma 5e-3 is CGE's own step mu. Sparsity is set explicitly either way,

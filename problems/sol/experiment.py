@@ -45,7 +45,11 @@ from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
 from .problem import SolProblem
 from .report import COLORS, mae_table, plot_mae_over_time, pyplot, run_labels, seed_table, write_table
 
-METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")
+METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL", "NON+ZO-SOL")
+DEFAULT_METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")  # the paper's four (DeepZero Fig. 6); NON+ZO-SOL on request
+# What each trained-in-the-loop method sets `warm_start` to, whatever the config says: the paper's FO-SOL and
+# ZO-SOL start from the initial corrector, NON+ZO-SOL from NON's (`sol.warm_start=non`, docs/sol.md).
+WARM_START = {"FO-SOL": "none", "ZO-SOL": "none", "NON+ZO-SOL": "non"}
 
 
 def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
@@ -59,7 +63,8 @@ def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
                    help=f"override a setting, e.g. --set {section}.unroll=4 --set optimizer.lr=3e-4")
     p.add_argument("--config", help="TOML or JSON file with settings")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all the simulator allows)")
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}, "
+                        "FO-SOL only for a differentiable simulator); NON+ZO-SOL is ZO-SOL started from NON's corrector")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: run.seed)")
     p.add_argument("--non-steps", type=int, default=None,
                    help="NON: Adam steps on one-step pairs (default: the SOL runs' steps)")
@@ -109,7 +114,7 @@ def resolve(args: argparse.Namespace, problem: SolProblem):
     config = problem.resolve_config(args.config, overrides)
     differentiable = problem.differentiable(config)
     if args.methods is None:
-        methods = [m for m in METHODS if m != "FO-SOL" or differentiable]
+        methods = [m for m in DEFAULT_METHODS if m != "FO-SOL" or differentiable]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if "FO-SOL" in methods and not differentiable:
@@ -170,10 +175,15 @@ def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str
     for seed in seeds:
         seed_dir = out / f"seed{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        for name in [m for m in ("NON", "FO-SOL", "ZO-SOL") if m in methods]:
-            key = _config_key(config, name, seed, {"non_steps": non_steps, "non_batch": non_batch}
+        for name in [m for m in ("NON", "FO-SOL", "ZO-SOL", "NON+ZO-SOL") if m in methods]:
+            method_config = config
+            if name in WARM_START:  # the method decides where it starts (a --set warm_start does not apply)
+                method_config = config.model_copy(deep=True)
+                problem.settings(method_config).warm_start = WARM_START[name]
+            key = _config_key(method_config, name, seed, {"non_steps": non_steps, "non_batch": non_batch}
                               if name == "NON" else {})
-            record_path, weights_path = seed_dir / f"{name.lower()}.json", seed_dir / f"{name.lower()}.pt"
+            slug = name.lower().replace("+", "-")
+            record_path, weights_path = seed_dir / f"{slug}.json", seed_dir / f"{slug}.pt"
             corrector = parts["new_corrector"](seed)
             cached = None
             if record_path.exists() and weights_path.exists():
@@ -196,17 +206,17 @@ def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str
                         summary = {"steps": non_steps, "batch": non_batch,
                                    "final_loss": non_log[-1]["loss"] if non_log else None}
                     else:
-                        cfg = config.model_copy(deep=True)
+                        cfg = method_config.model_copy(deep=True)
                         cfg.run.seed = seed
                         if name == "FO-SOL":  # the first-order reference takes no mu, scheme or sparsity
                             cfg = resolve_config(problem.config_model, cfg.model_dump(), None, ["estimator=autograd"],
                                                  name=problem.name)
-                        corrector, summary = _train_sol(problem, cfg, seed_dir / name.lower(), name)
+                        corrector, summary = _train_sol(problem, cfg, seed_dir / slug, name)
                 summaries[f"{name}/seed{seed}"] = summary
                 timing[f"{name}/seed{seed}"] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
             values = evaluate(name, corrector, seed)
             mae[seed][name] = values
-            queries = summaries[f"{name}/seed{seed}"].get("queries", {}).get("total") if name == "ZO-SOL" else None
+            queries = summaries[f"{name}/seed{seed}"].get("queries", {}).get("total") if name.endswith("ZO-SOL") else None
             t = timing[f"{name}/seed{seed}"]
             extra[seed][name] = {"train_wall_s": round(t.get("train_wall_s", 0.0), 1),
                                  "train_cpu_s": round(t.get("train_cpu_s", 0.0), 1),

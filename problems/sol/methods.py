@@ -14,6 +14,7 @@ The four methods of DeepZero Fig. 6 (Um et al. 2020):
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from oracles.simulator import Simulator, weighted_mse
 
-__all__ = ["rollout", "mae_per_step", "evaluate_mae", "one_step_pairs", "train_non"]
+__all__ = ["rollout", "mae_per_step", "evaluate_mae", "one_step_pairs", "train_non", "warm_start_non"]
 
 
 def rollout(sim: Simulator, corrector: nn.Module | None, start: Tensor, conditions: Tensor, steps: int,
@@ -107,3 +108,35 @@ def train_non(corrector: nn.Module, pairs: tuple[Tensor, Tensor, Tensor], weight
         if k % log_every == 0 or k == steps - 1:
             log.append({"step": k + 1, "loss": loss.item(), "wall_s": round(time.perf_counter() - start, 3)})
     return log
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def warm_start_non(corrector: nn.Module, sim: Simulator, frames: Tensor, conditions: Tensor, weight: Tensor | None,
+                   *, steps: int, lr: float, batch_size: int, seed: int, max_batch: int = 128, progress: bool = True
+                   ) -> dict[str, Any]:
+    """`sol.warm_start=non`: train `corrector` in place exactly as the NON method does (`one_step_pairs`
+    on the training runs, then `train_non` with the same seed), before a solver-in-the-loop run.
+
+    The simulator is called by value only, on the recorded reference frames (one step each, no corrector
+    in the loop), and never differentiated: what a user of a black-box solver can do before spending
+    queries. Returns its costs for summary.json: the solver steps of the pair generation (these are
+    not oracle queries, and `run.query_budget` does not count them), the Adam steps and the CPU and
+    wall seconds of both parts.
+    """
+    cpu0, wall0 = _cpu_s(), time.perf_counter()
+    pairs = one_step_pairs(sim, frames, conditions, max_batch=max_batch)
+    cpu1, wall1 = _cpu_s(), time.perf_counter()
+    log = train_non(corrector, pairs, weight, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                    progress=progress)
+    cpu2, wall2 = _cpu_s(), time.perf_counter()
+    return {"method": "non", "pairs": int(pairs[0].shape[0]), "simulation_steps": int(pairs[0].shape[0]),
+            "steps": int(steps), "batch": int(batch_size), "lr": float(lr),
+            "final_loss": log[-1]["loss"] if log else None,
+            "pairs_cpu_s": round(cpu1 - cpu0, 3), "pairs_wall_s": round(wall1 - wall0, 3),
+            "train_cpu_s": round(cpu2 - cpu1, 3), "train_wall_s": round(wall2 - wall1, 3),
+            "cpu_s": round(cpu2 - cpu0, 3), "wall_s": round(wall2 - wall0, 3)}

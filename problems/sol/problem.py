@@ -32,7 +32,7 @@ from oracles.simulator import SolverInTheLoopOracle, is_differentiable, make_sim
 
 from .corrector import build_corrector, unshrunk
 from .data import ReferenceDataError, WindowBatches, normalisation, reference_runs
-from .methods import evaluate_mae
+from .methods import evaluate_mae, warm_start_non
 from .report import plot_test_run, report_single_run
 
 __all__ = ["SolLoopSettings", "SolSettings", "SolConfig", "SolProblem", "loss_weight", "step_cap", "build_sol"]
@@ -61,6 +61,16 @@ class SolLoopSettings(Strict):
         "cap", description="a diverged rollout: cap (a capped loss, counted) or nan (run.nan_policy decides)")
     divergence_factor: float = Field(10.0, gt=0, description="step cap = this x the loss of the all-zero state")
     cache_dir: str = Field("data_cache", description="where the reference data are cached")
+    warm_start: Literal["none", "non"] = Field(
+        "none", description="non: pre-train the corrector as NON does (first-order on the corrector alone, on "
+        "pre-generated one-step pairs; the simulator is never differentiated) before the run's first step "
+        "(docs/sol.md#warm-start)")
+    warm_start_steps: Optional[int] = Field(
+        None, ge=0, description="NON Adam steps of the warm start (None: the run's steps, as the NON method)")
+    warm_start_batch: Optional[int] = Field(
+        None, ge=1, description="pairs per warm-start step (None: windows x unroll, as the NON method)")
+    warm_start_lr: Optional[float] = Field(None, gt=0, description="warm-start Adam lr (None: optimizer.lr, "
+                                                                   "as the NON method)")
 
 
 class SolSettings(SolLoopSettings):
@@ -251,16 +261,23 @@ class SolProblem(Problem):
         sim = parts["simulator"]
         corrector = parts["new_corrector"](config.run.seed)
         weight, cap = parts["weight"], parts["step_cap"]
-        oracle = SolverInTheLoopOracle(sim, corrector, weight=weight, max_batch=s.max_batch, step_cap=cap,
-                                       on_divergence=s.divergence)
-        oracle.name = f"sol:{self.simulator_name(config)}"
         train, train_cond = parts["train"]
-        test, test_cond = parts["test"]
         try:
             batches = WindowBatches(train, train_cond, s.unroll, s.windows, seed=config.run.seed,
                                     batches_per_epoch=s.batches_per_epoch)
         except ValueError as exc:
             raise ProblemSetupError(f"{self.section}.unroll / {self.section}.windows: {exc}") from exc
+        warm = None
+        if s.warm_start == "non":  # before the oracle exists: its initial theta is the warm-started corrector
+            warm = warm_start_non(corrector, sim, train, train_cond, weight, steps=(
+                config.run.epochs * batches.num_batches(0) if s.warm_start_steps is None else s.warm_start_steps),
+                lr=config.optimizer.lr if s.warm_start_lr is None else s.warm_start_lr,
+                batch_size=s.windows * s.unroll if s.warm_start_batch is None else s.warm_start_batch,
+                seed=config.run.seed, max_batch=s.max_batch, progress=progress)
+        oracle = SolverInTheLoopOracle(sim, corrector, weight=weight, max_batch=s.max_batch, step_cap=cap,
+                                       on_divergence=s.divergence)
+        oracle.name = f"sol:{self.simulator_name(config)}"
+        test, test_cond = parts["test"]
         mask = parts["mask"]
 
         def evaluate(m: nn.Module) -> dict[str, float]:
@@ -279,12 +296,15 @@ class SolProblem(Problem):
             gen = torch.Generator().manual_seed(config.run.seed + 1)
             pick = batches.index[torch.randperm(batches.index.shape[0], generator=gen)[: s.prune_windows]]
             probe = oracle.initial_theta()
-            if s.grasp_at == "default-scale":  # DeepZero uses the scores for layer ratios only (then random
+            if s.grasp_at == "default-scale" and warm is None:  # a warm-started last layer is no longer shrunk  # DeepZero uses the scores for layer ratios only (then random
                 probe = oracle.space.flatten_module(unshrunk(corrector, s.out_init_scale))  # coordinates in each)
             coord_sampler, extras["sparsity"] = build_sparse_sampler(
                 oracle, probe, batches.windows_at(pick), sparsity, seed=config.run.seed)
+        if warm is not None:
+            extras["warm_start"] = warm
         return TrainingSetup(oracle=oracle, train_batches=batches, module=corrector, evaluate=evaluate,
-                             fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras)
+                             fo_loss=fo_loss, coord_sampler=coord_sampler, extras=extras,
+                             summary=None if warm is None else (lambda: {"warm_start": warm}))
 
     def report(self, run_dir, summary: dict[str, Any]) -> None:
         """Test MAE of this run's corrector next to SRC, and a picture of one test run."""

@@ -23,7 +23,7 @@ from .methods import evaluate_mae
 __all__ = ["COLORS", "pyplot", "run_labels", "mae_table", "seed_table", "write_table", "plot_mae_bars", "plot_mae_over_time",
            "plot_test_run", "report_single_run"]
 
-COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c"}
+COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c", "NON+ZO-SOL": "#d62728"}
 
 
 def run_labels(conditions: Tensor, label: str = "Re") -> list[str]:
@@ -198,7 +198,9 @@ def report_single_run(problem, run_dir: Path) -> None:
     the test runs (test_mae.md / .csv) and one test run as both roll it out (`problem.plot_test_run`)."""
     run_dir = Path(run_dir)
     raw = json.loads((run_dir / "config.json").read_text())
+    warm = raw.get(problem.section, {}).get("warm_start", "none")
     raw.setdefault("sparsity", {})["enabled"] = False  # no ZO-GraSP queries just to rebuild the module
+    raw.setdefault(problem.section, {})["warm_start"] = "none"  # nor a warm start: the checkpoint's weights replace it
     config = resolve_config(problem.config_model, raw, name=problem.name)
     setup = problem.setup(config, progress=False)
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
@@ -206,7 +208,7 @@ def report_single_run(problem, run_dir: Path) -> None:
     sim, mask = setup.extras["simulator"], setup.extras["mask"]
     test, test_cond = setup.extras["test"]
     steps = problem.settings(config).eval_steps
-    label = "FO-SOL" if config.estimator.kind == "autograd" else "ZO-SOL"
+    label = ("NON+" if warm == "non" else "") + ("FO-SOL" if config.estimator.kind == "autograd" else "ZO-SOL")
     mae_src, traj_src = evaluate_mae(sim, None, test, test_cond, mask, steps)
     mae_run, traj_run = evaluate_mae(sim, setup.module, test, test_cond, mask, steps)
     markdown, rows = mae_table({"SRC": mae_src, label: mae_run}, test_cond, label=problem.condition_label)

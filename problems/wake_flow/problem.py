@@ -49,6 +49,10 @@ class WakeSettings(SolLoopSettings):
     max_batch: int = Field(64, ge=1, description="states simulated at once by the oracle (per-state cost is "
                                                   "lowest around 32-64 at 32x64, benchmarks/bench_sol.py)")
     cache_dir: str = Field("data_cache", description="where the generated high-fidelity data are cached")
+    warm_start: Literal["none", "non"] = Field(
+        "non", description="non (the default): pre-train the corrector as NON does (first-order on one-step pairs, "
+        "the simulator never differentiated), then train in the loop from there; none: from the initial corrector "
+        "(DeepZero's ZO-SOL). docs/wake-flow.md#warm-start-non-then-zo-sol")
     lo_nx: int = Field(32, ge=8, le=512, description="low-fidelity cells along x (y has twice as many)")
     hifi_factor: int = Field(2, ge=1, le=8, description="high fidelity is this much finer (2: 64x128, 4: 128x256)")
     skip_steps: int = Field(2000, ge=0, description="high-fidelity transient dropped before recording")
