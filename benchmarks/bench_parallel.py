@@ -7,7 +7,8 @@ What is measured. Each configuration runs in fresh processes (torch.multiprocess
 each with one intra-op thread, joined by a gloo group on localhost:
 
 * reference: plain `CGE.estimate` in one process (no process group), the single-process path;
-* M independent processes: the reference in M unconnected processes at once. Their summed
+* M independent processes: the reference in M unconnected processes at once (their timed steps
+  start together, at a barrier after the warm-up, as the ranks' do). Their summed
   throughput is the most any M-rank scheme can get from this machine (cores that share caches,
   memory bandwidth or a physical core cost something even without communication);
 * M ranks, even split: `CGE.estimate` with a `parallel.PlanSharder` cutting the coordinate plan into M
@@ -114,7 +115,7 @@ def _coords(d: int, n: int | None) -> torch.Tensor | None:
 
 
 def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps: int, warmup: int, queue,
-            estimator_name: str = "cge", q: int = 192) -> None:
+            estimator_name: str = "cge", q: int = 192, start=None) -> None:
     torch.set_num_threads(1)
     from blackbox_zo.runtime import tune_allocator
 
@@ -142,6 +143,11 @@ def _worker(rank: int, world: int, port: int, model_name: str, mode: str, steps:
     n_batches = x.shape[0] // batch_size
     wall = cpu = shard = 0.0
     for step in range(warmup + steps):
+        if step == warmup and start is not None:
+            # every process of the configuration starts its timed steps at once: independent
+            # processes that started apart would each run alone for part of their window and
+            # overstate the ceiling (ranks are in lock-step anyway)
+            start.wait(timeout=600)
         i = step % n_batches
         batch = (x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
         theta = theta0 + (step + 1) * drift  # a new point every step, as after an optimizer step
@@ -181,8 +187,9 @@ def run_config(model: str, mode: str, world: int, steps: int, warmup: int, estim
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    start = ctx.Barrier(world)
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, model, mode, steps, warmup, queue, estimator, q))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, model, mode, steps, warmup, queue, estimator, q, start))
              for r in range(world)]
     for p in procs:
         p.start()

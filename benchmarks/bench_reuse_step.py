@@ -12,6 +12,8 @@ bitwise equal (torch.equal), step by step: a speed-up that changes a bit does no
 
 * digits: the default `blackbox-zo train digits` step (batch 16, the 412 Sparse-CGE coordinates
   ZO-GraSP picks at 90% sparsity);
+* digits-dense: dense CGE on the digits CNN, batch 64, all 3,818 coordinates (the step that
+  `bench_cge.py --models digits` and `bench_parallel.py --models digits` time);
 * resnet20: ResNet-20, CIFAR-shaped synthetic batch of 64 (time does not depend on pixel values),
   `--resnet-coords` coordinates spread over every block.
 
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_reuse import digits_case, resnet_case  # noqa: E402
+from profile_reuse import digits_case, digits_dense_case, resnet_case  # noqa: E402
 
 MU = 5e-3
 
@@ -96,15 +98,16 @@ def run_model(name: str, oracle, coords, batches, old_cls, steps: int, warmup: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--against", default="main", help="git revision of the reference reuse.py (default main)")
-    ap.add_argument("--models", default="digits", help="comma-separated: digits, resnet20")
+    ap.add_argument("--models", default="digits", help="comma-separated: digits, digits-dense, resnet20")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per engine (digits)")
     ap.add_argument("--resnet-steps", type=int, default=3)
     ap.add_argument("--resnet-coords", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=4)
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if set(models) - {"digits", "resnet20"}:
-        ap.error(f"--models: unknown {sorted(set(models) - {'digits', 'resnet20'})}; allowed: digits, resnet20")
+    known = {"digits", "digits-dense", "resnet20"}
+    if set(models) - known:
+        ap.error(f"--models: unknown {sorted(set(models) - known)}; allowed: {', '.join(sorted(known))}")
     if min(args.steps, args.resnet_steps, args.resnet_coords) < 1 or args.warmup < 0:
         ap.error("--steps, --resnet-steps, --resnet-coords must be >= 1, --warmup >= 0")
     torch.set_num_threads(1)
@@ -123,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "digits":
             oracle, coords, batches = digits_case(0)
             rows.append(run_model("digits", oracle, coords, batches, old.FeatureReuse, args.steps, args.warmup))
+        elif name == "digits-dense":
+            oracle, coords, batches = digits_dense_case(0, 64)
+            rows.append(run_model("digits-dense", oracle, coords, batches, old.FeatureReuse, args.steps, args.warmup))
         else:
             oracle, coords, batches = resnet_case(0, args.resnet_coords, 64)
             rows.append(run_model("resnet20", oracle, coords, batches, old.FeatureReuse, args.resnet_steps,
                                   min(args.warmup, 1)))
         r = rows[-1]
-        print(f"  {r['model']:<9} {r['coords']:5d} coords  {args.against}: {r['old_ms']:8.2f} ms   this tree: "
+        print(f"  {r['model']:<12} {r['coords']:5d} coords  {args.against}: {r['old_ms']:8.2f} ms   this tree: "
               f"{r['new_ms']:8.2f} ms   speed-up {r['speedup']:.2f}x (median of per-step ratios "
               f"{r['ratio_median']:.2f}x, {r['steps']} steps each)", flush=True)
     return 0

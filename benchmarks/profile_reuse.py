@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_reuse.py                         # the digits training step
     .venv/bin/python benchmarks/profile_reuse.py --model resnet20 --coords 500 --steps 3
+    .venv/bin/python benchmarks/profile_reuse.py --model digits-dense      # bench_cge / bench_parallel's step
 
 The step is what the trainer runs (blackbox_zo/trainer.py `_zo_step`): `on_step` (the unperturbed
 forward, cached), the base query, then `coordinate_losses` over the step's coordinate set, at a new
@@ -9,6 +10,8 @@ theta and a new batch every step (so no cache carries over):
 
 * digits: the default recipe (`blackbox-zo train digits`): batch 16, the 412 coordinates
   Sparse-CGE picks after ZO-GraSP at 90% sparsity;
+* digits-dense: dense CGE on the digits CNN, batch 64 (`--batch`), all 3,818 coordinates: the step
+  `bench_cge.py --models digits` and `bench_parallel.py --models digits` time;
 * resnet20: ResNet-20 on a CIFAR-shaped synthetic batch of 64 (timing does not depend on the
   pixel values), `--coords` coordinates spread over all 65 blocks as in benchmarks/bench_cge.py.
 
@@ -52,6 +55,17 @@ def digits_case(seed: int):
     return setup.oracle, setup.coord_sampler.coords(0), batches
 
 
+def digits_dense_case(seed: int, batch: int):
+    from oracles.model_loss import ModelLossOracle
+    from problems.digits import load_digits_split, make_digits_cnn
+
+    x, y, _, _ = load_digits_split(0)
+    torch.manual_seed(seed)
+    oracle = ModelLossOracle(make_digits_cnn(8))
+    batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(x.shape[0] // batch)]
+    return oracle, torch.arange(oracle.space.dim), batches
+
+
 def resnet_case(seed: int, n_coords: int, batch: int):
     from oracles.model_loss import ModelLossOracle
     from problems.models import resnet20
@@ -71,9 +85,9 @@ def resnet_case(seed: int, n_coords: int, batch: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["digits", "resnet20"], default="digits")
+    ap.add_argument("--model", choices=["digits", "digits-dense", "resnet20"], default="digits")
     ap.add_argument("--coords", type=int, default=500, help="resnet20: coordinates per step")
-    ap.add_argument("--batch", type=int, default=64, help="resnet20: batch size")
+    ap.add_argument("--batch", type=int, default=64, help="resnet20, digits-dense: batch size")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per view (resnet20: use a few)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--top", type=int, default=12, help="rows of the operator table")
@@ -87,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     if args.model == "digits":
         oracle, coords, batches = digits_case(args.seed)
+    elif args.model == "digits-dense":
+        oracle, coords, batches = digits_dense_case(args.seed, args.batch)
     else:
         oracle, coords, batches = resnet_case(args.seed, args.coords, args.batch)
     reuse = oracle.reuse

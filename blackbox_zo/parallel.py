@@ -491,6 +491,7 @@ class PlanSharder:
         # per-coordinate predicted costs of the current sorted coordinate set, refined every plan
         self._item_costs: Tensor | None = None
         self._item_key: int | None = None
+        self._item_coords: Tensor | None = None  # the sorted coordinate set _item_key was computed for
         self._item_blocks: Tensor | None = None
         self._bounds: list[int] | None = None
 
@@ -531,7 +532,13 @@ class PlanSharder:
         if not self.balance_by_cost or self._calibrating():
             self._bounds = None
             return balanced_bounds(torch.ones(sorted_coords.numel(), dtype=torch.float64), self.world)
-        key = fingerprint(sorted_coords)
+        last = self._item_coords
+        if (last is not None and last.shape == sorted_coords.shape and last.device == sorted_coords.device
+                and torch.equal(last, sorted_coords)):
+            key = self._item_key  # the same set as the last plan (every step of dense or Sparse-CGE): no hash
+        else:
+            key = fingerprint(sorted_coords)
+            self._item_coords = sorted_coords.clone()
         if key != self._item_key:  # a new coordinate set: start from the (refined) block costs
             self._carry_refinement_to_blocks()
             self._item_blocks = space.block_index(sorted_coords.cpu())

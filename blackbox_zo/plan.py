@@ -454,9 +454,12 @@ def _execute_sharded(plan: QueryPlan, oracle: Oracle, batch: Any, sharder: "para
             base = run.base()
         t1 = clock(theta)  # the base loss is every rank's, not the shard's
         if plan.kind == "coordinates":
-            coords = plan.coord_indices()
-            order = torch.argsort(coords, stable=True)  # pieces are contiguous in the sorted set (blocks)
-            sorted_coords = coords[order]
+            if plan.coords is None:  # all coordinates: arange(d) is sorted already
+                sorted_coords = order = plan.coord_indices()
+            else:
+                coords = plan.coords
+                order = torch.argsort(coords, stable=True)  # pieces are contiguous in the sorted set (blocks)
+                sorted_coords = coords[order]
             bounds = sharder.coordinate_bounds(oracle.space, sorted_coords)
             lo, hi = bounds[rank], bounds[rank + 1]
             mine, where = sorted_coords[lo:hi], order[lo:hi]

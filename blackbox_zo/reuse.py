@@ -472,6 +472,10 @@ class FeatureReuse:
             if direct == "linear" and len(args) == 1 and not kwargs:
                 return F.linear(args[0], params[n.target + ".weight"],
                                 params[n.target + ".bias"] if m.bias is not None else None)
+            if direct == "maxpool" and len(args) == 1 and not kwargs:
+                # maxima of strided slices: the same values as the pooling kernel (max is exact), 10x
+                # faster on small planes (digits: 0.34 -> 0.03 ms of a 1.1 ms base forward)
+                return _max_pool2d_by_slices(args[0], _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation))
             if direct == "stateless":
                 return m(*args, **kwargs)
             return functional_call(m, self._module_tensors(n.target, params, update), args, kwargs)
@@ -533,10 +537,21 @@ class FeatureReuse:
             return cached[1], cached[2], cached[3]
         blocks = self.space.block_index(coords.cpu()).to(coords.device)
         groups = []
-        for bi in torch.unique(blocks).tolist():
-            pos = torch.nonzero(blocks == bi).squeeze(1)
-            local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
-            groups.append((bi, pos[order], local))
+        if coords.numel() > 1 and bool((coords[1:] > coords[:-1]).all()):
+            # sorted and distinct (a rank's contiguous piece of a sorted set: it changes whenever the
+            # cut moves, i.e. every step of a refined 2-rank run): each block is one run of positions,
+            # already in order; the same groups as below, 10x cheaper
+            ids, counts = torch.unique_consecutive(blocks, return_counts=True)
+            start = 0
+            for bi, n in zip(ids.tolist(), counts.tolist()):
+                groups.append((bi, torch.arange(start, start + n, device=coords.device),
+                               coords[start:start + n] - self.space.blocks[bi].offset))
+                start += n
+        else:
+            for bi in torch.unique(blocks).tolist():
+                pos = torch.nonzero(blocks == bi).squeeze(1)
+                local, order = torch.sort(coords[pos] - self.space.blocks[bi].offset)
+                groups.append((bi, pos[order], local))
         units: list[list[int]] = []
         by_node: dict[fx.Node, list[int]] = {}
         for gi, (bi, _, _) in enumerate(groups):
@@ -681,13 +696,16 @@ class FeatureReuse:
             per_out = m.weight[0].numel()
             o, r = local // per_out, local % per_out
             cols = self._unfolded_input(st, node, m)  # [N, Cin*kh*kw, L]: what each weight multiplies
-            v = torch.add(base_out.reshape(base_out.shape[0], cout, -1).index_select(1, o), cols.index_select(1, r),
-                          alpha=mu)
+            # in place on the fresh gather of the output channels: the same kernel (a + alpha * b), one
+            # [N, P, L] buffer fewer
+            v = base_out.reshape(base_out.shape[0], cout, -1).index_select(1, o)
+            v.add_(cols.index_select(1, r), alpha=mu)
             return _Channel.of(base_out, o, v)
         if kind == "linear_weight":
             fan_in = inp.shape[1]
             o, i = local // fan_in, local % fan_in
-            v = torch.add(base_out.index_select(1, o), inp.index_select(1, i), alpha=mu)  # [N, P]
+            v = base_out.index_select(1, o)  # [N, P]
+            v.add_(inp.index_select(1, i), alpha=mu)
             return _Channel.of(base_out, o, v)
         if kind in ("conv_bias", "linear_bias", "bn_bias"):
             v = base_out.index_select(1, local) + mu
@@ -706,7 +724,8 @@ class FeatureReuse:
         if key not in st.extra:
             for k in [k for k in st.extra if k[0] == "cols"]:
                 del st.extra[k]
-            st.extra[key] = F.unfold(st.values[node.args[0]], m.kernel_size, m.dilation, m.padding, m.stride)
+            st.extra[key] = _im2col(st.values[node.args[0]], _pair(m.kernel_size), _pair(m.dilation),
+                                    _pair(m.padding), _pair(m.stride))
         return st.extra[key]
 
     def _bn_stats(self, st: _BaseState, node: fx.Node) -> tuple[Tensor, Tensor]:
@@ -1071,8 +1090,21 @@ def _cross_entropy_per_perturbation(outs: list[tuple[Tensor, int]], y: Tensor) -
                 labels.append(y.repeat(p))
                 pieces.append((col, p, False))
             col += p * n
-        ls = torch.log_softmax(xt, 0)  # [C, rows]: column r holds row r's log-probabilities
-        picked = ls[:, :rows].gather(0, torch.cat(labels).view(1, rows)).view(rows)
+        # column r of log_softmax(xt, 0) holds row r's log-probabilities. Computed in blocks of columns
+        # that stay in the CPU's L2 cache (the kernel passes over its input three times: max, sum of
+        # exp, output): each column's arithmetic does not depend on the others or on where its block
+        # starts (blocks are whole multiples of the padding), so the same bits, 1.3x faster on 250K rows
+        label = torch.cat(labels).view(1, rows)
+        block = _softmax_block_columns(c, xt.element_size())
+        if padded <= block:
+            picked = torch.log_softmax(xt, 0)[:, :rows].gather(0, label).view(rows)
+        else:
+            picked = xt.new_empty(rows)
+            for a in range(0, rows, block):
+                b = min(a + block, padded)
+                ls = torch.log_softmax(xt[:, a:b], 0)
+                e = min(b, rows)
+                picked[a:e] = ls[:, :e - a].gather(0, label[:, a:e]).view(e - a)
         nll = torch.cat([picked[a:a + p * n].view(n, p).t() if np_order else picked[a:a + p * n].view(p, n)
                          for a, p, np_order in pieces]).contiguous()  # [P, N], as the reference layout
         return -nll.sum(1) / n
@@ -1085,6 +1117,15 @@ def _cross_entropy_per_perturbation(outs: list[tuple[Tensor, int]], y: Tensor) -
 # Rows of the dim-0 layout are padded to a multiple of this, so that the kernel runs every row in
 # full vector registers (a partial last vector would take a scalar exp with other rounding).
 _ROW_PAD = 64
+# Bytes of one block of columns of the dim-0 log_softmax (see `_cross_entropy_per_perturbation`).
+_SOFTMAX_BLOCK_BYTES = 256 * 2**10
+
+
+def _softmax_block_columns(classes: int, element_size: int) -> int:
+    """Columns per block of the dim-0 log_softmax: about _SOFTMAX_BLOCK_BYTES, a multiple of _ROW_PAD."""
+    return max(_ROW_PAD, _SOFTMAX_BLOCK_BYTES // (classes * element_size) // _ROW_PAD * _ROW_PAD)
+
+
 # Above this many logits per output, its transposing copy goes (n, p)-major (a 2-D transpose).
 _TRANSPOSE_2D = 2**16
 _DIM0_EXACT: dict[tuple[int, torch.dtype, str], bool] = {}
@@ -1123,6 +1164,8 @@ def _direct_kind(m: nn.Module) -> str:
         return "conv"
     if type(m) is nn.Linear:
         return "linear"
+    if (type(m) is nn.MaxPool2d and _pair(m.padding) == (0, 0) and not m.ceil_mode and not m.return_indices):
+        return "maxpool"
     if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
         return "stateless"
     return "generic"
@@ -1150,6 +1193,24 @@ def _out_of_place(n: fx.Node) -> Callable[..., Any]:
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _im2col(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+            stride: tuple[int, int]) -> Tensor:
+    """F.unfold(x, kernel, dilation, padding, stride) of a 4-D input ([N, C*kh*kw, Ho*Wo], row
+    c*kh*kw + a*kw + b holds input channel c shifted by (a, b)), as one copy of a strided view of the
+    zero-padded input: the same values (only data movement), and on CPU 5x to 8x faster than the
+    im2col kernel on small planes (digits, [64, 8, 8, 8] with 3x3: 0.61 -> 0.08 ms), which a split
+    step repeats on every rank that holds coordinates of the layer."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    if x.dim() != 4:
+        return F.unfold(x, kernel, dilation, padding, stride)
+    xp = F.pad(x, (pw, pw, ph, ph)).contiguous() if ph or pw else x.contiguous()
+    n, c, hp, wp = xp.shape
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = xp.stride()
+    view = xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, dh * sy, dw * sx, sh * sy, sw * sx))
+    return view.reshape(n, c * kh * kw, ho * wo)
 
 
 def _max_pool2d_by_slices(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],

@@ -342,17 +342,21 @@ def test_timings_are_collected_only_when_asked():
     assert 0 <= sum(v for (b, _), v in tm.items() if b != "(all blocks)") <= total
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1, 3 * 64 * 4 * 10 + 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("classes", [2, 10, 17, 100])
-def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, classes):
+def test_dim0_log_softmax_is_used_only_where_it_gives_the_same_bits(dtype, classes, block_bytes, monkeypatch):
     """The cross-entropy of many perturbations may run log_softmax over dim 0 of a transposed, padded
     copy (20x faster for 10 classes on CPU) only where the machine's kernels give the same bits as
     over the last dimension. Checked on fresh rows (not the probe's), and through the loss itself
-    against vmap for both layouts."""
+    against vmap for both layouts; with the columns in one block (default sizes here) and in many
+    (block_bytes: one padding unit per block, and a few units per block with a partial last one)."""
     from torch.func import vmap
 
     import blackbox_zo.reuse as reuse_mod
 
+    if block_bytes is not None:
+        monkeypatch.setattr(reuse_mod, "_SOFTMAX_BLOCK_BYTES", block_bytes)
     _ROW_PAD = reuse_mod._ROW_PAD
     _cross_entropy_per_perturbation = reuse_mod._cross_entropy_per_perturbation
     _log_softmax_dim0_is_exact = reuse_mod._log_softmax_dim0_is_exact
@@ -392,3 +396,61 @@ def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(
     assert torch.equal(results[0], results[1])
     oracle = ModelLossOracle(module)
     assert_rel_close(results[1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_im2col_by_strided_view_equals_unfold_bitwise(dtype):
+    """`_im2col` (one copy of a strided view of the padded input) against F.unfold itself: only data
+    movement, so equal bits, for padding, stride, dilation and non-square kernels."""
+    import blackbox_zo.reuse as reuse_mod
+
+    _im2col = reuse_mod._im2col
+    gen = torch.Generator().manual_seed(0)
+    cases = [((64, 8, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)), ((3, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+             ((5, 3, 11, 9), (3, 2), (2, 1), (2, 0), (2, 3)), ((2, 4, 7, 7), (1, 1), (1, 1), (0, 0), (2, 2)),
+             ((2, 2, 9, 6), (5, 1), (1, 3), (0, 2), (1, 1))]
+    for shape, kernel, dilation, padding, stride in cases:
+        x = torch.randn(*shape, generator=gen, dtype=dtype)
+        x[0, 0, 0, 0] = -0.0  # a negative zero is moved, never recomputed
+        want = F.unfold(x, kernel, dilation, padding, stride)
+        got = _im2col(x, kernel, dilation, padding, stride)
+        assert got.shape == want.shape and torch.equal(got, want), (shape, kernel, dilation, padding, stride)
+        assert torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           want.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def test_cached_base_forward_equals_the_module_bitwise():
+    """The cached unperturbed forward (direct conv / linear calls, max-pool as maxima of slices) gives
+    the module's own output and loss, bit for bit: the base loss of forward CGE comes from it."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    oracle = ModelLossOracle(module)
+    for n in (1, 16, 64):
+        batch = digits_batch(n)
+        theta = oracle.initial_theta() + 1e-2 * torch.randn(oracle.space.dim, generator=torch.Generator().manual_seed(n))
+        st = oracle.reuse.prepare(theta, batch)
+        with torch.no_grad():
+            out = torch.func.functional_call(module, oracle.space.views(theta), (batch[0],))
+        assert torch.equal(st.output, out)
+        assert torch.equal(st.loss, F.cross_entropy(out, batch[1]))
+    assert oracle.reuse._direct["4"] == "maxpool"  # the path under test was taken
+
+
+def test_sorted_pieces_group_like_any_order():
+    """A rank's contiguous piece of a sorted coordinate set takes the grouping fast path (one run per
+    block); the losses are the same bits as for the same coordinates in shuffled order (general path),
+    for pieces that start and end inside blocks, and for a set with a repeated coordinate."""
+    torch.manual_seed(0)
+    module = make_digits_cnn()
+    batch = digits_batch(16)
+    fast, general = ModelLossOracle(module), ModelLossOracle(module)
+    theta = fast.initial_theta()
+    gen = torch.Generator().manual_seed(3)
+    for lo, hi in [(0, 3818), (50, 1300), (1300, 3818), (5, 9)]:
+        piece = torch.arange(lo, hi)
+        shuffle = torch.randperm(piece.numel(), generator=gen)
+        got = fast.coordinate_losses(theta, piece, MU, batch)
+        want = general.coordinate_losses(theta, piece[shuffle], MU, batch)
+        assert torch.equal(got[shuffle], want), (lo, hi)
+    repeated = torch.tensor([3, 3, 100, 2000])  # not strictly increasing: the general path
+    assert torch.equal(fast.coordinate_losses(theta, repeated, MU, batch)[:2].diff(), torch.zeros(1))
