@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
+
+from local_ranks import run_two_processes
 
 
 def _worker(rank: int, port: int, sizes: list[int], iters: int, queue) -> None:
@@ -60,22 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sizes: comma-separated integers, got {args.sizes!r}")
     if not sizes or min(sizes) < 1 or args.iters < 1:
         ap.error("--sizes must be >= 1 each and --iters >= 1")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    load = os.getloadavg()
-    procs = [ctx.Process(target=_worker, args=(r, port, sizes, args.iters, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(60)
+    pairs, load = run_two_processes(_worker, (sizes, args.iters), timeout=600)
+    results = dict(pairs)
     print(f"gloo, 2 local processes, one thread each, median of {args.iters} calls; load average "
-          f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs")
+          f"{load:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs")
     print(f"  {'collective':<20} {'rank 0 wall us':>15} {'CPU us':>8} {'rank 1 wall us':>15} {'CPU us':>8}")
     for name in results[0]:
         (w0, c0), (w1, c1) = results[0][name], results[1][name]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from local_ranks import dense_digits_cge  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,18 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                          "before the reuse speed-ups)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from blackbox_zo.estimators import CGE
-    from blackbox_zo.runtime import tune_allocator
-    from oracles.model_loss import ModelLossOracle
-    from problems.digits import load_digits_split, make_digits_cnn
-
-    tune_allocator()
-    x, y, _, _ = load_digits_split(0)
-    torch.manual_seed(0)
-    oracle = ModelLossOracle(make_digits_cnn(8))
-    theta0 = oracle.initial_theta()
-    drift = 1e-3 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(2))
-    estimator = CGE(mu=5e-3)
+    x, y, oracle, theta0, drift, estimator = dense_digits_cge()
     everything = torch.arange(theta0.numel())
 
     def timed(theta, batch, coords) -> float:

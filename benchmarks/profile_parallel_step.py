@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -25,26 +24,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from local_ranks import dense_digits_cge, run_two_processes  # noqa: E402
 
 
 def _worker(rank: int, port: int, steps: int, queue) -> None:
     torch.set_num_threads(1)
     from blackbox_zo import parallel
-    from blackbox_zo.estimators import CGE
-    from blackbox_zo.runtime import tune_allocator
-    from oracles.model_loss import ModelLossOracle
-    from problems.digits import load_digits_split, make_digits_cnn
 
-    tune_allocator()
+    x, y, oracle, theta0, drift, estimator = dense_digits_cge()
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     parallel.init_from_env(None)
-    x, y, _, _ = load_digits_split(0)
-    torch.manual_seed(0)
-    oracle = ModelLossOracle(make_digits_cnn(8))
-    theta0 = oracle.initial_theta()
-    drift = 1e-3 * torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(2))
-    estimator = CGE(mu=5e-3)
     sharder = parallel.PlanSharder()
     spent: dict[str, list[float]] = {}
 
@@ -88,20 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    load = os.getloadavg()[0]
-    procs = [ctx.Process(target=_worker, args=(r, port, args.steps, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(60)
+    results, load = run_two_processes(_worker, (args.steps,), timeout=900)
+    results.sort()
     print(f"2 ranks, digits CNN, batch 64, 3,818 coordinates, 1 thread each; medians of {args.steps} steps, "
           f"ms per step (wall / CPU); load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     for rank, med, bounds in results:
