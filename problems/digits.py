@@ -21,7 +21,8 @@ from blackbox_zo.sparsity import balanced_indices, build_sparse_sampler
 from oracles.model_loss import ModelLossOracle
 
 __all__ = ["load_digits_split", "stratified_split", "make_digits_cnn", "DigitsProblem", "DigitsConfig",
-           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE", "ES_LAST_THEN_SPARSE_CGE", "freeze_leading_convs"]
+           "DEEPZERO_RECIPE", "SEP_CMA_THEN_SPARSE_CGE", "ES_LAST_THEN_SPARSE_CGE", "SUBSPACE_THEN_SPARSE_CGE",
+           "freeze_leading_convs"]
 
 # DeepZero (Algorithm 2) tuned for digits: ZO-GraSP (q = 192, mu = 5e-3, 25 examples per class) at init ->
 # layer-wise ratios at 90% sparsity -> Sparse-CGE on a fresh LPR-obeying set every epoch, SGD 0.1 with
@@ -63,6 +64,21 @@ ES_LAST_THEN_SPARSE_CGE: dict[str, Any] = {
     "phase1": {"optimizer": {"name": "adam", "lr": 0.2, "weight_decay": 0.0}, "batch_size": 64},
     "run": {"epochs": 36},
     "phase2": {"after_steps": 536, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
+               "optimizer": {"name": "adam", "lr": 5e-3, "weight_decay": 0.0},
+               "schedule": {"name": "cosine", "warmup_epochs": 0.0}, "batch_size": 64},
+}
+
+
+# Subspace CGE on the last layer (blackbox_zo/subspace.py), then the recipe's Sparse-CGE on every layer: phase 1 is
+# CGE along e_k v_j^T, v_j the top-16 right singular vectors of the batch's inputs to the linear layer [H | 1]
+# (160 directions + the base: 161 queries a step), Adam 0.1 over the run's cosine, 64-image batches, 186 steps
+# (29,946 queries); phase 2 as in ES_LAST_THEN_SPARSE_CGE.
+SUBSPACE_THEN_SPARSE_CGE: dict[str, Any] = {
+    **DEEPZERO_RECIPE,
+    "estimator": {"kind": "subspace-cge", "rank": 16, "mu": 3e-3, "scheme": "forward", "blocks": ["6"]},
+    "phase1": {"optimizer": {"name": "adam", "lr": 0.1, "weight_decay": 0.0}, "batch_size": 64},
+    "run": {"epochs": 36},
+    "phase2": {"after_steps": 186, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
                "optimizer": {"name": "adam", "lr": 5e-3, "weight_decay": 0.0},
                "schedule": {"name": "cosine", "warmup_epochs": 0.0}, "batch_size": 64},
 }

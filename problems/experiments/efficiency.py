@@ -41,7 +41,7 @@ from blackbox_zo.oracle import QueryLedger, job_ledger
 from blackbox_zo.problem import get_problem
 from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.trainer import Trainer, train
-from problems.digits import DEEPZERO_RECIPE, ES_LAST_THEN_SPARSE_CGE, SEP_CMA_THEN_SPARSE_CGE
+from problems.digits import DEEPZERO_RECIPE, ES_LAST_THEN_SPARSE_CGE, SEP_CMA_THEN_SPARSE_CGE, SUBSPACE_THEN_SPARSE_CGE
 
 from .tables import experiment_dir, write_table
 
@@ -142,6 +142,12 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                     "optimizer": ES_LAST_THEN_SPARSE_CGE["phase1"]["optimizer"]},
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
+        # subspace CGE on the last layer: CGE along e_k v_j^T, v_j the batch inputs' top-16 singular vectors
+        # (161 queries a step), Adam, 64 images
+        "subspace-last": {**_B64, "estimator": {"kind": "subspace-cge", "rank": 16, "mu": 3e-3, "blocks": ["6"]},
+                          "optimizer": {"name": "adam", "lr": 0.1}},
+        # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
+        "subspace+sparse-cge": SUBSPACE_THEN_SPARSE_CGE,
         # ... with phase 2 on 16-image batches and Adam 3e-3 (phase 1 = 24 whole epochs of 64 images)
         "es-last+sparse-cge-b16": deep_merge(ES_LAST_THEN_SPARSE_CGE, {
             "run": {"epochs": 31}, "phase2": {"after_steps": 528, "batch_size": 16, "optimizer": {"lr": 3e-3}}}),
@@ -249,15 +255,14 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False, override
     with job_ledger(ledger):
         setup = problem.setup(config)
     trainer = Trainer(setup, config, None, problem_name=problem.name)
-    theta = trainer.space.flatten(trainer.params)
-    coords = setup.coord_sampler.coords(0) if setup.coord_sampler is not None else None
+    batch = trainer.batches.batch(0, 0)
+    theta, coords, _ = trainer.step_inputs(batch)  # the first step's coordinates, as the trainer picks them
     chunk = max(1, trainer.oracle.chunk_size(theta))
     est = trainer.estimator
-    plan = est.plan(theta, seed=0, chunk=chunk) if is_search(est) else est.plan(theta, coords=coords, seed=0,
-                                                                               chunk=chunk)
+    plan = est.plan(theta, seed=0, chunk=chunk) if is_search(est) else est.step_plan(
+        trainer.oracle, theta, batch, coords=coords, seed=0, chunk=chunk)
     step_s = 0.0
     if time_steps:
-        batch = trainer.batches.batch(0, 0)
         times = []
         for _ in range(2):
             start = time.perf_counter()
