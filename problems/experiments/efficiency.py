@@ -97,28 +97,30 @@ def _sim_steps(config) -> int:
 _DENSE64 = {"sparsity": {"enabled": False}, "data": {"batch_size": 64}, "phase2": None}
 _B64 = {"data": {"batch_size": 64}, "phase2": None}
 
-# Methods as settings over each problem's defaults. `None` in a task's row: not run for it.
+# Methods as settings over each problem's defaults. `None` in a task's row: not run for it. The ES-family methods
+# say `blocks: None` (every coordinate, or the ZO-GraSP set): the digits default names a block (its phase 1 on the
+# last layer), and a merged default must not narrow them.
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "sparse-cge": DEEPZERO_RECIPE,  # ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
         "cge": {**_DENSE64, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}},
         "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
                 "optimizer": {"name": "adam", "lr": 0.01}},
-        "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                "optimizer": {"name": "adam", "lr": 0.01}},
         # the hybrid: ES in the step's ZO-GraSP coordinate set (half the weights, redrawn every epoch)
-        "es-grasp": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                      "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
                                                                             "resample_every_epochs": 1}},
         "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
-                                                "guide_alpha": 0.5},
+                                                "guide_alpha": 0.5, "blocks": None},
                       "optimizer": {"name": "adam", "lr": 0.01}},
         "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28}},
         # variants measured while choosing the digits default (docs/efficiency.md): cheaper queries (smaller
         # batches), a smaller ES subspace, very sparse CGE with Adam
-        "es-grasp-90": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02}, "optimizer": {"name": "adam",
+        "es-grasp-90": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None}, "optimizer": {"name": "adam",
                         "lr": 0.01}, "sparsity": {"sparsity": 0.9, "resample_every_epochs": 1}},
-        "es-grasp-b32": {"data": {"batch_size": 32}, "phase2": None, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp-b32": {"data": {"batch_size": 32}, "phase2": None, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                          "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
                                                                                 "resample_every_epochs": 1}},
         "sep-cma-es-b32": {**_DENSE64, "data": {"batch_size": 32}, "estimator": {"kind": "sep-cma-es", "mu": 0.02,
@@ -129,10 +131,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         # features): a population runs the conv stack once per batch (docs/efficiency.md, width 32)
         "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.1,
                                                                                 "popsize": 28}},
-        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                   "optimizer": {"name": "adam", "lr": 0.03}},
         # the hybrid on the last layer: ES in the linear layer's ZO-GraSP set (half its weights, redrawn every epoch)
-        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                         "optimizer": {"name": "adam", "lr": 0.05}, "sparsity": {"sparsity": 0.5,
                                                                                "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
