@@ -72,14 +72,14 @@ ES_LAST_THEN_SPARSE_CGE: dict[str, Any] = {
 # The digits default (docs/efficiency.md, "The digits default"): two phases, both on 64-image batches. Phase 1:
 # subspace CGE on the last layer (blackbox_zo/subspace.py): CGE along e_k v_j^T, v_j the top-16 right singular
 # vectors of the batch's inputs to the linear layer [H | 1] (160 directions + the base: 161 queries a step), Adam
-# 0.1 (`phase1`) with the run's cosine over the phase, 186 steps (29,946 queries). Phase 2: the recipe's Sparse-CGE
+# 0.5 (`phase1`) with the run's cosine over the phase, 186 steps (29,946 queries). Phase 2: the recipe's Sparse-CGE
 # on every layer with Adam 5e-3 (cosine over the 166 steps left of 16 epochs). The run's own optimizer, schedule
 # and batch size stay the recipe's, so DeepZero's recipe is four --set values away: estimator=cge,
 # estimator.mu=0.005, run.epochs=10, phase2=none.
 SUBSPACE_THEN_SPARSE_CGE: dict[str, Any] = {
     **DEEPZERO_RECIPE,
     "estimator": {"kind": "subspace-cge", "rank": 16, "mu": 3e-3, "scheme": "forward", "blocks": ["6"]},
-    "phase1": {"optimizer": {"name": "adam", "lr": 0.1, "weight_decay": 0.0}, "batch_size": 64},
+    "phase1": {"optimizer": {"name": "adam", "lr": 0.5, "weight_decay": 0.0}, "batch_size": 64},
     "run": {"epochs": 16},
     "phase2": {"after_steps": 186, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"},
                "optimizer": {"name": "adam", "lr": 5e-3, "weight_decay": 0.0},

@@ -145,9 +145,9 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
         # subspace CGE on the last layer: CGE along e_k v_j^T, v_j the batch inputs' top-16 singular vectors
-        # (161 queries a step), Adam, 64 images
-        "subspace-last": {**_B64, "estimator": {"kind": "subspace-cge", "rank": 16, "mu": 3e-3, "blocks": ["6"]},
-                          "optimizer": {"name": "adam", "lr": 0.1}},
+        # (161 queries a step), Adam 0.5 (the default's phase 1), 64 images
+        "subspace-last": {**_B64, "estimator": SUBSPACE_THEN_SPARSE_CGE["estimator"],
+                          "optimizer": SUBSPACE_THEN_SPARSE_CGE["phase1"]["optimizer"]},
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "subspace+sparse-cge": SUBSPACE_THEN_SPARSE_CGE,
         # ... with phase 2 on 16-image batches and Adam 3e-3 (phase 1 = 24 whole epochs of 64 images)
