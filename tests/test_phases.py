@@ -105,7 +105,7 @@ def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
     p = DigitsProblem()
     default = p.resolve_config()
     assert default.estimator.kind == "subspace-cge" and default.estimator.blocks == ["6"]
-    assert default.estimator.rank == 16 and default.phase2.after_steps == 186 and default.run.epochs == 16
+    assert default.estimator.rank == 16 and default.phase2.after_steps == 186 and default.run.epochs == 12
     assert default.phase1.optimizer.name == "adam" and default.phase1.batch_size == default.phase2.batch_size == 64
     assert default.phase2.estimator.kind == "cge" and default.sparsity.enabled and default.data.batch_size == 16
     sets = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
