@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .config import ConfigError, EstimatorConfig
-from .estimators import Estimate, PlanEstimator, _check_mu, _check_scheme, scatter_coords
+from .estimators import Estimate, PlanEstimator, scatter_coords
 from .oracle import Oracle, ParamSpace
 from .plan import ExplicitDirections, QueryPlan
 from .registry import ESTIMATORS
@@ -140,7 +140,11 @@ class SubspaceCGE(PlanEstimator):
                  layer: str | None = None, chunk: int | None = None):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.rank, self.mu, self.scheme = int(rank), _check_mu(mu), _check_scheme(scheme)
+        if not mu > 0:
+            raise ValueError(f"mu must be > 0, got {mu}")
+        if scheme not in ("forward", "central"):
+            raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+        self.rank, self.mu, self.scheme = int(rank), float(mu), scheme
         self.layer, self.chunk = layer, chunk
 
     @classmethod
