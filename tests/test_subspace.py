@@ -197,3 +197,20 @@ def test_a_black_box_oracle_is_refused_in_one_line():
         make_estimator(cfg.estimator).estimate(oracle, oracle.initial_theta(), None)
     with pytest.raises(ValueError, match="plans from the layer's inputs"):
         SubspaceCGE().plan(oracle.initial_theta())
+
+
+def test_the_cli_refuses_a_black_box_and_a_convolution_in_one_line(tmp_path, capsys):
+    """`init-ask` (the external problem: loss values from outside Python) and `train digits` with a conv layer
+    exit 2 with one line and write nothing (no file: the directory named by --out may stay, empty)."""
+    from cli_helpers import run_cli
+
+    out = tmp_path / "ask"
+    code, _, err = run_cli(["init-ask", "external", "--set", "external.dim=10", "--set", "estimator=subspace-cge",
+                            "--out", out], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and not (out.exists() and any(out.iterdir()))
+    assert "oracle 'external' is a black box that does not expose them (no layer_inputs)" in err
+    code, _, err = run_cli(["train", "digits", "--set", "estimator=subspace-cge", "--set", 'estimator.blocks=["2"]',
+                            "--set", f"run.out_dir={tmp_path / 'runs'}", "--set", "run.progress=false"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "estimator.blocks: subspace-cge: 2.weight has shape [16, 8, 3, 3], not [out, in]" in err
+    assert not any((tmp_path / "runs").rglob("*.pt"))
