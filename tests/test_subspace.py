@@ -214,3 +214,25 @@ def test_the_cli_refuses_a_black_box_and_a_convolution_in_one_line(tmp_path, cap
     assert code == 2 and err.strip().count("\n") == 0
     assert "estimator.blocks: subspace-cge: 2.weight has shape [16, 8, 3, 3], not [out, in]" in err
     assert not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_ask_tell_hands_out_the_subspace_plan_of_a_model_loss(tmp_path):
+    """Ask/tell on digits (a model's loss, so the layer's inputs are there): the ask is the step's subspace plan
+    (the base, then 10 x 4 points that differ from it in layer 6 only), and a tell of the oracle's own losses
+    moves layer 6 only."""
+    from blackbox_zo.asktell import AskTellRun
+
+    p, cfg = _digits("run.max_steps=2")
+    run = AskTellRun.create(p, cfg, tmp_path / "run")
+    theta = run.trainer.space.flatten(run.trainer.params)
+    ask = run.ask()
+    assert ask.points.shape == (10 * 4 + 1, theta.numel()) and torch.equal(ask.points[0], theta)
+    moved = (ask.points[1:] != theta).any(0)
+    layer = torch.zeros_like(moved)
+    layer[run.trainer.space.coords_of(["6"])] = True
+    assert bool(moved.any()) and not bool((moved & ~layer).any())
+    batch = run.trainer.batches.batch(0, 0)
+    run.tell(ask.id, run.trainer.oracle.losses(ask.points, batch).numpy())
+    after = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)["module"]
+    changed = torch.cat([(after[b.name].reshape(-1) != theta[b.slice]) for b in run.trainer.space])
+    assert bool(changed.any()) and not bool((changed & ~layer).any())
