@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import SmoothBlocks
 from resume_helpers import stop_and_resume
 
-from blackbox_zo.config import ConfigError, resolve_config
+from blackbox_zo.config import ConfigError, TrainConfig, resolve_config
 from blackbox_zo.estimators import make_estimator
 from blackbox_zo.oracle import QueryLedger
 from blackbox_zo.problem import TensorBatches, TrainingSetup
@@ -188,7 +188,7 @@ def test_a_black_box_oracle_is_refused_in_one_line():
     """An oracle without layer_inputs (loss values only) cannot serve the estimator: the trainer says so
     before the first step, and a direct call says so too."""
     oracle = SmoothBlocks()
-    cfg = resolve_config(type(_digits()[1]).__mro__[1], {"estimator": {"kind": "subspace-cge"}})
+    cfg = resolve_config(TrainConfig, {"estimator": {"kind": "subspace-cge"}})
     setup = TrainingSetup(oracle=oracle, train_batches=TensorBatches(torch.zeros(4, 1), batch_size=2))
     with pytest.raises(ConfigError, match="oracle 'smooth-blocks' is a black box that does not expose them") as info:
         Trainer(setup, cfg)
@@ -236,3 +236,28 @@ def test_ask_tell_hands_out_the_subspace_plan_of_a_model_loss(tmp_path):
     after = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)["module"]
     changed = torch.cat([(after[b.name].reshape(-1) != theta[b.slice]) for b in run.trainer.space])
     assert bool(changed.any()) and not bool((changed & ~layer).any())
+
+
+def test_a_2d_weight_that_is_not_an_nn_linear_is_refused():
+    """A parameter of shape [out, in] is not enough: the gradient's row space argument needs z = W h + b, so the
+    module must be an nn.Linear (one line, naming what it is)."""
+    from torch import nn
+
+    class Bilinearish(nn.Module):  # a 2-D weight used as x^T W x: not a linear layer
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return ((x @ self.weight) * x).sum(1, keepdim=True)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # feature reuse may decline this module
+        oracle = ModelLossOracle(nn.Sequential(Bilinearish()), lambda out, y: ((out - y) ** 2).mean())
+    cfg = resolve_config(TrainConfig, {"estimator": {"kind": "subspace-cge", "blocks": ["0"]}})
+    with pytest.raises(ConfigError, match=r"estimator.blocks: layer '0' is not an nn.Linear of the model "
+                                          r"\(Bilinearish\); subspace-cge needs one") as info:
+        SubspaceCGE.check_support(cfg.estimator, oracle)
+    assert "\n" not in str(info.value)
