@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "CGE": "estimators",
     "RGE": "estimators",
     "LinearInterpolation": "estimators",
+    "SubspaceCGE": "subspace",
     "register_estimator": "estimators",
     "available_estimators": "estimators",
     "make_estimator": "estimators",
@@ -125,6 +126,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
                          QueryLedger, TransientOracleError, available_oracles, check_oracle, make_oracle,
                          register_oracle)
     from .plan import ExplicitDirections, PlanLosses, QueryPlan, SeededDirections, execute
+    from .subspace import SubspaceCGE
     from .problem import (BatchSource, OracleProblem, Problem, ProblemSetupError, TensorBatches, TrainingSetup,
                           available_experiments, available_problems, get_problem, register_experiment,
                           register_problem)

@@ -382,8 +382,8 @@ class AskTellRun:
         chunk = method.chunk or max(1, t.oracle.chunk_size(theta))
         if is_search(method):
             plan = method.plan(theta, seed=seed, chunk=chunk)
-        else:
-            plan = method.plan(theta, coords=coords, seed=seed, chunk=chunk)
+        else:  # step_plan: an estimator may plan from the batch as the oracle sees it (subspace-cge)
+            plan = method.step_plan(t.oracle, theta, batch, coords=coords, seed=seed, chunk=chunk)
         return plan, coords, batch, seed
 
     def ask(self) -> Ask:

@@ -116,9 +116,16 @@ class PlanEstimator(ABC):
     def from_config(cls, cfg: Any) -> "PlanEstimator":
         raise NotImplementedError(f"{cls.__name__} has no from_config({cls.config_model.__name__})")
 
+    def step_plan(self, oracle: Oracle, theta: Tensor, batch: Any, *, coords: Tensor | None = None,
+                  seed: int | None = None, chunk: int | None = None) -> QueryPlan:
+        """The plan of one step on `batch` (no queries). Most plans depend on theta and the seed only; an
+        estimator whose directions come from the batch as the oracle sees it (subspace-cge: a layer's inputs)
+        overrides this."""
+        return self.plan(theta, coords=coords, seed=seed, chunk=chunk or self.chunk or max(1, oracle.chunk_size(theta)))
+
     def estimate(self, oracle: Oracle, theta: Tensor, batch: Any, coords: Tensor | None = None,
                  seed: int | None = None, *, sharder: PlanSharder | None = None) -> Estimate:
-        plan = self.plan(theta, coords=coords, seed=seed, chunk=self.chunk or max(1, oracle.chunk_size(theta)))
+        plan = self.step_plan(oracle, theta, batch, coords=coords, seed=seed)
         return self.combine(plan, execute(plan, oracle, batch, sharder=sharder))
 
 

@@ -232,6 +232,17 @@ class PopulationForward:
         self._prefix_cache = (x, key, [v.clone() for v in state], t)
         return t
 
+    def layer_input(self, theta: Tensor, x: Tensor, name: str) -> Tensor:
+        """The input of layer `name` (a module name, e.g. "6") at parameters theta [d] on x: the plain forward
+        of the layers before it, through the same prefix cache as `forward`, so a population that perturbs
+        only that layer and later ones (subspace CGE) reuses this prefix instead of computing it again.
+        KeyError when no layer has that name. The result may be x itself or the cached tensor: read only."""
+        prefixes = [prefix for prefix, _ in self.layers]
+        if f"{name}." not in prefixes:
+            raise KeyError(f"no layer {name!r} in the population forward (layers: "
+                           f"{', '.join(p[:-1] for p in prefixes)})")
+        return self._shared_prefix(prefixes.index(f"{name}."), x, self.space.views(theta.unsqueeze(0)))
+
     def _shared_layer(self, m: nn.Module, prefix: str, t: Tensor, views: dict[str, Tensor]) -> Tensor:
         """The plain forward of one layer on the shared input, with member 0's parameters where the
         layer's parameters are in the space (they are the same in every member)."""

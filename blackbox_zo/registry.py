@@ -183,8 +183,10 @@ def plugin_errors() -> dict[str, str]:
 ORACLES: Registry[Any] = Registry("oracle")
 PROBLEMS: Registry[Any] = Registry("problem")
 EXPERIMENTS: Registry[Any] = Registry("experiment")
-# the estimators of blackbox_zo/estimators.py, and the evolution strategies of blackbox_zo/evolution.py
-ESTIMATORS: Registry[Any] = Registry("estimator", builtins=("blackbox_zo.estimators", "blackbox_zo.evolution"))
+# the estimators of blackbox_zo/estimators.py, the evolution strategies of blackbox_zo/evolution.py and
+# subspace CGE (blackbox_zo/subspace.py)
+ESTIMATORS: Registry[Any] = Registry("estimator", builtins=("blackbox_zo.estimators", "blackbox_zo.evolution",
+                                                                   "blackbox_zo.subspace"))
 # Commands of the `blackbox-zo` CLI that live outside the engine (e.g. `certify`, `serve-onnx`): a class
 # with `help`, `add_arguments(parser)` and `run(args) -> int`; its module must import nothing heavy.
 CLI_COMMANDS: Registry[Any] = Registry("command")

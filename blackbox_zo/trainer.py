@@ -38,6 +38,7 @@ from .metrics import JsonlLogger, MetricsLogger
 from .optim import build_optimizer, build_scheduler
 from .oracle import NonFiniteLossError, OracleError, QueryBudgetExceeded, QueryLedger, job_ledger
 from .plots import plot_metrics, read_metrics
+from .registry import ESTIMATORS
 from .problem import Problem, TrainingSetup
 from .progress import human, progress_bar, write
 from .rng import rng_state, seed_everything, set_rng_state, step_seed
@@ -177,6 +178,13 @@ class Trainer:
         self.loggers: list[MetricsLogger] = [*([self.metrics_log] if self.metrics_log else []), *loggers]
         self.oracle = setup.oracle
         self.space = self.oracle.space
+        for est_cfg in (config.estimator, config.phase2.estimator if config.phase2 is not None else None):
+            # an estimator that needs more of the oracle than loss values (subspace-cge: a layer's inputs) says
+            # so here, in one line, before any file or query
+            check = getattr(ESTIMATORS.get(est_cfg.kind), "check_support", None) if (
+                est_cfg is not None and est_cfg.kind in ESTIMATORS) else None
+            if check is not None:
+                check(est_cfg, self.oracle)
         if setup.module is not None:
             self.module = setup.module
             self.params = self.space.params_of(self.module)

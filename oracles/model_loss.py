@@ -191,6 +191,52 @@ class ModelLossOracle(Oracle):
     def initial_theta(self) -> Tensor:
         return self.space.flatten_module(self.module)
 
+    # -- a white-box model behind a black-box loss: what a linear layer sees (blackbox_zo.subspace) -------
+
+    def check_linear_layer(self, name: str) -> nn.Linear:
+        """The nn.Linear named `name`; ValueError (one line) when the module has none of that name."""
+        layer = dict(self.module.named_modules()).get(name)
+        if not isinstance(layer, nn.Linear):
+            what = "no such module" if layer is None else type(layer).__name__
+            raise ValueError(f"layer {name!r} is not an nn.Linear of the model ({what}); subspace-cge needs one")
+        return layer
+
+    def layer_inputs(self, theta: Tensor, batch: Any, name: str) -> Tensor:
+        """The inputs [rows, in] of the nn.Linear `name` at parameters theta on batch (x, y), leading dimensions
+        flattened into rows; no query (no loss value). With the population forward this is its shared prefix,
+        kept for the perturbed queries of the same step (those that perturb this layer or later ones only);
+        otherwise one forward of the module to the layer (a hook stops it there). Read only."""
+        layer = self.check_linear_layer(name)
+        x = batch[0]
+        with torch.no_grad():
+            if self.population is not None:
+                inputs = self.population.layer_input(theta, x, name)
+            else:
+                inputs = self._inputs_by_hook(layer, theta, x)
+        return inputs.reshape(-1, inputs.shape[-1])
+
+    def _inputs_by_hook(self, layer: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
+        seen: list[Tensor] = []
+
+        class _Reached(Exception):
+            pass
+
+        def hook(_m, args):
+            seen.append(args[0])
+            raise _Reached
+
+        handle = layer.register_forward_pre_hook(hook)
+        try:
+            functional_call(self.module, {**self._frozen_params(), **self._buffers(), **self.space.views(theta)},
+                            (x,), strict=False)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise ValueError("the forward never reached the layer")
+        return seen[0]
+
     @classmethod
     def example(cls) -> tuple["ModelLossOracle", Any]:
         """A small staged CNN with batch norm and a batch, for `blackbox-zo check-oracle model-loss-v1`

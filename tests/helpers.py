@@ -54,3 +54,30 @@ class SmoothBlocks(Oracle):
 
     def initial_theta(self):
         return torch.linspace(-1, 1, self.space.dim, dtype=torch.float64)
+
+
+class LinearLayerOracle(Oracle):
+    """A white-box linear layer behind a smooth loss: theta = [W (4 x 5), b (4)] of "fc", fixed inputs H (6 x 5),
+    loss = mean_i sum_k log cosh((W h_i + b - t_i)_k) in float64; `layer_inputs` hands out H (subspace CGE).
+    Every row of a batch is evaluated on its own."""
+
+    name = "linear-layer"
+
+    def __init__(self, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.space = ParamSpace([("fc.weight", (4, 5)), ("fc.bias", (4,))])
+        self.h = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        self.t = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+
+    def losses(self, thetas, batch):
+        w = thetas[:, :20].reshape(-1, 4, 5)
+        z = torch.einsum("pkj,ij->pik", w, self.h) + thetas[:, None, 20:]
+        return torch.log(torch.cosh(z - self.t)).sum(2).mean(1)
+
+    def layer_inputs(self, theta, batch, name):
+        if name != "fc":
+            raise ValueError(f"no linear layer {name!r}")
+        return self.h
+
+    def initial_theta(self):
+        return torch.linspace(-1, 1, self.space.dim, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Every registered estimator (and a point plan) on a tiny float64 oracle, in one process or sharded.
+"""Every registered estimator (and a point plan) on a tiny float64 oracle, in one process or sharded
+(subspace-cge on a white-box linear layer, `helpers.LinearLayerOracle`: it needs the layer's inputs).
 
 Shared by tests/test_parallel_plans.py (the single-process reference) and tests/_plan_ranks.py
 (the same cases on every rank under torchrun, through a `parallel.PlanSharder`).
@@ -14,7 +15,7 @@ from blackbox_zo.config import EstimatorSettings
 from blackbox_zo.estimators import available_estimators, make_estimator
 from blackbox_zo.evolution import Search
 from blackbox_zo.plan import QueryPlan, execute
-from helpers import SmoothBlocks
+from helpers import LinearLayerOracle, SmoothBlocks
 
 MU = 1e-3
 SEED = 7
@@ -34,7 +35,8 @@ def cases() -> list[tuple[str, dict[str, Any], bool, int | None]]:
             out.append((f"{kind}-points", {"kind": kind, "mu": MU, "popsize": 9}, False, None))
             continue
         for scheme in ("forward", "central") if "scheme" in takes else ("central",):  # ES: always antithetic
-            for sub in (False, True):
+            # subspace-cge plans in one linear layer's weight and bias (its own oracle below), not in a subset
+            for sub in (False,) if kind == "subspace-cge" else (False, True):
                 fields = {"kind": kind, "mu": MU, **({"scheme": scheme} if "scheme" in takes else {}),
                           **({"q": 24} if "q" in takes else {})}
                 out.append((f"{kind}-{scheme}{'-subset' if sub else ''}", fields, sub, None))
@@ -50,14 +52,15 @@ def run_cases(make_sharder: Callable[[], Any]) -> dict[str, dict[str, Any]]:
     sharder = make_sharder()
     results = {}
     for name, fields, sub, cap in cases():
-        oracle = SmoothBlocks()
+        oracle = LinearLayerOracle() if fields["kind"] == "subspace-cge" else SmoothBlocks()
         if cap is not None:
             oracle.memory_cap_bytes = cap
         theta = oracle.initial_theta()
         coords = subset(theta.numel()) if sub else None
         estimator = make_estimator(EstimatorSettings.model_validate(fields))
         estimator.chunk = estimator.chunk or 7  # several chunks per plan, cut across by the shards
-        has_base = estimator.plan(theta, coords=coords, seed=SEED, chunk=7).has_base
+        has_base = (estimator.plan(theta, coords=coords, seed=SEED, chunk=7) if isinstance(estimator, Search) else
+                    estimator.step_plan(oracle, theta, None, coords=coords, seed=SEED, chunk=7)).has_base
         if isinstance(estimator, Search):  # three generations; the proposals stand in for the estimates
             runs, point = [], theta
             for _ in range(CALLS):

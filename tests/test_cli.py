@@ -14,7 +14,7 @@ FAST = ["--set", "model.width=2", "--set", "estimator=rge", "--set", "estimator.
 @pytest.mark.parametrize("override,message", [
     ("estimator.mu=-1", "estimator.mu: Input should be greater than 0"),
     ("estimator.kind=magic", "estimator.kind: Input should be 'cge', 'rge', 'linear-interpolation', 'es', 'guided-es', 'sep-cma-es', "
-                            "'cma-es' or 'autograd'"),
+                            "'cma-es', 'subspace-cge' or 'autograd'"),
     ("optimizer.momentum=1.5", "optimizer.momentum: Input should be less than 1"),
     ("optimizer.lr=0", "optimizer.lr: Input should be greater than 0"),
     ("data.batch_size=0", "data.batch_size: Input should be greater than or equal to 1"),

@@ -153,12 +153,13 @@ def test_a_tiny_study_fits_its_budget_caches_and_resumes(tmp_path, capsys):
 
 def test_a_whole_run_task_keeps_the_methods_own_length(tmp_path):
     """fit_to_budget=False (digits-w8-run): the method runs its own settings (here 4 steps of the two-phase
-    default's phase 1), not as many steps as the budget pays for."""
+    default's phase 1: subspace CGE, 10 outputs x rank 16 + 1 = 161 queries a step), not as many steps as the
+    budget pays for."""
     task = Task("tiny-run", "digits", {"model": {"width": 2}, "run": {"max_steps": 4}}, "test_acc", 0.94, True,
                 1_000_000, "images", fit_to_budget=False)
-    run = run_one(task, "es-last+sparse-cge", 0, 2, tmp_path)
-    assert run["steps"] == 4 and run["step_queries"] == 56 and run["queries"] == run["setup_queries"] + 4 * 56
-    assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 536
+    run = run_one(task, "subspace+sparse-cge", 0, 2, tmp_path)
+    assert run["steps"] == 4 and run["step_queries"] == 161 and run["queries"] == run["setup_queries"] + 4 * 161
+    assert run["settings"]["run"]["max_steps"] == 4 and run["settings"]["phase2"]["after_steps"] == 186
     from problems.digits import DigitsProblem
     from problems.experiments.efficiency import images_per_query
 

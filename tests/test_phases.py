@@ -97,14 +97,15 @@ def test_phase2_settings_are_checked_in_one_line():
 
 
 def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
-    """The default: ES on the last layer for 536 steps (Adam, 64 images: `phase1`), then DeepZero's Sparse-CGE
+    """The default: subspace CGE on the last layer for 186 steps (Adam, 64 images: `phase1`), then DeepZero's Sparse-CGE
     (docs/efficiency.md). DEEPZERO_RECIPE (the efficiency study's sparse-cge) and the --set values docs/digits.md
     gives for it are one config: `phase2=none` takes the preset's phase1 with it."""
     from blackbox_zo.config import deep_merge
 
     p = DigitsProblem()
     default = p.resolve_config()
-    assert default.estimator.kind == "es" and default.estimator.blocks == ["6"] and default.phase2.after_steps == 536
+    assert default.estimator.kind == "subspace-cge" and default.estimator.blocks == ["6"]
+    assert default.estimator.rank == 16 and default.phase2.after_steps == 186 and default.run.epochs == 12
     assert default.phase1.optimizer.name == "adam" and default.phase1.batch_size == default.phase2.batch_size == 64
     assert default.phase2.estimator.kind == "cge" and default.sparsity.enabled and default.data.batch_size == 16
     sets = ["estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none"]
@@ -113,6 +114,22 @@ def test_the_digits_default_is_two_phases_and_the_recipe_is_four_set_values():
     assert by_sets.phase2 is None and by_sets.phase1 is None and by_sets.estimator.kind == "cge"
     assert by_sets.optimizer.name == "sgd" and by_sets.optimizer.lr == 0.1 and by_sets.data.batch_size == 16
     assert " ".join(f"--set {s}" for s in sets) in (Path(__file__).parents[1] / "docs" / "digits.md").read_text()
+
+
+def test_the_es_last_digits_default_is_nine_set_values():
+    """ES on the last layer then Sparse-CGE (ES_LAST_THEN_SPARSE_CGE, the efficiency study's es-last+sparse-cge;
+    the default from 6e93f03 to the subspace-CGE default), as docs/training.md spells it over today's default."""
+    from blackbox_zo.config import deep_merge
+    from problems.digits import ES_LAST_THEN_SPARSE_CGE
+
+    p = DigitsProblem()
+    sets = ["estimator=es", "estimator.q=28", "estimator.mu=0.1", 'estimator.blocks=["6"]', "run.epochs=36",
+            "phase2.after_steps=536", "phase1.optimizer.name=adam", "phase1.optimizer.lr=0.2", "phase1.batch_size=64"]
+    by_sets = p.resolve_config(overrides=sets)
+    assert by_sets == resolve_config(p.config_model, deep_merge(p.default_config(), ES_LAST_THEN_SPARSE_CGE))
+    assert by_sets.estimator.kind == "es" and by_sets.phase1.batch_size == by_sets.phase2.batch_size == 64
+    shown = " ".join(f"--set {s}" for s in sets).replace('estimator.blocks=["6"]', """'estimator.blocks=["6"]'""")
+    assert shown in (Path(__file__).parents[1] / "docs" / "training.md").read_text()
 
 
 def test_the_previous_digits_default_is_eight_set_values():
@@ -151,7 +168,7 @@ def test_choosing_another_estimator_drops_the_defaults_phase2():
     p = DigitsProblem()
     assert p.resolve_config(overrides=["estimator=rge"]).phase2 is None
     assert p.resolve_config(overrides=["estimator=autograd"]).phase2 is None
-    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 536  # same kind: kept
+    assert p.resolve_config(overrides=["estimator.mu=0.05"]).phase2.after_steps == 186  # same kind: kept
     assert p.resolve_config(overrides=["estimator=rge"]).phase1 is None  # the preset's phase-1 optimizer leaves too
     # the preset's phase-1 values (sep-CMA-ES's sigma_0 as mu, its popsize) leave with its phase 2: the chosen
     # kind starts from its own defaults, and what the user sets is kept

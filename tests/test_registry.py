@@ -94,7 +94,7 @@ class HalfCGE(PlanEstimator):
 def test_estimator_kind_resolves_through_the_registry(monkeypatch, quadratic):
     monkeypatch.setattr(ESTIMATORS, "_entries", dict(ESTIMATORS._entries))
     with pytest.raises(ConfigError, match=r"estimator\.kind: Input should be 'cge', 'rge', 'linear-interpolation', "
-                                          r"'es', 'guided-es', 'sep-cma-es', 'cma-es' or 'autograd' \(got 'half-cge'\)"):
+                                          r"'es', 'guided-es', 'sep-cma-es', 'cma-es', 'subspace-cge' or 'autograd' \(got 'half-cge'\)"):
         resolve_config(TrainConfig, {}, overrides=["estimator=half-cge"])
     ESTIMATORS.register("half-cge")(HalfCGE)
     cfg = resolve_config(TrainConfig, {}, overrides=["estimator=half-cge", "estimator.mu=1e-4"])
@@ -104,7 +104,7 @@ def test_estimator_kind_resolves_through_the_registry(monkeypatch, quadratic):
     full = CGE(mu=1e-4).estimate(quadratic, theta, None)
     torch.testing.assert_close(est.estimate(quadratic, theta, None).grad, 0.5 * full.grad, rtol=0, atol=0)
     # the unknown-kind message now names it too
-    with pytest.raises(ConfigError, match="'cma-es', 'half-cge' or 'autograd'"):
+    with pytest.raises(ConfigError, match="'subspace-cge', 'half-cge' or 'autograd'"):
         resolve_config(TrainConfig, {}, overrides=["estimator=magic"])
 
 

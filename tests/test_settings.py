@@ -72,8 +72,8 @@ def test_the_refusal_names_the_setting_and_what_is_used_instead():
     p = DigitsProblem()
     with pytest.raises(ConfigError) as exc:
         p.resolve_config(overrides=["estimator.popsize=64"])
-    assert str(exc.value) == ("setting not used: estimator.popsize: estimator.kind='es' has no popsize "
-                              "(its settings: kind, mu, q, shaping, blocks)")
+    assert str(exc.value) == ("setting not used: estimator.popsize: estimator.kind='subspace-cge' has no popsize "
+                              "(its settings: kind, mu, scheme, rank, blocks)")
     with pytest.raises(ConfigError, match=r"sparsity.sparsity: sparsity.enabled=false has no sparsity"):
         p.resolve_config(overrides=["sparsity.enabled=false", "sparsity.sparsity=0.5"])
     with pytest.raises(ConfigError, match=r"estimator.interp.m: estimator.kind='rge' has no interp"):

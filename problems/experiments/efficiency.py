@@ -41,7 +41,7 @@ from blackbox_zo.oracle import QueryLedger, job_ledger
 from blackbox_zo.problem import get_problem
 from blackbox_zo.rundir import atomic_write_text
 from blackbox_zo.trainer import Trainer, train
-from problems.digits import DEEPZERO_RECIPE, ES_LAST_THEN_SPARSE_CGE, SEP_CMA_THEN_SPARSE_CGE
+from problems.digits import DEEPZERO_RECIPE, ES_LAST_THEN_SPARSE_CGE, SEP_CMA_THEN_SPARSE_CGE, SUBSPACE_THEN_SPARSE_CGE
 
 from .tables import experiment_dir, write_table
 
@@ -97,28 +97,30 @@ def _sim_steps(config) -> int:
 _DENSE64 = {"sparsity": {"enabled": False}, "data": {"batch_size": 64}, "phase2": None}
 _B64 = {"data": {"batch_size": 64}, "phase2": None}
 
-# Methods as settings over each problem's defaults. `None` in a task's row: not run for it.
+# Methods as settings over each problem's defaults. `None` in a task's row: not run for it. The ES-family methods
+# say `blocks: None` (every coordinate, or the ZO-GraSP set): the digits default names a block (its phase 1 on the
+# last layer), and a merged default must not narrow them.
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "sparse-cge": DEEPZERO_RECIPE,  # ZO-GraSP (90%) + Sparse-CGE, SGD 0.1 momentum, batch 16, cosine
         "cge": {**_DENSE64, "estimator": {"kind": "cge", "mu": 5e-3, "scheme": "forward"}},
         "rge": {**_DENSE64, "estimator": {"kind": "rge", "q": 28, "scheme": "central", "mu": 5e-3},
                 "optimizer": {"name": "adam", "lr": 0.01}},
-        "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es": {**_DENSE64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                "optimizer": {"name": "adam", "lr": 0.01}},
         # the hybrid: ES in the step's ZO-GraSP coordinate set (half the weights, redrawn every epoch)
-        "es-grasp": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                      "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
                                                                             "resample_every_epochs": 1}},
         "guided-es": {**_DENSE64, "estimator": {"kind": "guided-es", "q": 14, "mu": 0.02, "guide_k": 4,
-                                                "guide_alpha": 0.5},
+                                                "guide_alpha": 0.5, "blocks": None},
                       "optimizer": {"name": "adam", "lr": 0.01}},
         "sep-cma-es": {**_DENSE64, "estimator": {"kind": "sep-cma-es", "mu": 0.02, "popsize": 28}},
         # variants measured while choosing the digits default (docs/efficiency.md): cheaper queries (smaller
         # batches), a smaller ES subspace, very sparse CGE with Adam
-        "es-grasp-90": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02}, "optimizer": {"name": "adam",
+        "es-grasp-90": {**_B64, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None}, "optimizer": {"name": "adam",
                         "lr": 0.01}, "sparsity": {"sparsity": 0.9, "resample_every_epochs": 1}},
-        "es-grasp-b32": {"data": {"batch_size": 32}, "phase2": None, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp-b32": {"data": {"batch_size": 32}, "phase2": None, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                          "optimizer": {"name": "adam", "lr": 0.01}, "sparsity": {"sparsity": 0.5,
                                                                                 "resample_every_epochs": 1}},
         "sep-cma-es-b32": {**_DENSE64, "data": {"batch_size": 32}, "estimator": {"kind": "sep-cma-es", "mu": 0.02,
@@ -129,10 +131,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         # features): a population runs the conv stack once per batch (docs/efficiency.md, width 32)
         "sep-cma-es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "sep-cma-es", "mu": 0.1,
                                                                                 "popsize": 28}},
-        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-fc": {**_DENSE64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                   "optimizer": {"name": "adam", "lr": 0.03}},
         # the hybrid on the last layer: ES in the linear layer's ZO-GraSP set (half its weights, redrawn every epoch)
-        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02},
+        "es-grasp-fc": {**_B64, "model": {"frozen_convs": 2}, "estimator": {"kind": "es", "q": 14, "mu": 0.02, "blocks": None},
                         "optimizer": {"name": "adam", "lr": 0.05}, "sparsity": {"sparsity": 0.5,
                                                                                "resample_every_epochs": 1}},
         # the two-phase run (a whole run: task digits-w8-run)
@@ -142,6 +144,12 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                     "optimizer": ES_LAST_THEN_SPARSE_CGE["phase1"]["optimizer"]},
         # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
         "es-last+sparse-cge": ES_LAST_THEN_SPARSE_CGE,
+        # subspace CGE on the last layer: CGE along e_k v_j^T, v_j the batch inputs' top-16 singular vectors
+        # (161 queries a step), Adam 0.5 (the default's phase 1), 64 images
+        "subspace-last": {**_B64, "estimator": SUBSPACE_THEN_SPARSE_CGE["estimator"],
+                          "optimizer": SUBSPACE_THEN_SPARSE_CGE["phase1"]["optimizer"]},
+        # ... then Sparse-CGE on every layer (a whole run: task digits-w8-run)
+        "subspace+sparse-cge": SUBSPACE_THEN_SPARSE_CGE,
         # ... with phase 2 on 16-image batches and Adam 3e-3 (phase 1 = 24 whole epochs of 64 images)
         "es-last+sparse-cge-b16": deep_merge(ES_LAST_THEN_SPARSE_CGE, {
             "run": {"epochs": 31}, "phase2": {"after_steps": 528, "batch_size": 16, "optimizer": {"lr": 3e-3}}}),
@@ -249,15 +257,14 @@ def probe(task: Task, method: str, seed: int, time_steps: bool = False, override
     with job_ledger(ledger):
         setup = problem.setup(config)
     trainer = Trainer(setup, config, None, problem_name=problem.name)
-    theta = trainer.space.flatten(trainer.params)
-    coords = setup.coord_sampler.coords(0) if setup.coord_sampler is not None else None
+    batch = trainer.batches.batch(0, 0)
+    theta, coords, _ = trainer.step_inputs(batch)  # the first step's coordinates, as the trainer picks them
     chunk = max(1, trainer.oracle.chunk_size(theta))
     est = trainer.estimator
-    plan = est.plan(theta, seed=0, chunk=chunk) if is_search(est) else est.plan(theta, coords=coords, seed=0,
-                                                                               chunk=chunk)
+    plan = est.plan(theta, seed=0, chunk=chunk) if is_search(est) else est.step_plan(
+        trainer.oracle, theta, batch, coords=coords, seed=0, chunk=chunk)
     step_s = 0.0
     if time_steps:
-        batch = trainer.batches.batch(0, 0)
         times = []
         for _ in range(2):
             start = time.perf_counter()
