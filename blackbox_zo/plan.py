@@ -11,9 +11,10 @@ A plan is one of three kinds (DeepZero eq. (1); lecture 002):
 * **coordinates** — theta + mu e_i (and theta - mu e_i for the central scheme) for i in
   `coords` (all d when None): CGE, Sparse-CGE.
 * **directions** — theta + mu u_k (and - mu u_k), k = 1..n: RGE, linear interpolation, and
-  antithetic evolution strategies. The u_k come from a `SeededDirections` spec (a seeded
-  generator, drawn chunk by chunk: never all n x d at once) or an `ExplicitDirections`
-  matrix; with `coords` they live in the span of those coordinates only.
+  antithetic evolution strategies. The u_k come from a `SeededDirections` spec (seeded blocks
+  of rows, so u_k depends only on the seed, k, d and the dtype, never on the chunking; drawn
+  chunk by chunk, never all n x d at once) or an `ExplicitDirections` matrix; with `coords`
+  they live in the span of those coordinates only.
 * **points** — explicit parameter vectors [P, d] (population methods such as sep-CMA-ES).
 
 Forward schemes also evaluate theta itself (the *base*). A plan's points have one canonical
@@ -54,13 +55,48 @@ _DRAWN_CACHE_FRACTION = 4
 # ------------------------------------------------------------------------- directions
 
 
+# A seeded direction stream is drawn in fixed blocks of rows, each from its own generator, so that
+# direction i depends only on (seed, i, dim, dtype) and never on how the stream is cut into chunks
+# (torch's CPU normal sampler depends on the size of each draw, and the chunk is a memory bound that
+# changes with the oracle, the device and what the oracle has seen). A block holds about
+# _BLOCK_NUMBERS numbers: big enough that seeding a generator per block costs a few percent of the
+# draw, small enough that a stream ending mid-block wastes little.
+_BLOCK_NUMBERS = 2**15
+_MAX_BLOCK_ROWS = 64
+_GOLDEN32 = 0x9E3779B9  # odd: block b -> seed + b * _GOLDEN32 (mod 2^32) is one-to-one in b
+_MASK64 = (1 << 64) - 1
+
+
+def block_rows(dim: int) -> int:
+    """Rows of one block of a seeded stream in R^dim: the largest power of two <= 2^15 / dim, in [1, 64]."""
+    rows = max(1, _BLOCK_NUMBERS // max(1, int(dim)))
+    return min(_MAX_BLOCK_ROWS, 1 << (rows.bit_length() - 1))
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The 32-bit seed of block `block` of the stream seeded `seed`.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so a block seed is 32
+    bits: the stream's seed hashed to 32 bits (splitmix64's finalizer, so seeds that differ by
+    2^32 or by one step do not give related streams) plus a Weyl step per block, which keeps the
+    blocks of one stream distinct (one-to-one in `block` for 2^32 blocks)."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return ((z >> 32) + int(block) * _GOLDEN32) & 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class SeededDirections:
-    """n random directions in R^dim from a seeded generator, drawn `chunk` at a time.
+    """n random directions in R^dim from a seed, evaluated `chunk` at a time.
 
-    gaussian: u ~ N(0, I); sphere: u ~ Unif(unit sphere). The same (seed, chunk) gives the
-    same directions bitwise (torch's CPU normal sampler depends on the size of each draw,
-    so the chunk is part of the spec). Memory: O(chunk * dim), never O(n * dim).
+    gaussian: u ~ N(0, I); sphere: u ~ Unif(unit sphere) (a Gaussian row over its norm). The
+    stream is drawn in blocks of `block_rows(dim)` rows, block b from a generator seeded
+    `block_seed(seed, b)`, so direction i depends only on (seed, i, dim, dtype): the same for
+    every chunk size, on every rank of a sharded run, in a resumed run, and in a plan of another
+    count (a stream of 20 starts with the 12 of a stream of 12). `chunk` only says how many
+    directions are evaluated at once. Memory: O((chunk + block) * dim), never O(n * dim).
     """
 
     count: int
@@ -75,18 +111,55 @@ class SeededDirections:
         if self.distribution not in ("gaussian", "sphere"):
             raise ValueError(f"distribution must be 'gaussian' or 'sphere', got {self.distribution!r}")
 
+    def stream(self, like: Tensor) -> "_DirectionStream":
+        """A reader of the directions in like's dtype and device (it keeps the last block it drew)."""
+        return _DirectionStream(self, like)
+
     def chunks(self, like: Tensor) -> Iterator[Tensor]:
         """The directions in order, [<= chunk, dim] at a time, in like's dtype and device."""
-        gen = torch.Generator().manual_seed(int(self.seed))
+        stream = self.stream(like)
         for start in range(0, self.count, self.chunk):
-            n = min(self.chunk, self.count - start)
-            u = torch.randn(n, self.dim, generator=gen, dtype=like.dtype).to(like.device)
-            if self.distribution == "sphere":
-                u = u / u.norm(dim=1, keepdim=True)
-            yield u
+            yield stream.rows(start, min(self.count, start + self.chunk))
 
     def identity(self) -> tuple:
-        return ("seeded", self.count, self.dim, int(self.seed), self.chunk, self.distribution)
+        """What determines the directions (not the chunk: it only groups the evaluations)."""
+        return ("seeded", self.count, self.dim, int(self.seed), self.distribution)
+
+
+class _DirectionStream:
+    """Rows of a `SeededDirections` stream, drawn block by block (see `block_seed`)."""
+
+    def __init__(self, spec: SeededDirections, like: Tensor):
+        self.spec, self.dtype, self.device = spec, like.dtype, like.device
+        self.block = block_rows(spec.dim)
+        self.generator = torch.Generator()
+        self._kept: tuple[int, Tensor] | None = None  # the last block drawn whole (a chunk may end inside it)
+
+    def _draw(self, b: int, out: Tensor) -> Tensor:
+        self.generator.manual_seed(block_seed(self.spec.seed, b))
+        return out.normal_(generator=self.generator)
+
+    def _block(self, b: int) -> Tensor:
+        if self._kept is None or self._kept[0] != b:
+            self._kept = (b, self._draw(b, torch.empty(self.block, self.spec.dim, dtype=self.dtype)))
+        return self._kept[1]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        if not 0 <= start < stop <= self.spec.count:
+            raise ValueError(f"directions [{start}, {stop}) are not in [0, {self.spec.count})")
+        out = torch.empty(stop - start, self.spec.dim, dtype=self.dtype)
+        i = start
+        while i < stop:
+            b, offset = divmod(i, self.block)
+            n = min(self.block - offset, stop - i)
+            if n == self.block:  # a whole block: drawn in place (the same numbers as a fresh draw)
+                self._draw(b, out[i - start : i - start + n])
+            else:
+                out[i - start : i - start + n] = self._block(b)[offset : offset + n]
+            i += n
+        if self.spec.distribution == "sphere":
+            out /= out.norm(dim=1, keepdim=True)
+        return out.to(self.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +182,12 @@ class ExplicitDirections:
     @property
     def dim(self) -> int:
         return int(self.matrix.shape[1])
+
+    def stream(self, like: Tensor) -> "ExplicitDirections":
+        return self
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.matrix[start:stop]
 
     def chunks(self, like: Tensor) -> Iterator[Tensor]:
         for start in range(0, self.count, self.chunk):
@@ -234,7 +313,7 @@ class QueryPlan:
                 thetas[rows, c] += step
                 parts.append(thetas)
         else:
-            u = torch.cat(list(self.directions.chunks(theta)))
+            u = self.directions.stream(theta).rows(0, self.size)
             for step in (self.mu, -self.mu) if self.central else (self.mu,):
                 parts.append(perturbed(theta, u, self.coords, step))
         return torch.cat(parts)
@@ -392,14 +471,18 @@ class _Runner:
         return torch.cat(out) if out else theta.new_empty(0)
 
     def directions(self, lo: int, hi: int, keep: bool) -> tuple[Tensor, Tensor | None, list[Tensor] | None]:
-        """Losses at theta +/- mu u_k for k in [lo, hi). The stream is drawn from its start (every
-        rank draws the same directions); with `keep` all of it is drawn and returned."""
+        """Losses at theta +/- mu u_k for k in [lo, hi), evaluated in the plan's chunks (the same
+        groups on every rank). Direction k is the same whichever chunk draws it (SeededDirections),
+        so a rank draws only the chunks it evaluates; with `keep` all of them, returned for combine."""
         plan, theta = self.plan, self.theta
         plus, minus, drawn = [], [], [] if keep else None
-        chunks = plan.directions.chunks(theta)
-        start = 0
-        while start < plan.size and (keep or start < hi):
-            u = self._timed("direction_generation", lambda: next(chunks))
+        stream = plan.directions.stream(theta)
+        chunk = plan.directions.chunk
+        for start in range(0, plan.size, chunk):
+            stop = min(plan.size, start + chunk)
+            if not keep and (stop <= lo or start >= hi):
+                continue
+            u = self._timed("direction_generation", lambda: stream.rows(start, stop))
             n = u.shape[0]
             if drawn is not None:
                 drawn.append(u)
@@ -419,7 +502,6 @@ class _Runner:
                     if plan.central:
                         minus.append(self._query(self._timed("weight_perturbation",
                                                               lambda: perturbed(theta, part, plan.coords, -plan.mu))))
-            start += n
         empty = theta.new_empty(0)
         return (torch.cat(plus) if plus else empty, (torch.cat(minus) if minus else empty) if plan.central else None,
                 drawn)
