@@ -73,18 +73,22 @@ def block_rows(dim: int) -> int:
     return min(_MAX_BLOCK_ROWS, 1 << (rows.bit_length() - 1))
 
 
+def _seed_hash32(seed: int) -> int:
+    """splitmix64's finalizer of the seed, top 32 bits: seeds that differ by 2^32, or by one step, do
+    not give related block seeds."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 32
+
+
 def block_seed(seed: int, block: int) -> int:
     """The 32-bit seed of block `block` of the stream seeded `seed`.
 
     torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so a block seed is 32
-    bits: the stream's seed hashed to 32 bits (splitmix64's finalizer, so seeds that differ by
-    2^32 or by one step do not give related streams) plus a Weyl step per block, which keeps the
-    blocks of one stream distinct (one-to-one in `block` for 2^32 blocks)."""
-    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return ((z >> 32) + int(block) * _GOLDEN32) & 0xFFFFFFFF
+    bits: the stream's seed hashed to 32 bits plus a Weyl step per block, which keeps the blocks
+    of one stream distinct (one-to-one in `block` for 2^32 blocks)."""
+    return (_seed_hash32(seed) + int(block) * _GOLDEN32) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -133,33 +137,69 @@ class _DirectionStream:
         self.spec, self.dtype, self.device = spec, like.dtype, like.device
         self.block = block_rows(spec.dim)
         self.generator = torch.Generator()
+        self._hash = _seed_hash32(spec.seed)
         self._kept: tuple[int, Tensor] | None = None  # the last block drawn whole (a chunk may end inside it)
 
     def _draw(self, b: int, out: Tensor) -> Tensor:
-        self.generator.manual_seed(block_seed(self.spec.seed, b))
+        """Block b into `out` ([block, dim], contiguous): the numbers torch.randn(block, dim) would give."""
+        self.generator.manual_seed((self._hash + b * _GOLDEN32) & 0xFFFFFFFF)  # = block_seed(seed, b)
         return out.normal_(generator=self.generator)
 
-    def _block(self, b: int) -> Tensor:
-        if self._kept is None or self._kept[0] != b:
-            self._kept = (b, self._draw(b, torch.empty(self.block, self.spec.dim, dtype=self.dtype)))
-        return self._kept[1]
+    def _copy(self, b: int, lo: int, hi: int, flat: Tensor, at: int) -> None:
+        """Rows lo..hi-1 of block b into rows at.. of the [rows, dim] buffer `flat` (flattened, with room
+        for 16 more numbers). A block cut by a chunk boundary is drawn whole, once, for both chunks; the
+        stream's last block only as far as the stream goes (`_prefix`), in place when it starts there."""
+        dim = self.spec.dim
+        dest = flat[at * dim : (at + hi - lo) * dim].view(hi - lo, dim)
+        if self._kept is not None and self._kept[0] == b:
+            dest.copy_(self._kept[1][lo:hi])
+        elif b * self.block + hi == self.spec.count and lo == 0 and self._prefix_ok(hi):
+            self._draw(b, flat[at * dim : at * dim + _round16(hi * dim)])
+        elif b * self.block + hi == self.spec.count and self._prefix_ok(hi):
+            dest.copy_(self._draw(b, torch.empty(_round16(hi * dim), dtype=self.dtype))[lo * dim : hi * dim].view(-1, dim))
+        else:
+            self._kept = (b, self._draw(b, torch.empty(self.block, dim, dtype=self.dtype)))
+            dest.copy_(self._kept[1][lo:hi])
+
+    def _prefix_ok(self, rows: int) -> bool:
+        """Whether the first `rows` rows of a block can be drawn alone, as ~rows x dim numbers.
+
+        torch's CPU normal_ on n >= 16 contiguous numbers draws n uniforms in order, then turns each
+        aligned group of 16 into normals (Box-Muller) and, when 16 does not divide n, redraws the last
+        16. So a draw of m numbers, m a multiple of 16, is the first m numbers of any longer draw that
+        does not redraw them: of the whole block when m <= block x dim - 16, or 16 divides the block
+        (tests/test_plan.py checks such prefixes against whole blocks, for both dtypes)."""
+        m, full = _round16(rows * self.spec.dim), self.block * self.spec.dim
+        return m <= full and (full % 16 == 0 or m <= full - 16)
 
     def rows(self, start: int, stop: int) -> Tensor:
         if not 0 <= start < stop <= self.spec.count:
             raise ValueError(f"directions [{start}, {stop}) are not in [0, {self.spec.count})")
-        out = torch.empty(stop - start, self.spec.dim, dtype=self.dtype)
-        i = start
-        while i < stop:
-            b, offset = divmod(i, self.block)
-            n = min(self.block - offset, stop - i)
-            if n == self.block:  # a whole block: drawn in place (the same numbers as a fresh draw)
-                self._draw(b, out[i - start : i - start + n])
-            else:
-                out[i - start : i - start + n] = self._block(b)[offset : offset + n]
-            i += n
+        size, dim = self.block, self.spec.dim
+        flat = torch.empty((stop - start) * dim + 16, dtype=self.dtype)  # + 16: room for a prefix drawn in place
+        first, last = -(-start // size), stop // size  # blocks first..last-1 lie wholly in [start, stop)
+        if first >= last:  # inside one block, or across one boundary
+            b = start // size
+            cut = min(stop, (b + 1) * size)
+            self._copy(b, start - b * size, cut - b * size, flat, 0)
+            if cut < stop:
+                self._copy(b + 1, 0, stop - cut, flat, cut - start)
+        else:
+            if start < first * size:
+                self._copy(first - 1, start - (first - 1) * size, size, flat, 0)
+            whole = flat[(first * size - start) * dim : (last * size - start) * dim].view(last - first, size, dim)
+            for b, view in enumerate(whole.unbind(0), start=first):  # in place: no copy of whole blocks
+                self._draw(b, view)
+            if last * size < stop:
+                self._copy(last, 0, stop - last * size, flat, last * size - start)
+        out = flat[: (stop - start) * dim].view(stop - start, dim)
         if self.spec.distribution == "sphere":
             out /= out.norm(dim=1, keepdim=True)
-        return out.to(self.device)
+        return out if out.device == self.device else out.to(self.device)
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 @dataclass(frozen=True, eq=False)

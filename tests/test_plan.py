@@ -130,7 +130,7 @@ def _reference_directions(count: int, dim: int, seed: int, dtype: torch.dtype) -
     return torch.cat(blocks)[:count]
 
 
-@pytest.mark.parametrize("dim,rows", [(40, 64), (3818, 8), (40_000, 1)])  # 64-row, 8-row and one-row blocks
+@pytest.mark.parametrize("dim,rows", [(40, 64), (3818, 8), (4001, 8), (40_000, 1)])  # 64, 8 (16 | 8 d, or not), 1 rows
 def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows):
     # Direction i depends only on (seed, i, dim, dtype): every chunk size gives the same stream bitwise,
     # a stream of another count starts with the same directions, and a piece drawn alone (a rank's share
@@ -144,9 +144,12 @@ def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows):
         for chunk in (1, 7, 64, 256):
             got = torch.cat(list(SeededDirections(count, dim, seed, chunk).chunks(like)))
             assert got.dtype == dtype and torch.equal(got, want), (dtype, chunk)
-        longer = torch.cat(list(SeededDirections(count + 37, dim, seed, 64).chunks(like)))
-        assert torch.equal(longer[:count], want)
-        for lo, hi in ((0, 75), (75, 150), (3, 4), (9, 140)):
+        # the stream's last block is drawn only as far as the stream goes (a prefix of the block): every
+        # length of last block, against the whole blocks of a longer stream
+        longer = _reference_directions(count + 64, dim, seed, dtype)
+        for n in range(count, count + rows + 1):
+            assert torch.equal(SeededDirections(n, dim, seed, 64).stream(like).rows(0, n), longer[:n]), (dtype, n)
+        for lo, hi in ((0, 75), (75, 150), (3, 4), (9, 140), (140, 150), (147, 150)):  # (140, 150): a prefix cut
             assert torch.equal(SeededDirections(count, dim, seed, 7).stream(like).rows(lo, hi), want[lo:hi])
     # sphere: the same Gaussian rows over their norms
     like = torch.zeros(1, dtype=torch.float64)
