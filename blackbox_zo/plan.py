@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -417,18 +417,40 @@ class PlanLosses:
         return float("nan")
 
     def directions_sum(self, weights: Tensor) -> Tensor:
-        """sum_k weights[k] u_k over the plan's directions ([size] -> [dim]), chunk by chunk."""
+        """sum_k weights[k] u_k over the plan's directions ([size] -> [dim]).
+
+        Summed in fixed segments of `block_rows(dim)` directions, not per chunk: the rounding of
+        the sum must not depend on the chunk either (a resumed run, another rank, another memory
+        cap), so an estimate is bitwise the same for every chunking. Memory: O((chunk + block) * dim)."""
         plan = self.plan
         if plan.kind != "directions":
             raise ValueError(f"{plan.label}: directions_sum needs a direction plan, this is a {plan.kind} plan")
         theta = plan.theta
         acc = torch.zeros(plan.directions.dim, dtype=theta.dtype, device=theta.device)
         start = 0
-        for u in self.drawn if self.drawn is not None else plan.directions.chunks(theta):
+        chunks = self.drawn if self.drawn is not None else plan.directions.chunks(theta)
+        for u in _segments(chunks, block_rows(plan.directions.dim)):
             n = u.shape[0]
             acc += weights[start : start + n] @ u
             start += n
         return acc
+
+
+def _segments(chunks: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    """The rows of consecutive chunks regrouped as [size, dim] pieces (the last one shorter)."""
+    parts: list[Tensor] = []
+    have = 0
+    for u in chunks:
+        i, n = 0, u.shape[0]
+        while i < n:
+            take = min(size - have, n - i)
+            parts.append(u[i : i + take])
+            have, i = have + take, i + take
+            if have == size:
+                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                parts, have = [], 0
+    if parts:
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- executor
