@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0-9", help="run.seed values, e.g. 0-9 or 0,2,5 (default 0-9)")
     ap.add_argument("--set", action="append", default=[], help="a --set for both revisions (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the numbers to this file")
+    ap.add_argument("--a-from", type=Path, help="take A's runs from this --json of an earlier study (same A commit, "
+                    "settings and seeds; a run is deterministic) instead of running A again")
     args = ap.parse_args(argv)
     revs = [r.strip() for r in args.revs.split(",") if r.strip()]
     if len(revs) != 2:
@@ -70,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="seed_study_") as tmp:
         tmp = Path(tmp)
         trees = [export(r, tmp / "src") for r in revs]
+        earlier = {}
+        if args.a_from:
+            old = json.loads(args.a_from.read_text())
+            if old["commits"][0] != trees[0].name or old["settings"] != args.set:
+                ap.error(f"--a-from {args.a_from}: A there is {old['commits'][0]} with {old['settings']}, "
+                         f"here {trees[0].name} with {args.set}")
+            earlier = {r["seed"]: r["a"] for r in old["runs"]}
+            if not set(seeds) <= set(earlier):
+                ap.error(f"--a-from {args.a_from} lacks seeds {sorted(set(seeds) - set(earlier))}")
         print(f"train digits {' '.join('--set ' + s for s in args.set) or '(default)'}; "
               f"A = {revs[0]} ({trees[0].name}), B = {revs[1]} ({trees[1].name}); seeds {args.seeds}", flush=True)
         for seed in seeds:
-            a = run_once(trees[0], tmp / f"a{seed}", seed, args.set)
+            a = earlier[seed] if seed in earlier else run_once(trees[0], tmp / f"a{seed}", seed, args.set)
             b = run_once(trees[1], tmp / f"b{seed}", seed, args.set)
             rows.append({"seed": seed, "a": a, "b": b})
             same = " (same checkpoint)" if a["sha256"] == b["sha256"] else ""

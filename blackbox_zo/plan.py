@@ -59,16 +59,17 @@ _DRAWN_CACHE_FRACTION = 4
 # direction i depends only on (seed, i, dim, dtype) and never on how the stream is cut into chunks
 # (torch's CPU normal sampler depends on the size of each draw, and the chunk is a memory bound that
 # changes with the oracle, the device and what the oracle has seen). A block holds about
-# _BLOCK_NUMBERS numbers: big enough that seeding a generator per block costs a few percent of the
-# draw, small enough that a stream ending mid-block wastes little.
-_BLOCK_NUMBERS = 2**15
+# _BLOCK_NUMBERS numbers (512 KiB in float32): big enough that seeding a generator and calling
+# normal_ per block cost under 1% of the draw, small beside any chunk's memory. A stream ending
+# mid-block draws only what it needs (`_DirectionStream._prefix_ok`).
+_BLOCK_NUMBERS = 2**17
 _MAX_BLOCK_ROWS = 64
 _GOLDEN32 = 0x9E3779B9  # odd: block b -> seed + b * _GOLDEN32 (mod 2^32) is one-to-one in b
 _MASK64 = (1 << 64) - 1
 
 
 def block_rows(dim: int) -> int:
-    """Rows of one block of a seeded stream in R^dim: the largest power of two <= 2^15 / dim, in [1, 64]."""
+    """Rows of one block of a seeded stream in R^dim: the largest power of two <= 2^17 / dim, in [1, 64]."""
     rows = max(1, _BLOCK_NUMBERS // max(1, int(dim)))
     return min(_MAX_BLOCK_ROWS, 1 << (rows.bit_length() - 1))
 
@@ -141,7 +142,8 @@ class _DirectionStream:
         self._kept: tuple[int, Tensor] | None = None  # the last block drawn whole (a chunk may end inside it)
 
     def _draw(self, b: int, out: Tensor) -> Tensor:
-        """Block b into `out` ([block, dim], contiguous): the numbers torch.randn(block, dim) would give."""
+        """Block b into `out` (contiguous, block x dim numbers, or a prefix of them: `_prefix_ok`): the
+        numbers torch.randn(block, dim) would give."""
         self.generator.manual_seed((self._hash + b * _GOLDEN32) & 0xFFFFFFFF)  # = block_seed(seed, b)
         return out.normal_(generator=self.generator)
 
@@ -187,9 +189,11 @@ class _DirectionStream:
         else:
             if start < first * size:
                 self._copy(first - 1, start - (first - 1) * size, size, flat, 0)
-            whole = flat[(first * size - start) * dim : (last * size - start) * dim].view(last - first, size, dim)
-            for b, view in enumerate(whole.unbind(0), start=first):  # in place: no copy of whole blocks
-                self._draw(b, view)
+            step = size * dim
+            at = (first * size - start) * dim
+            for b in range(first, last):  # whole blocks drawn in place: no copy
+                self._draw(b, flat[at : at + step])
+                at += step
             if last * size < stop:
                 self._copy(last, 0, stop - last * size, flat, last * size - start)
         out = flat[: (stop - start) * dim].view(stop - start, dim)

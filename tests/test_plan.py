@@ -130,14 +130,15 @@ def _reference_directions(count: int, dim: int, seed: int, dtype: torch.dtype) -
     return torch.cat(blocks)[:count]
 
 
-@pytest.mark.parametrize("dim,rows", [(40, 64), (3818, 8), (4001, 8), (40_000, 1)])  # 64, 8 (16 | 8 d, or not), 1 rows
-def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows):
+@pytest.mark.parametrize("dim,rows,count", [(40, 64, 150), (3818, 32, 150), (4001, 32, 150), (20_001, 4, 150),
+                                            (70_000, 1, 20)])  # 16 divides the block or not; one-row blocks
+def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows, count):
     # Direction i depends only on (seed, i, dim, dtype): every chunk size gives the same stream bitwise,
     # a stream of another count starts with the same directions, and a piece drawn alone (a rank's share
     # of a sharded plan) is the same piece of the whole. The old sampler drew each chunk with one call of
     # torch.randn from one generator, whose output depends on the size of each draw: this fails there.
     assert block_rows(dim) == rows
-    count, seed = 150, 2**40 + 3
+    seed = 2**40 + 3
     for dtype in (torch.float32, torch.float64):
         like = torch.zeros(1, dtype=dtype)
         want = _reference_directions(count, dim, seed, dtype)
@@ -149,7 +150,8 @@ def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows):
         longer = _reference_directions(count + 64, dim, seed, dtype)
         for n in range(count, count + rows + 1):
             assert torch.equal(SeededDirections(n, dim, seed, 64).stream(like).rows(0, n), longer[:n]), (dtype, n)
-        for lo, hi in ((0, 75), (75, 150), (3, 4), (9, 140), (140, 150), (147, 150)):  # (140, 150): a prefix cut
+        for lo, hi in ((0, count // 2), (count // 2, count), (3, 4), (9, count - 10), (count - 10, count),
+                       (count - 3, count)):  # the last two: from inside the stream's last block to its end
             assert torch.equal(SeededDirections(count, dim, seed, 7).stream(like).rows(lo, hi), want[lo:hi])
     # sphere: the same Gaussian rows over their norms
     like = torch.zeros(1, dtype=torch.float64)
@@ -170,9 +172,10 @@ def test_seeded_directions_are_standard_normal_and_distinct_across_blocks_and_se
                       SeededDirections(64, 64, 11 + 2**32, 64).stream(like).rows(0, 64)])
     assert torch.unique(rows[:, 0]).numel() == rows.shape[0]
     # one-row blocks: consecutive directions from consecutive block seeds are uncorrelated
-    v = SeededDirections(200, 40_000, 3, 200).stream(like).rows(0, 200)
+    assert block_rows(70_000) == 1
+    v = SeededDirections(200, 70_000, 3, 200).stream(like).rows(0, 200)
     corr = torch.corrcoef(v)
-    assert float((corr - torch.eye(200, dtype=torch.float64)).abs().max()) < 0.03  # ~6 std of 1/sqrt(40000)
+    assert float((corr - torch.eye(200, dtype=torch.float64)).abs().max()) < 0.03  # ~8 std of 1/sqrt(70000)
 
 
 class _RecordingBlocks(SmoothBlocks):
