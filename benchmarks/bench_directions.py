@@ -7,7 +7,7 @@
 generator seeded `block_seed(seed, b)`, so no direction depends on the chunk it is drawn in. The
 old sampler (kept here as `OldSeededDirections`, the code of main before the change) drew each chunk
 with one `torch.randn(chunk, dim)` from one generator seeded once. Both are timed interleaved in the
-same process, one intra-op thread, in CPU seconds (time.process_time: less distorted by other jobs
+same process, one intra-op thread, glibc's allocator tuned as in training, in CPU seconds (time.process_time: less distorted by other jobs
 on a shared machine than wall time), and the ratio old / new is printed (> 1: the new one is faster).
 
 Draw rows: the whole stream in the executor's chunks (what `execute` draws for one plan), for the
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blackbox_zo.estimators import RGE  # noqa: E402
 from blackbox_zo.evolution import ES  # noqa: E402
 from blackbox_zo.plan import QueryPlan, SeededDirections, execute  # noqa: E402
+from blackbox_zo.runtime import tune_allocator  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     torch.set_num_threads(1)
+    tune_allocator()  # as training does (Trainer.fit): blocks under 32 MiB come from the heap, no page faults
     print(f"seeded directions, old per-chunk draw vs blocks; CPU ms of {args.repeats} interleaved samples (median; "
           f"old / new of the medians and of the minima), 1 thread. On a shared machine the minimum is the better "
           f"estimate of the cost itself; compare the ratios, not the milliseconds\n")
