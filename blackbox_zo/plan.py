@@ -43,7 +43,8 @@ from torch import Tensor
 from . import parallel
 from .oracle import NonFiniteLossError, Oracle, OracleError
 
-__all__ = ["SeededDirections", "ExplicitDirections", "QueryPlan", "PlanLosses", "execute", "perturbed"]
+__all__ = ["SeededDirections", "ExplicitDirections", "QueryPlan", "PlanLosses", "execute", "perturbed", "block_rows",
+           "block_seed"]
 
 Scheme = Literal["forward", "central"]
 
