@@ -151,7 +151,7 @@ class _DirectionStream:
     def _copy(self, b: int, lo: int, hi: int, flat: Tensor, at: int) -> None:
         """Rows lo..hi-1 of block b into rows at.. of the [rows, dim] buffer `flat` (flattened, with room
         for 16 more numbers). A block cut by a chunk boundary is drawn whole, once, for both chunks; the
-        stream's last block only as far as the stream goes (`_prefix`), in place when it starts there."""
+        stream's last block only as far as the stream goes (`_prefix_ok`), in place when it starts there."""
         dim = self.spec.dim
         dest = flat[at * dim : (at + hi - lo) * dim].view(hi - lo, dim)
         if self._kept is not None and self._kept[0] == b:
