@@ -1,7 +1,14 @@
 """The whole `blackbox-zo train digits` run at two git revisions, alternately, same machine, same load.
 
     .venv/bin/python benchmarks/bench_train_digits.py                       # main vs HEAD, 3 runs each
-    .venv/bin/python benchmarks/bench_train_digits.py --revs 3895ab4,HEAD --repeats 5
+    .venv/bin/python benchmarks/bench_train_digits.py --revs baseline-3895ab4-dirs,HEAD --repeats 5
+
+Issue 18's reference is 3895ab4. Since the seeded-direction sampler changed (fixed blocks, branch
+grasp-dirs) the recipe's result differs from 3895ab4's (its ZO-GraSP mask uses RGE directions), so
+the bitwise comparison is against `baseline-3895ab4-dirs`: 3895ab4 with only that sampler applied
+(blackbox_zo/plan.py's `SeededDirections` and `PlanLosses.directions_sum`; its speed is that of
+3895ab4, bench_directions.py). `--revs 3895ab4,HEAD` still times the same work, but reports NO for
+the bitwise check.
 
 Each revision is exported with `git archive` into a temporary directory and run from there
 (`python -m blackbox_zo train digits --set run.progress=false`, this venv's packages, that

@@ -97,7 +97,7 @@ class PlanEstimator(ABC):
 
     `plan` and `combine` never query; `estimate` is the only place the plan meets an oracle
     (through `execute`). `chunk` (None: the oracle's `chunk_size`) is how many directions are
-    drawn and evaluated at a time; it is part of a seeded plan's identity.
+    drawn and evaluated at a time; it changes no direction (`SeededDirections`).
     """
 
     chunk: int | None = None
@@ -177,9 +177,9 @@ class RGE(PlanEstimator):
     sphere:   u ~ Unif(unit sphere),  g = (d/q) sum_i [(l(theta + mu u_i) - l(theta)) / mu] u_i
     (central: the difference becomes (l(theta + mu u) - l(theta - mu u)) / (2 mu).)
 
-    Both are unbiased for the gradient of the mu-smoothed loss. Directions are drawn in
-    chunks from a generator seeded by `seed` (a `SeededDirections` plan), so memory is
-    O(chunk * d), never O(q * d), and the same seed reproduces the same directions. With
+    Both are unbiased for the gradient of the mu-smoothed loss. Directions come from a
+    `SeededDirections` plan: direction i depends only on (seed, i, d, dtype), whatever the
+    chunk they are drawn in, and memory is O(chunk * d), never O(q * d). With
     `coords`, directions live in the span of those coordinates and d becomes |coords|.
     """
 

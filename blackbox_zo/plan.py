@@ -11,9 +11,10 @@ A plan is one of three kinds (DeepZero eq. (1); lecture 002):
 * **coordinates** — theta + mu e_i (and theta - mu e_i for the central scheme) for i in
   `coords` (all d when None): CGE, Sparse-CGE.
 * **directions** — theta + mu u_k (and - mu u_k), k = 1..n: RGE, linear interpolation, and
-  antithetic evolution strategies. The u_k come from a `SeededDirections` spec (a seeded
-  generator, drawn chunk by chunk: never all n x d at once) or an `ExplicitDirections`
-  matrix; with `coords` they live in the span of those coordinates only.
+  antithetic evolution strategies. The u_k come from a `SeededDirections` spec (seeded blocks
+  of rows, so u_k depends only on the seed, k, d and the dtype, never on the chunking; drawn
+  chunk by chunk, never all n x d at once) or an `ExplicitDirections` matrix; with `coords`
+  they live in the span of those coordinates only.
 * **points** — explicit parameter vectors [P, d] (population methods such as sep-CMA-ES).
 
 Forward schemes also evaluate theta itself (the *base*). A plan's points have one canonical
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -42,7 +43,8 @@ from torch import Tensor
 from . import parallel
 from .oracle import NonFiniteLossError, Oracle, OracleError
 
-__all__ = ["SeededDirections", "ExplicitDirections", "QueryPlan", "PlanLosses", "execute", "perturbed"]
+__all__ = ["SeededDirections", "ExplicitDirections", "QueryPlan", "PlanLosses", "execute", "perturbed", "block_rows",
+           "block_seed"]
 
 Scheme = Literal["forward", "central"]
 
@@ -54,13 +56,53 @@ _DRAWN_CACHE_FRACTION = 4
 # ------------------------------------------------------------------------- directions
 
 
+# A seeded direction stream is drawn in fixed blocks of rows, each from its own generator, so that
+# direction i depends only on (seed, i, dim, dtype) and never on how the stream is cut into chunks
+# (torch's CPU normal sampler depends on the size of each draw, and the chunk is a memory bound that
+# changes with the oracle, the device and what the oracle has seen). A block holds about
+# _BLOCK_NUMBERS numbers (512 KiB in float32): big enough that seeding a generator and calling
+# normal_ per block cost under 1% of the draw, small beside any chunk's memory. A stream ending
+# mid-block draws only what it needs (`_DirectionStream._prefix_ok`).
+_BLOCK_NUMBERS = 2**17
+_MAX_BLOCK_ROWS = 64
+_GOLDEN32 = 0x9E3779B9  # odd: block b -> seed + b * _GOLDEN32 (mod 2^32) is one-to-one in b
+_MASK64 = (1 << 64) - 1
+
+
+def block_rows(dim: int) -> int:
+    """Rows of one block of a seeded stream in R^dim: the largest power of two <= 2^17 / dim, in [1, 64]."""
+    rows = max(1, _BLOCK_NUMBERS // max(1, int(dim)))
+    return min(_MAX_BLOCK_ROWS, 1 << (rows.bit_length() - 1))
+
+
+def _seed_hash32(seed: int) -> int:
+    """splitmix64's finalizer of the seed, top 32 bits: seeds that differ by 2^32, or by one step, do
+    not give related block seeds."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 32
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The 32-bit seed of block `block` of the stream seeded `seed`.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so a block seed is 32
+    bits: the stream's seed hashed to 32 bits plus a Weyl step per block, which keeps the blocks
+    of one stream distinct (one-to-one in `block` for 2^32 blocks)."""
+    return (_seed_hash32(seed) + int(block) * _GOLDEN32) & 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class SeededDirections:
-    """n random directions in R^dim from a seeded generator, drawn `chunk` at a time.
+    """n random directions in R^dim from a seed, evaluated `chunk` at a time.
 
-    gaussian: u ~ N(0, I); sphere: u ~ Unif(unit sphere). The same (seed, chunk) gives the
-    same directions bitwise (torch's CPU normal sampler depends on the size of each draw,
-    so the chunk is part of the spec). Memory: O(chunk * dim), never O(n * dim).
+    gaussian: u ~ N(0, I); sphere: u ~ Unif(unit sphere) (a Gaussian row over its norm). The
+    stream is drawn in blocks of `block_rows(dim)` rows, block b from a generator seeded
+    `block_seed(seed, b)`, so direction i depends only on (seed, i, dim, dtype): the same for
+    every chunk size, on every rank of a sharded run, in a resumed run, and in a plan of another
+    count (a stream of 20 starts with the 12 of a stream of 12). `chunk` only says how many
+    directions are evaluated at once. Memory: O((chunk + block) * dim), never O(n * dim).
     """
 
     count: int
@@ -75,18 +117,94 @@ class SeededDirections:
         if self.distribution not in ("gaussian", "sphere"):
             raise ValueError(f"distribution must be 'gaussian' or 'sphere', got {self.distribution!r}")
 
+    def stream(self, like: Tensor) -> "_DirectionStream":
+        """A reader of the directions in like's dtype and device (it keeps the last block it drew)."""
+        return _DirectionStream(self, like)
+
     def chunks(self, like: Tensor) -> Iterator[Tensor]:
         """The directions in order, [<= chunk, dim] at a time, in like's dtype and device."""
-        gen = torch.Generator().manual_seed(int(self.seed))
+        stream = self.stream(like)
         for start in range(0, self.count, self.chunk):
-            n = min(self.chunk, self.count - start)
-            u = torch.randn(n, self.dim, generator=gen, dtype=like.dtype).to(like.device)
-            if self.distribution == "sphere":
-                u = u / u.norm(dim=1, keepdim=True)
-            yield u
+            yield stream.rows(start, min(self.count, start + self.chunk))
 
     def identity(self) -> tuple:
-        return ("seeded", self.count, self.dim, int(self.seed), self.chunk, self.distribution)
+        """What determines the directions (not the chunk: it only groups the evaluations)."""
+        return ("seeded", self.count, self.dim, int(self.seed), self.distribution)
+
+
+class _DirectionStream:
+    """Rows of a `SeededDirections` stream, drawn block by block (see `block_seed`)."""
+
+    def __init__(self, spec: SeededDirections, like: Tensor):
+        self.spec, self.dtype, self.device = spec, like.dtype, like.device
+        self.block = block_rows(spec.dim)
+        self.generator = torch.Generator()
+        self._hash = _seed_hash32(spec.seed)
+        self._kept: tuple[int, Tensor] | None = None  # the last block drawn whole (a chunk may end inside it)
+
+    def _draw(self, b: int, out: Tensor) -> Tensor:
+        """Block b into `out` (contiguous, block x dim numbers, or a prefix of them: `_prefix_ok`): the
+        numbers torch.randn(block, dim) would give."""
+        self.generator.manual_seed((self._hash + b * _GOLDEN32) & 0xFFFFFFFF)  # = block_seed(seed, b)
+        return out.normal_(generator=self.generator)
+
+    def _copy(self, b: int, lo: int, hi: int, flat: Tensor, at: int) -> None:
+        """Rows lo..hi-1 of block b into rows at.. of the [rows, dim] buffer `flat` (flattened, with room
+        for 16 more numbers). A block cut by a chunk boundary is drawn whole, once, for both chunks; the
+        stream's last block only as far as the stream goes (`_prefix_ok`), in place when it starts there."""
+        dim = self.spec.dim
+        dest = flat[at * dim : (at + hi - lo) * dim].view(hi - lo, dim)
+        if self._kept is not None and self._kept[0] == b:
+            dest.copy_(self._kept[1][lo:hi])
+        elif b * self.block + hi == self.spec.count and lo == 0 and self._prefix_ok(hi):
+            self._draw(b, flat[at * dim : at * dim + _round16(hi * dim)])
+        elif b * self.block + hi == self.spec.count and self._prefix_ok(hi):
+            dest.copy_(self._draw(b, torch.empty(_round16(hi * dim), dtype=self.dtype))[lo * dim : hi * dim].view(-1, dim))
+        else:
+            self._kept = (b, self._draw(b, torch.empty(self.block, dim, dtype=self.dtype)))
+            dest.copy_(self._kept[1][lo:hi])
+
+    def _prefix_ok(self, rows: int) -> bool:
+        """Whether the first `rows` rows of a block can be drawn alone, as ~rows x dim numbers.
+
+        torch's CPU normal_ on n >= 16 contiguous numbers draws n uniforms in order, then turns each
+        aligned group of 16 into normals (Box-Muller) and, when 16 does not divide n, redraws the last
+        16. So a draw of m numbers, m a multiple of 16, is the first m numbers of any longer draw that
+        does not redraw them: of the whole block when m <= block x dim - 16, or 16 divides the block
+        (tests/test_plan.py checks such prefixes against whole blocks, for both dtypes)."""
+        m, full = _round16(rows * self.spec.dim), self.block * self.spec.dim
+        return m <= full and (full % 16 == 0 or m <= full - 16)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        if not 0 <= start < stop <= self.spec.count:
+            raise ValueError(f"directions [{start}, {stop}) are not in [0, {self.spec.count})")
+        size, dim = self.block, self.spec.dim
+        flat = torch.empty((stop - start) * dim + 16, dtype=self.dtype)  # + 16: room for a prefix drawn in place
+        first, last = -(-start // size), stop // size  # blocks first..last-1 lie wholly in [start, stop)
+        if first >= last:  # inside one block, or across one boundary
+            b = start // size
+            cut = min(stop, (b + 1) * size)
+            self._copy(b, start - b * size, cut - b * size, flat, 0)
+            if cut < stop:
+                self._copy(b + 1, 0, stop - cut, flat, cut - start)
+        else:
+            if start < first * size:
+                self._copy(first - 1, start - (first - 1) * size, size, flat, 0)
+            step = size * dim
+            at = (first * size - start) * dim
+            for b in range(first, last):  # whole blocks drawn in place: no copy
+                self._draw(b, flat[at : at + step])
+                at += step
+            if last * size < stop:
+                self._copy(last, 0, stop - last * size, flat, last * size - start)
+        out = flat[: (stop - start) * dim].view(stop - start, dim)
+        if self.spec.distribution == "sphere":
+            out /= out.norm(dim=1, keepdim=True)
+        return out if out.device == self.device else out.to(self.device)
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +227,12 @@ class ExplicitDirections:
     @property
     def dim(self) -> int:
         return int(self.matrix.shape[1])
+
+    def stream(self, like: Tensor) -> "ExplicitDirections":
+        return self
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.matrix[start:stop]
 
     def chunks(self, like: Tensor) -> Iterator[Tensor]:
         for start in range(0, self.count, self.chunk):
@@ -234,7 +358,7 @@ class QueryPlan:
                 thetas[rows, c] += step
                 parts.append(thetas)
         else:
-            u = torch.cat(list(self.directions.chunks(theta)))
+            u = self.directions.stream(theta).rows(0, self.size)
             for step in (self.mu, -self.mu) if self.central else (self.mu,):
                 parts.append(perturbed(theta, u, self.coords, step))
         return torch.cat(parts)
@@ -298,18 +422,40 @@ class PlanLosses:
         return float("nan")
 
     def directions_sum(self, weights: Tensor) -> Tensor:
-        """sum_k weights[k] u_k over the plan's directions ([size] -> [dim]), chunk by chunk."""
+        """sum_k weights[k] u_k over the plan's directions ([size] -> [dim]).
+
+        Summed in fixed segments of `block_rows(dim)` directions, not per chunk: the rounding of
+        the sum must not depend on the chunk either (a resumed run, another rank, another memory
+        cap), so an estimate is bitwise the same for every chunking. Memory: O((chunk + block) * dim)."""
         plan = self.plan
         if plan.kind != "directions":
             raise ValueError(f"{plan.label}: directions_sum needs a direction plan, this is a {plan.kind} plan")
         theta = plan.theta
         acc = torch.zeros(plan.directions.dim, dtype=theta.dtype, device=theta.device)
         start = 0
-        for u in self.drawn if self.drawn is not None else plan.directions.chunks(theta):
+        chunks = self.drawn if self.drawn is not None else plan.directions.chunks(theta)
+        for u in _segments(chunks, block_rows(plan.directions.dim)):
             n = u.shape[0]
             acc += weights[start : start + n] @ u
             start += n
         return acc
+
+
+def _segments(chunks: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    """The rows of consecutive chunks regrouped as [size, dim] pieces (the last one shorter)."""
+    parts: list[Tensor] = []
+    have = 0
+    for u in chunks:
+        i, n = 0, u.shape[0]
+        while i < n:
+            take = min(size - have, n - i)
+            parts.append(u[i : i + take])
+            have, i = have + take, i + take
+            if have == size:
+                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                parts, have = [], 0
+    if parts:
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- executor
@@ -392,14 +538,18 @@ class _Runner:
         return torch.cat(out) if out else theta.new_empty(0)
 
     def directions(self, lo: int, hi: int, keep: bool) -> tuple[Tensor, Tensor | None, list[Tensor] | None]:
-        """Losses at theta +/- mu u_k for k in [lo, hi). The stream is drawn from its start (every
-        rank draws the same directions); with `keep` all of it is drawn and returned."""
+        """Losses at theta +/- mu u_k for k in [lo, hi), evaluated in the plan's chunks (the same
+        groups on every rank). Direction k is the same whichever chunk draws it (SeededDirections),
+        so a rank draws only the chunks it evaluates; with `keep` all of them, returned for combine."""
         plan, theta = self.plan, self.theta
         plus, minus, drawn = [], [], [] if keep else None
-        chunks = plan.directions.chunks(theta)
-        start = 0
-        while start < plan.size and (keep or start < hi):
-            u = self._timed("direction_generation", lambda: next(chunks))
+        stream = plan.directions.stream(theta)
+        chunk = plan.directions.chunk
+        for start in range(0, plan.size, chunk):
+            stop = min(plan.size, start + chunk)
+            if not keep and (stop <= lo or start >= hi):
+                continue
+            u = self._timed("direction_generation", lambda: stream.rows(start, stop))
             n = u.shape[0]
             if drawn is not None:
                 drawn.append(u)
@@ -419,7 +569,6 @@ class _Runner:
                     if plan.central:
                         minus.append(self._query(self._timed("weight_perturbation",
                                                               lambda: perturbed(theta, part, plan.coords, -plan.mu))))
-            start += n
         empty = theta.new_empty(0)
         return (torch.cat(plus) if plus else empty, (torch.cat(minus) if minus else empty) if plan.central else None,
                 drawn)

@@ -91,8 +91,9 @@ def zo_grasp_scores(
 
     `g` is a forward RGE with q directions; one step `mu` serves both the RGE finite
     differences and the Hessian-gradient difference, as in DeepZero. The two RGE calls are
-    query plans with the same `seed`, hence the same directions (common random numbers), and
-    the same batch. All 2(q + 1) queries are charged to the `prune` phase.
+    query plans with the same `seed`, hence the same q directions (common random numbers: a
+    seeded direction depends only on the seed and its index, not on the oracle's chunk, which
+    may change between the calls), and the same batch. All 2(q + 1) queries are charged to the `prune` phase.
     """
     if q < 1:
         raise ValueError(f"ZO-GraSP: q must be >= 1, got {q}")

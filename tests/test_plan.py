@@ -16,7 +16,7 @@ import torch
 
 from blackbox_zo.estimators import CGE, RGE, LinearInterpolation
 from blackbox_zo.oracle import QueryBudgetExceeded
-from blackbox_zo.plan import ExplicitDirections, QueryPlan, SeededDirections, execute
+from blackbox_zo.plan import ExplicitDirections, QueryPlan, SeededDirections, block_rows, block_seed, execute
 from helpers import SmoothBlocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,100 @@ def test_seeded_directions_are_a_chunked_reproducible_stream():
     torch.testing.assert_close(torch.cat(chunks).norm(dim=1), torch.ones(11, dtype=torch.float64), rtol=0, atol=1e-15)
     other = SeededDirections(count=11, dim=40, seed=6, chunk=4, distribution="sphere")
     assert not torch.equal(torch.cat(list(other.chunks(like))), torch.cat(chunks))
-    # the chunk is part of the stream's identity (torch's sampler depends on the size of each draw)
-    assert SeededDirections(11, 40, 5, 5).identity() != SeededDirections(11, 40, 5, 4).identity()
+    # the chunk only groups evaluations: it is not part of what ranks must agree on
+    assert SeededDirections(11, 40, 5, 5).identity() == SeededDirections(11, 40, 5, 4).identity()
+    assert SeededDirections(11, 40, 5, 4).identity() != SeededDirections(11, 40, 6, 4).identity()
+
+
+def _reference_directions(count: int, dim: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    # The documented layout, built independently of the stream: block b is torch.randn(rows, dim) from a
+    # fresh generator seeded block_seed(seed, b); the directions are the blocks stacked, cut at count.
+    rows = block_rows(dim)
+    blocks = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(block_seed(seed, b)), dtype=dtype)
+              for b in range(-(-count // rows))]
+    return torch.cat(blocks)[:count]
+
+
+@pytest.mark.parametrize("dim,rows,count", [(40, 64, 150), (3818, 32, 150), (4001, 32, 150), (20_001, 4, 150),
+                                            (70_000, 1, 20)])  # 16 divides the block or not; one-row blocks
+def test_seeded_directions_do_not_depend_on_the_chunking(dim, rows, count):
+    # Direction i depends only on (seed, i, dim, dtype): every chunk size gives the same stream bitwise,
+    # a stream of another count starts with the same directions, and a piece drawn alone (a rank's share
+    # of a sharded plan) is the same piece of the whole. The old sampler drew each chunk with one call of
+    # torch.randn from one generator, whose output depends on the size of each draw: this fails there.
+    assert block_rows(dim) == rows
+    seed = 2**40 + 3
+    for dtype in (torch.float32, torch.float64):
+        like = torch.zeros(1, dtype=dtype)
+        want = _reference_directions(count, dim, seed, dtype)
+        for chunk in (1, 7, 64, 256):
+            got = torch.cat(list(SeededDirections(count, dim, seed, chunk).chunks(like)))
+            assert got.dtype == dtype and torch.equal(got, want), (dtype, chunk)
+        # the stream's last block is drawn only as far as the stream goes (a prefix of the block): every
+        # length of last block, against the whole blocks of a longer stream
+        longer = _reference_directions(count + 64, dim, seed, dtype)
+        for n in range(count, count + rows + 1):
+            assert torch.equal(SeededDirections(n, dim, seed, 64).stream(like).rows(0, n), longer[:n]), (dtype, n)
+        for lo, hi in ((0, count // 2), (count // 2, count), (3, 4), (9, count - 10), (count - 10, count),
+                       (count - 3, count)):  # the last two: from inside the stream's last block to its end
+            assert torch.equal(SeededDirections(count, dim, seed, 7).stream(like).rows(lo, hi), want[lo:hi])
+    # sphere: the same Gaussian rows over their norms
+    like = torch.zeros(1, dtype=torch.float64)
+    sphere = torch.cat(list(SeededDirections(count, dim, seed, 7, "sphere").chunks(like)))
+    gauss = _reference_directions(count, dim, seed, torch.float64)
+    torch.testing.assert_close(sphere, gauss / gauss.norm(dim=1, keepdim=True), rtol=0, atol=1e-15)
+
+
+def test_seeded_directions_are_standard_normal_and_distinct_across_blocks_and_seeds():
+    # A fixed draw (not flaky): 4096 x 64 = 262,144 numbers, so the sample mean has std 0.002 and the
+    # sample variance 0.0028; 0.01 and 0.015 are ~5 std. Distinct blocks and seeds must not repeat rows
+    # (a seed hash that collided, or a block seed that ignored the block, would).
+    like = torch.zeros(1, dtype=torch.float64)
+    u = SeededDirections(4096, 64, 11, 256).stream(like).rows(0, 4096)
+    assert abs(float(u.mean())) < 0.01 and abs(float(u.var()) - 1) < 0.015
+    assert block_rows(64) == 64
+    rows = torch.cat([u, SeededDirections(64, 64, 12, 64).stream(like).rows(0, 64),
+                      SeededDirections(64, 64, 11 + 2**32, 64).stream(like).rows(0, 64)])
+    assert torch.unique(rows[:, 0]).numel() == rows.shape[0]
+    # one-row blocks: consecutive directions from consecutive block seeds are uncorrelated
+    assert block_rows(70_000) == 1
+    v = SeededDirections(200, 70_000, 3, 200).stream(like).rows(0, 200)
+    corr = torch.corrcoef(v)
+    assert float((corr - torch.eye(200, dtype=torch.float64)).abs().max()) < 0.03  # ~8 std of 1/sqrt(70000)
+
+
+class _RecordingBlocks(SmoothBlocks):
+    def __init__(self):
+        super().__init__()
+        self.points: list[torch.Tensor] = []
+
+    def losses(self, thetas, batch):
+        self.points.append(thetas.clone())
+        return super().losses(thetas, batch)
+
+
+def test_a_rank_evaluates_its_share_with_the_directions_of_one_process(monkeypatch):
+    # A sharded plan cuts the directions at [lo, hi); each rank's oracle may pick another chunk (the
+    # chunk is a memory bound: another device, other activations seen). The points a rank evaluates must
+    # be theta + mu u_k of the one-process stream for exactly k in [lo, hi), and without keeping the
+    # stream for combine it draws no block that ends before its first chunk.
+    from blackbox_zo import plan as plan_module
+
+    drawn: list[int] = []
+    original = plan_module._DirectionStream._draw
+    monkeypatch.setattr(plan_module._DirectionStream, "_draw", lambda self, b, out: (drawn.append(b), original(self, b, out))[1])
+    theta = SmoothBlocks().initial_theta()
+    d, count, seed = theta.numel(), 300, 9
+    rows = block_rows(d)
+    one = _reference_directions(count, d, seed, theta.dtype)
+    for chunk, (lo, hi) in ((7, (0, 150)), (64, (150, 300)), (1, (133, 271))):
+        oracle, drawn[:] = _RecordingBlocks(), []
+        plan = QueryPlan.along(theta, SeededDirections(count, d, seed, chunk), MU)
+        plus, minus, kept = plan_module._Runner(plan, oracle, None, None, True).directions(lo, hi, keep=False)
+        torch.testing.assert_close(torch.cat(oracle.points), theta + MU * one[lo:hi], rtol=0, atol=1e-15)
+        assert kept is None and minus is None and plus.shape == (hi - lo,)
+        first, last = (lo // chunk) * chunk, min(count, -(-hi // chunk) * chunk) - 1  # the chunks it evaluates
+        assert min(drawn) == first // rows and max(drawn) == last // rows
 
 
 def test_directions_redrawn_by_combine_are_the_ones_evaluated():

@@ -94,6 +94,34 @@ def test_zo_grasp_is_the_crn_hessian_gradient_product_on_a_quadratic():
     assert res.queries == grasp_query_cost(q) == 2 * (q + 1)
 
 
+class ChunkChangingQuadratic(RecordingQuadratic):
+    """chunk_size shrinks once a batch has been seen, as ModelLossOracle's does (256 -> 65 on digits:
+    it bounds the chunk by the activations of the batches seen)."""
+
+    def chunk_size(self, theta):
+        return 7 if self.seen else 256
+
+
+def test_zo_grasp_shares_all_q_directions_when_the_oracle_chunk_changes():
+    # Eq. (3) needs the two RGE calls on the SAME q directions. The oracle's chunk changes between them
+    # (256, then 7); the directions each call evaluated, recovered from the points it was asked about,
+    # must be equal for all q, and the closed form of the quadratic test above must hold. Recovering
+    # u = (point - theta) / mu costs ~1e-16 * |theta| / mu ~ 1e-13 in float64; 1e-10 leaves margin.
+    # Before the sampler drew fixed blocks, the second call shared only its first chunk (7 of 40).
+    oracle = ChunkChangingQuadratic(ParamSpace([("w", (3, 4))]))
+    theta, q, mu, seed = oracle.initial_theta(), 40, 5e-3, 7
+    res = zo_grasp_scores(oracle, theta, None, q=q, mu=mu, seed=seed)
+    first = torch.cat(oracle.seen[:2])  # call 1: the base, then all q (one chunk of 256)
+    second = torch.cat(oracle.seen[2:])  # call 2: the base, then chunks of 7
+    assert first.shape == second.shape == (q + 1, theta.numel()) and len(oracle.seen) == 2 + 1 + 6
+    u1 = (first[1:] - first[0]) / mu
+    u2 = (second[1:] - second[0]) / mu
+    torch.testing.assert_close(u2, u1, rtol=0, atol=1e-10)
+    u = RGE(q=q, mu=mu).plan(theta, seed=seed, chunk=256).directions.stream(theta).rows(0, q)
+    torch.testing.assert_close(u1, u, rtol=0, atol=1e-10)
+    assert torch.allclose(res.hessian_grad, (u.T @ u / q) @ oracle.a @ res.grad, rtol=0, atol=1e-8)
+
+
 def test_zo_grasp_charges_the_prune_phase():
     oracle = RecordingQuadratic(model_space())
     oracle.ledger.budget = 10_000

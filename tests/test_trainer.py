@@ -43,6 +43,24 @@ def test_resume_equals_uninterrupted_run(tmp_path, split, every):
     assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)] == list(range(1, 89))
 
 
+def test_resume_equals_uninterrupted_run_when_the_oracle_chunk_changes(tmp_path, monkeypatch):
+    # ModelLossOracle bounds its chunk by the activations of the batches it has seen, so a fresh process
+    # (the resumed run) evaluates its first step in other chunks than the uninterrupted run did at that
+    # step (measured on digits, RGE q = 300, batch 64: 256 at a process's first step, 252 after; the
+    # resumed run then ended elsewhere). Seeded directions, and the sum of the estimate, must not depend
+    # on the chunk. Here it goes from 256 to 7 once a batch has been seen, so q = 16 is cut 7 + 7 + 2
+    # after the first step. (Not 5: a chunk of one leftover row takes ModelLossOracle's base-query
+    # shortcut, whose loss differs by an ulp: a known issue, the xfail test at the end of tests/test_reuse.py.)
+    from oracles.model_loss import ModelLossOracle
+    from resume_helpers import stop_and_resume
+
+    real = ModelLossOracle.chunk_size
+    monkeypatch.setattr(ModelLossOracle, "chunk_size",
+                        lambda self, theta: min(7, real(self, theta)) if self._activation_bytes else real(self, theta))
+    full, resumed, _, _ = stop_and_resume(lambda *extra: digits_config("run.epochs=1", *extra), tmp_path, stop_at=5)
+    assert full["steps"] == resumed["steps"] == 44
+
+
 def test_run_directory_contents_and_fo_reference(tmp_path):
     p, cfg = digits_config("estimator=autograd", "run.epochs=3", "model.width=8", base=BASE)
     summary = train(p, cfg, run_dir=tmp_path)
@@ -179,13 +197,13 @@ def test_a_metrics_logger_is_closed_and_told_why_when_a_run_fails(tmp_path):
     assert logger.summaries[-1]["stopped"] == "non-finite" and logger.closed == 1
 
 
-def _checkpoint_test_acc(problem, cfg, run_dir):
-    """The test accuracy of the module in the run's checkpoint, evaluated afresh."""
+def _checkpoint_metrics(problem, cfg, run_dir):
+    """The test metrics of the module in the run's checkpoint, evaluated afresh."""
     setup = problem.setup(cfg)
     setup.module.load_state_dict(final_params(run_dir)[0])
     setup.module.eval()
     with torch.no_grad():
-        return setup.evaluate(setup.module)["test_acc"]
+        return setup.evaluate(setup.module)
 
 
 def test_a_run_stopped_mid_epoch_reports_the_metrics_of_its_last_step(tmp_path):
@@ -194,13 +212,15 @@ def test_a_run_stopped_mid_epoch_reports_the_metrics_of_its_last_step(tmp_path):
     p, cfg = digits_config("run.max_steps=50")
     fresh = train(p, cfg, run_dir=tmp_path / "fresh")
     assert fresh["eval_step"] == 50 and fresh["steps"] == 50
-    assert fresh["test_acc"] == _checkpoint_test_acc(p, cfg, tmp_path / "fresh")
+    at_50 = _checkpoint_metrics(p, cfg, tmp_path / "fresh")
+    assert fresh["test_acc"] == at_50["test_acc"] and fresh["test_loss"] == at_50["test_loss"]
     epoch_end = [json.loads(line) for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
-    at_44 = [r["eval/test_acc"] for r in epoch_end if "eval/test_acc" in r and r["step"] == 44]
-    assert at_44 and at_44[0] != fresh["test_acc"]  # else this test could not tell the two apart
+    # the loss: this width-2 model's accuracy can be the same at both steps (near chance)
+    at_44 = [r["eval/test_loss"] for r in epoch_end if "eval/test_loss" in r and r["step"] == 44]
+    assert at_44 and at_44[0] != fresh["test_loss"]  # else this test could not tell the two apart
 
     p, half = digits_config("run.max_steps=47")
     train(p, half, run_dir=tmp_path / "resumed")
     resumed = train(p, cfg, resume=tmp_path / "resumed")
     assert resumed["eval_step"] == 50
-    assert resumed["test_acc"] == fresh["test_acc"]
+    assert resumed["test_acc"] == fresh["test_acc"] and resumed["test_loss"] == fresh["test_loss"]
