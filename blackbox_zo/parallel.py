@@ -516,6 +516,9 @@ class PlanSharder:
         self._item_blocks: Tensor | None = None
         self._bounds: list[int] | None = None
         self._refinements = 0  # refine_costs calls on the current coordinate set (see refinement_gain)
+        # the stop request rides on every plan's all-reduce (see take_agreed_stop)
+        self.stop_source: Callable[[], int] | None = None
+        self._agreed_stop: int | None = None
 
     def __repr__(self) -> str:
         return f"PlanSharder(rank={self.rank}, world={self.world})"
@@ -633,6 +636,18 @@ class PlanSharder:
     def coordinate_plan_done(self) -> None:
         self.calls += 1
 
+    # -- the stop request, carried by the plans' all-reduce ------------------------------------
+
+    def take_agreed_stop(self) -> int | None:
+        """The largest stop request (a signal number, 0 for none) of any rank, as packed into the
+        last plan's all-reduce since the previous call; None if no plan was reduced since then
+        (or no `stop_source` is set). Every rank runs the same plans, so every rank gets the same
+        answer, and the trainer needs no all-reduce of its own before a step that follows a
+        plan (one collective per step instead of two; a request seen after this rank packed its
+        part stops the run one step later)."""
+        agreed, self._agreed_stop = self._agreed_stop, None
+        return agreed
+
     # -- the all-reduce of a plan -----------------------------------------------------------
 
     def reduce(self, values: Tensor, *, local_queries: int, seconds: float, failure: BaseException | None,
@@ -641,8 +656,8 @@ class PlanSharder:
         queries, its failure, its seconds and a checksum of the plan it ran: a rank that built
         another plan (other coordinates, seed or step) raises DivergenceError on every rank."""
         self.last_shard_seconds, self.last_local_queries = elapsed, local_queries
-        width = values.numel()
-        packed = torch.zeros(width + _SLOTS + self.world, dtype=torch.float64, device=_comm_device())
+        width, world = values.numel(), self.world
+        packed = torch.zeros(width + _SLOTS + 2 * world, dtype=torch.float64, device=_comm_device())
         packed[:width] = values.to(device=packed.device, dtype=torch.float64)
         key = fingerprint(plan_key)
         a, b = key & (2**_KEY_BITS - 1), (key >> _KEY_BITS) & (2**_KEY_BITS - 1)
@@ -651,9 +666,14 @@ class PlanSharder:
             tail[_FAILED_ORACLE if isinstance(failure, OracleError) else _FAILED_NONFINITE] = 1
         packed[width : width + _SLOTS] = torch.tensor(tail, dtype=torch.float64)
         packed[width + _SLOTS + self.rank] = seconds
+        source = self.stop_source
+        if source is not None:  # each rank's stop request in its own slot: their maximum, not their sum
+            packed[width + _SLOTS + world + self.rank] = float(source())
         _collective(what, lambda: _dist().all_reduce(packed))
         packed = packed.cpu()
         slots = packed[width : width + _SLOTS].tolist()
+        if source is not None:
+            self._agreed_stop = int(packed[width + _SLOTS + world :].max())
         # all keys equal  <=>  world * sum(k^2) == (sum k)^2  (Cauchy-Schwarz; exact in float64)
         if any(self.world * slots[sq] != slots[k] ** 2 for k, sq in ((_KEY_A, _KEY_A2), (_KEY_B, _KEY_B2))):
             raise DivergenceError(
@@ -661,7 +681,7 @@ class PlanSharder:
                 "coordinates, directions, seed or step): every rank must build the same plan; pass the same "
                 "seed on every rank")
         return ReducedShards(packed[:width].to(values.device), int(round(slots[_QUERIES])),
-                             packed[width + _SLOTS :], int(round(slots[_FAILED_NONFINITE])),
+                             packed[width + _SLOTS : width + _SLOTS + world], int(round(slots[_FAILED_NONFINITE])),
                              int(round(slots[_FAILED_ORACLE])), self.world)
 
 

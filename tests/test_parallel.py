@@ -212,6 +212,7 @@ def _scenario_healthy(rank: int, out: Path, options: dict) -> dict:
     summary = trainer.fit()
     result.update(params=setup.oracle.space.flatten_module(setup.module), summary_queries=summary["queries"],
                   costs=trainer.parallel.costs.per_coord)
+    result["collectives_per_step"] = _collectives_per_step()
     result["diverge"] = _divergence_cases(rank)
     result["nan"] = _nan_cases(rank)
     # the CLI on the digits job, as torchrun's workers run it: the first 2 steps (resumed by a real torchrun below)
@@ -219,6 +220,31 @@ def _scenario_healthy(rank: int, out: Path, options: dict) -> dict:
 
     result["cli_code"] = main(["train", "digits", *_cli_sets(out / "runs"), "--set", "run.max_steps=2"])
     return result
+
+
+def _collectives_per_step() -> list[int]:
+    """Collectives (of any kind) each training step makes, counted between the steps' callbacks."""
+    dist = torch.distributed
+    names = ("all_reduce", "all_gather", "broadcast", "broadcast_object_list", "barrier", "all_gather_object")
+    inner = {n: getattr(dist, n) for n in names}
+    count = [0]
+
+    def counting(name):
+        def call(*args, **kwargs):
+            count[0] += 1
+            return inner[name](*args, **kwargs)
+        return call
+
+    seen = []
+    for n in names:
+        setattr(dist, n, counting(n))
+    try:
+        Trainer(_mlp_setup(40), _train_config(steps=8, check_every_steps=0),
+                callbacks=[lambda trainer, record: seen.append(count[0])]).fit()
+    finally:
+        for n in names:
+            setattr(dist, n, inner[n])
+    return [b - a for a, b in zip(seen, seen[1:])]
 
 
 def _divergence_cases(rank: int) -> dict:
@@ -507,6 +533,14 @@ def test_two_ranks_take_the_same_steps_as_one_process(healthy, tmp_path):
                                                                "training.png"]
     state = torch.load(tmp / "run" / CHECKPOINT_NAME, weights_only=True)
     assert state["ledger"]["counts"]["train"] == TRAIN_STEPS * (TRAIN_COORDS + WORLD)
+
+
+def test_a_training_step_makes_one_collective(healthy):
+    # the step's plan all-reduce also carries the stop request: no second collective per step
+    # (steps 2-3 of 8: the calibration's block costs add one all-reduce at the end of step 2)
+    for r in healthy[0]:
+        per_step = r["collectives_per_step"]
+        assert len(per_step) == 7 and per_step[2:] == [1] * 5, per_step
 
 
 def test_divergence_is_detected(healthy):
