@@ -48,8 +48,11 @@ def _thread_cpu_other() -> float:
     return time.process_time() - time.thread_time()
 
 
-def _worker(rank: int, port: int, mode: str, steps: int, warmup: int, cut: int | None, start, queue) -> None:
+def _worker(rank: int, port: int, mode: str, steps: int, warmup: int, cut: int | None, start, queue,
+            pin: bool = False) -> None:
     torch.set_num_threads(1)
+    if pin:  # process r on CPU r (every mode alike): no two of them share a core
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     from blackbox_zo import parallel
 
     x, y, oracle, theta0, drift, estimator = dense_digits_cge()
@@ -114,7 +117,7 @@ def _worker(rank: int, port: int, mode: str, steps: int, warmup: int, cut: int |
         parallel.shutdown()
 
 
-def _run(mode: str, steps: int, warmup: int, cut: int | None) -> list[list[dict] | None]:
+def _run(mode: str, steps: int, warmup: int, cut: int | None, pin: bool = False) -> list[list[dict] | None]:
     import socket
 
     import torch.multiprocessing as mp
@@ -124,7 +127,7 @@ def _run(mode: str, steps: int, warmup: int, cut: int | None) -> list[list[dict]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, mode, steps, warmup, cut, start, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, mode, steps, warmup, cut, start, queue, pin)) for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per mode and round")
     ap.add_argument("--warmup", type=int, default=8, help="untimed first steps (calibration and refinement)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the four modes, interleaved")
+    ap.add_argument("--pin", action="store_true", help="pin process r to CPU r in every mode (an experiment)")
     ap.add_argument("--trace", action="store_true", help="print every timed step of the ranks and the ceiling")
     ap.add_argument("--cut", type=int, default=None,
                     help="first coordinate of the second half in 'halves' mode (default: the ranks' last cut)")
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = args.cut
     for rnd in range(args.rounds):
         for mode in ("ranks", "solo", "ceiling", "halves"):  # ranks first: halves uses their cut
-            per_rank = _run(mode, args.steps, args.warmup, cut if cut is not None else 390)
+            per_rank = _run(mode, args.steps, args.warmup, cut if cut is not None else 390, args.pin)
             s = summarize(mode, per_rank, args.steps)
             if args.trace and mode in ("ranks", "ceiling", "halves"):
                 for i, (a, b) in enumerate(zip(*per_rank)):

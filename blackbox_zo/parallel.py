@@ -366,8 +366,8 @@ def refinement_gain(refinements: int, start: float = 1.0, floor: float = 0.15, d
     """The `damping` of the `refinements`-th call of :func:`refine_costs` on one coordinate set:
     start * decay**refinements, never below `floor` (1.0, 0.7, 0.49, 0.34, 0.24, 0.17, 0.15, ...).
 
-    Large at first, because the calibrated block costs can be far off (digits, 2 ranks: the
-    calibrated cut at coordinate 493 to 585 where equal measured time lies near 385); small later,
+    Large at first, because the calibrated block costs can be far off (digits, 2 ranks, before the
+    strided calibration: first cuts at coordinate 493 to 745, settled at 369 to 550); small later,
     because one step's shard seconds carry noise of a few percent (tens under load: one step of a
     rank took 30 ms where its neighbours took 20), and with the former constant 0.5 the cut followed
     that noise (in a 12-step trace it wandered between 357 and 585). A stochastic-approximation
@@ -561,8 +561,8 @@ class PlanSharder:
         every rank is busy, as in the steps that follow. (A contiguous even split, used before,
         gave one digits rank the expensive early layers, 35 ms against 8 ms: the other rank
         waited, and the early layers were timed on a machine half idle, cheaper than under the
-        contention of two busy ranks; the first cost-based cut landed at coordinate 493 to 774
-        where equal time lay near 550.) After it: the contiguous piece of
+        contention of two busy ranks: the first cuts landed at coordinate 493 to 745, where the
+        refinement later settled at 369 to 550.) After it: the contiguous piece of
         :meth:`coordinate_bounds`, which keeps a rank to few stages."""
         if self._calibrating():
             self._bounds = None
