@@ -23,7 +23,10 @@ Printed, per mode: median per-step wall and CPU ms; per full step of work (a cei
 one full step, a rank half of one); and the ratios to the ceiling the way `bench_parallel.py`
 computes them (wall: throughput over the same window; CPU: the slowest process's CPU per unit of
 work). For ranks: the median wait at the all-reduce, the share of the step spent waiting, and the
-CPU the other threads (gloo's) burn. Writes nothing.
+CPU the other threads (gloo's) burn; for every mode, the CPU inside the oracle's coordinate
+evaluation ("coordinate work") and the rest of the step. `--trace` prints every timed step;
+`--pin` pins process r to CPU r in every mode (an experiment; at load 4 to 6 it did not resolve
+anything). Writes nothing.
 """
 
 from __future__ import annotations
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         wall_x = [s["steps_per_s"] / c["steps_per_s"] for s, c in zip(rs, results["ceiling"])]
         cpu_x = [c["cpu_per_full_step_ms"] / s["cpu_per_full_step_ms"] for s, c in zip(rs, results["ceiling"])]
         print(f"  {mode:<8} step {_med(s['wall_ms'] for s in rs):6.2f} / {_med(s['cpu_ms'] for s in rs):6.2f} ms, "
-              f"coordinate work {_med(s['work_cpu_ms'] for s in rs):6.2f}, the rest {_med(s['overhead_cpu_ms'] for s in rs):5.2f}"
+              f"coordinate work {_med(s['work_cpu_ms'] for s in rs):6.2f}, "
+              f"the rest {_med(s['overhead_cpu_ms'] for s in rs):5.2f}"
               f" (other threads {_med(s['other_cpu_ms'] for s in rs):4.2f}) CPU ms; CPU per full step of work "
               f"{_med(s['cpu_per_full_step_ms'] for s in rs):6.2f} ms; x ceiling wall {_med(wall_x):.3f} "
               f"[{min(wall_x):.3f}, {max(wall_x):.3f}], CPU {_med(cpu_x):.3f} [{min(cpu_x):.3f}, {max(cpu_x):.3f}]")

@@ -29,8 +29,9 @@ plans and the agreement checks; it knows no estimator. How it runs:
   every ``parallel.check_every_steps`` steps.
 * Coordinate plans are balanced by measured cost: during the first ``parallel.balance_steps``
   coordinate plans each rank evaluates a strided share (every M-th coordinate, so about 1/M of
-  every block, and all ranks are busy as in the steps after) and times it block by block (CPU time on CPU, so that
-  other processes on a shared machine do not distort it; wall time on CUDA) (a block = one
+  every block, and all ranks are busy as in the steps after) and times it block by block (CPU
+  time on CPU, so that other processes on a shared machine do not distort it; wall time on
+  CUDA) (a block = one
   named tensor of the ParamSpace, e.g. one layer's weight, so it belongs to one stage of a
   staged model). The per-coordinate cost of every block is then agreed across ranks (one
   all-reduce) and the sorted coordinate set is cut into M contiguous pieces of equal
