@@ -609,9 +609,8 @@ def _execute_sharded(plan: QueryPlan, oracle: Oracle, batch: Any, sharder: "para
                 coords = plan.coords
                 order = torch.argsort(coords, stable=True)  # pieces are contiguous in the sorted set (blocks)
                 sorted_coords = coords[order]
-            bounds = sharder.coordinate_bounds(oracle.space, sorted_coords)
-            lo, hi = bounds[rank], bounds[rank + 1]
-            mine, where = sorted_coords[lo:hi], order[lo:hi]
+            piece = sharder.coordinate_piece(oracle.space, sorted_coords)
+            mine, where = sorted_coords[piece].contiguous(), order[piece]  # a strided share while calibrating
             for offset, step in ((0, plan.mu), (n, -plan.mu)) if plan.central else ((0, plan.mu),):
                 measured = sharder.measure_coordinates(lambda c: run.coordinates(c, step), oracle.space, mine, theta)
                 values[offset + where] = measured.double()

@@ -575,12 +575,18 @@ class Trainer:
         stop = GracefulStop(repeat_stops_at_once=self.parallel is None)
         try:
             with stop:
+                if self.parallel is not None:  # every plan's all-reduce carries this rank's stop request
+                    self.parallel.stop_source = lambda: stop.requested
+                    self.parallel.take_agreed_stop()  # nothing carried over from before the loop
                 try:
                     signum = self._loop(bar, stop)
                 except QueryBudgetExceeded as exc:
                     self.record_stop("query budget", str(exc), self.pos.step)
                     signum = 0
                     write(f"stopping: {exc}")
+                finally:
+                    if self.parallel is not None:
+                        self.parallel.stop_source = None
                 if signum:
                     stop.repeat_stops_at_once = False  # stopping already: a repeat must not cut the writing short
                     self.record_stop("interrupted", f"stopped by {signal_name(signum)} after step {self.pos.step}",
@@ -649,7 +655,7 @@ class Trainer:
             nb = batches.num_batches(self.pos.epoch)
             while self.pos.index < nb and self.pos.step < self.total_steps:
                 # one agreed decision per step: every rank stops before the same step
-                signum = agreed_signal(stop.requested) if self.parallel is not None else stop.requested
+                signum = self._agreed_stop(stop)
                 if signum:
                     return signum
                 # torch's generator as the step found it (dropout in a model draws from it): a failed step's
@@ -674,7 +680,19 @@ class Trainer:
                 bar.update(1)
             if self.pos.index >= nb:  # epoch finished
                 self.end_epoch()
+                if self.parallel is not None:  # an evaluation may have taken long: ask afresh
+                    self.parallel.take_agreed_stop()
         return 0
+
+    def _agreed_stop(self, stop: GracefulStop) -> int:
+        """The stop decision every rank takes before a step. Under torchrun it rides on the last
+        plan's all-reduce (`PlanSharder.take_agreed_stop`); an all-reduce of its own only when no
+        plan was reduced since the last decision (a session's first step, after an epoch's end, a
+        step without a plan)."""
+        if self.parallel is None:
+            return stop.requested
+        carried = self.parallel.take_agreed_stop()
+        return carried if carried is not None else agreed_signal(stop.requested)
 
     def advance(self, ok: bool, loss: float, queries: int, elapsed: Callable[[], float]) -> dict[str, Any]:
         """After a step's estimate: optimizer and scheduler step, position, the step's metrics line,
