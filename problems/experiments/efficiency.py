@@ -157,6 +157,9 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
                                                               "mu": 1e-3}, "wake": {"warm_start": "none"}},
         "es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
                "optimizer": {"name": "adam", "lr": 1e-3}, "wake": {"warm_start": "none"}},
+        # NON's corrector, then the `es` row's run (ES beat cold ZO-SOL on every seed of wake-tiny; defined, not yet run)
+        "non+es": {"sparsity": {"enabled": False}, "estimator": {"kind": "es", "q": 8, "mu": 1e-3},
+                   "optimizer": {"name": "adam", "lr": 1e-3}, "wake": {"warm_start": "non"}},
         "sep-cma-es": {"sparsity": {"enabled": False}, "estimator": {"kind": "sep-cma-es", "mu": 2e-3,
                                                                      "popsize": 16}, "wake": {"warm_start": "none"}},
         # full covariance: d = 506 (tiny) is small enough for a 506 x 506 eigendecomposition a step
