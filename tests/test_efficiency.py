@@ -216,3 +216,33 @@ def test_last_layer_methods_search_the_linear_layer_only(method):
             space = problem.setup(cfg).oracle.space
             assert space.dim == 2 * width * 16 * 10 + 10 == 10_250
             assert space.names == ["6.weight", "6.bias"]
+
+
+def test_fitting_a_warm_started_sol_run_to_the_budget_keeps_the_non_methods_warm_start(tmp_path, monkeypatch):
+    """A NON warm start spends no queries and takes, unless told, the run's own number of steps (the NON
+    method's default). Fitting the run to the budget rewrites run.epochs; the warm start stays at the
+    problem's run length (wake-small: 800 NON steps, not the 430 of the 43 fitted epochs)."""
+    from problems.experiments import efficiency
+    from problems.sol import SolProblem
+
+    small = {"cells": 16, "hifi_factor": 4, "record_steps": 24, "train_runs": 3, "test_runs": 2, "limiter": "minmod",
+             "hifi_limiter": "same"}
+    sol = {"simulator_options": small, "cache_dir": str(tmp_path / "cache"), "width": 4, "depth": 1,
+           "batches_per_epoch": 5}
+    monkeypatch.setitem(efficiency.METHODS, "sol", {"warm": {"sol": {"warm_start": "non"}},
+                                                    "cold": {"sol": {"warm_start": "none"}}})
+    task = Task("burgers-tiny", "sol", {"sol": sol, "run": {"epochs": 2, "threads": 1}}, "test_mae", 0.0, False,
+                900, "simulation steps")
+    (tmp_path / "runs").mkdir()
+    warm = run_one(task, "warm", 0, 1, tmp_path / "runs")
+    steps = warm["steps"]
+    assert warm["settings"]["run"]["max_steps"] == steps and warm["settings"]["run"]["epochs"] * 5 != 2 * 5
+    assert warm["settings"]["sol"]["warm_start_steps"] == 2 * 5  # the problem's run: 2 epochs of 5 batches
+    # a cold run has no warm start to pin; an explicit warm_start_steps is kept
+    cold = run_one(task, "cold", 0, 1, tmp_path / "runs")
+    assert cold["settings"]["sol"]["warm_start_steps"] is None
+    problem = SolProblem()
+    base = efficiency.method_settings(task, "warm", 0)
+    assert efficiency.pinned_warm_start(problem, base, 5) == {"sol": {"warm_start_steps": 10}}
+    assert efficiency.pinned_warm_start(problem, {**base, "sol": {**sol, "warm_start": "non",
+                                                                  "warm_start_steps": 3}}, 5) == {}
