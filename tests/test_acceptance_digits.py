@@ -38,12 +38,14 @@ def test_default_two_phase_run_reaches_095():
     assert summary["queries"]["train"] == 186 * 161 + (summary["steps"] - 186) * 413
 
 
-def test_deepzero_recipe_reaches_095():
+def test_deepzero_recipe_reaches_093():
     # DeepZero's recipe alone (the default before the two-phase run): ZO-GraSP, then Sparse-CGE for
-    # 10 epochs. Measured: 0.9667 / 0.9694 / 0.9583 for run.seed 0 / 1 / 2 (0.972 / 0.975 / 0.964 on an
-    # earlier machine). The --set values that give it are the ones docs/digits.md lists.
+    # 10 epochs. Since ZO-GraSP's two RGE estimates share all their directions (332354c, eq. (3)), seeds 0-9
+    # give 0.9561 +- 0.0081 (benchmarks/seed_study.py, docs/sparsity.md) and seed 0 0.9417 (before: 0.9667;
+    # 0.9619 +- 0.0064 over seeds 0-9). The floor is that 10-seed mean minus 3 std (0.932), not seed 0's value.
+    # The --set values that give it are the ones docs/digits.md lists.
     summary = run("estimator=cge", "estimator.mu=0.005", "run.epochs=10", "phase2=none")
-    assert summary["zeroth_order"] and summary["test_acc"] >= 0.95 and "phase2" not in summary
+    assert summary["zeroth_order"] and summary["test_acc"] >= 0.93 and "phase2" not in summary
     assert summary["queries"]["prune"] == 386
     assert summary["queries"]["train"] == summary["steps"] * 413 == 890 * 413
 
