@@ -341,6 +341,15 @@ class Oracle(ABC):
         """
         return coordinate_losses_in_chunks(self.losses, theta, coords, mu, batch, self.chunk_size(theta))
 
+    def base_loss(self, theta: Tensor, batch: Any) -> Tensor:
+        """The loss at a step's unperturbed point ([d] -> [1]): the one query a plan makes at theta.
+
+        The default is `losses(theta[None])`. An oracle that caches the unperturbed forward for its
+        coordinate queries (feature reuse) overrides it; the override must agree with `losses` to fp
+        tolerance. `losses` itself must not tell a base from a perturbation by the call's size: a
+        perturbation can be alone in a call when the chunking changes, and its loss must not."""
+        return self.losses(theta.unsqueeze(0), batch)
+
     def chunk_size(self, theta: Tensor) -> int:
         return max(1, self.memory_cap_bytes // max(1, theta.numel() * theta.element_size()))
 
@@ -376,6 +385,9 @@ class Oracle(ABC):
         if thetas.dim() != 2 or thetas.shape[1] != self.space.dim:
             raise ValueError(f"{self.name}: thetas must be [P, {self.space.dim}], got {tuple(thetas.shape)}")
         return self._accounted(thetas.shape[0], lambda: self.losses(thetas, batch))
+
+    def query_base(self, theta: Tensor, batch: Any) -> Tensor:
+        return self._accounted(1, lambda: self.base_loss(theta, batch))
 
     def query_coordinates(self, theta: Tensor, coords: Tensor, mu: float, batch: Any) -> Tensor:
         return self._accounted(coords.numel(), lambda: self.coordinate_losses(theta, coords, mu, batch))
@@ -566,6 +578,18 @@ def check_oracle(
         gap = float((fast - ref).abs().max())
         tol = atol + rtol * float(ref.abs().max())
         add("coordinate_losses agrees with losses", gap <= tol, f"max |difference| {gap:.3g} (tolerance {tol:.3g})")
+    with torch.no_grad():
+        own, err = call(lambda: oracle.base_loss(theta, batch))
+        if err is None:
+            ref, err = call(lambda: oracle.losses(theta.unsqueeze(0), batch))
+    if err:
+        add("base_loss agrees with losses", False, err)
+    elif not isinstance(own, Tensor) or own.shape != (1,):
+        add("base_loss agrees with losses", False, f"base_loss(theta) -> {tuple(own.shape) if isinstance(own, Tensor) else type(own).__name__}, expected (1,)")
+    else:
+        gap = float((own - ref).abs().max())
+        tol = atol + rtol * float(ref.abs().max())
+        add("base_loss agrees with losses", gap <= tol, f"|difference| {gap:.3g} (tolerance {tol:.3g})")
     if fd_mu is not None:
         with torch.no_grad():
             base, err = call(lambda: oracle.losses(theta.unsqueeze(0), batch))

@@ -517,7 +517,7 @@ class _Runner:
         return self._timed("model_inference", lambda: self.oracle.query(thetas, self.batch))
 
     def base(self) -> Tensor:
-        return self._query(self.theta.unsqueeze(0))[0]
+        return self._timed("model_inference", lambda: self.oracle.query_base(self.theta, self.batch))[0]
 
     def coordinates(self, coords: Tensor, step: float) -> Tensor:
         """Losses at theta + step e_j for j in coords."""

@@ -103,10 +103,12 @@ class ModelLossOracle(Oracle):
     def _frozen_params(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.module.named_parameters() if n not in self._param_names}
 
+    def base_loss(self, theta: Tensor, batch: Any) -> Tensor:
+        if self.reuse is not None:  # the cached unperturbed forward that the coordinate queries reuse
+            return self.reuse.base_loss(theta, batch).reshape(1)
+        return self.losses(theta.unsqueeze(0), batch)
+
     def losses(self, thetas: Tensor, batch: Any) -> Tensor:
-        if self.reuse is not None and thetas.shape[0] == 1:
-            # the base query of a step: the cached unperturbed forward the coordinates reuse
-            return self.reuse.base_loss(thetas[0], batch).reshape(1)
         if self.population is not None:
             return self._population_losses(thetas, batch)
         return self._vmapped_losses(thetas, batch)

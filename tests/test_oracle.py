@@ -86,9 +86,14 @@ class Broken(Oracle):
             return thetas @ self.w
         if self.mode == "nan":
             return thetas.sum(1) * float("nan")
-        if self.mode == "coords":  # coordinate_losses disagrees below
+        if self.mode in ("coords", "base"):  # coordinate_losses / base_loss disagrees below
             return thetas.pow(2).sum(1)
         raise AssertionError
+
+    def base_loss(self, theta, batch):
+        if self.mode == "base":
+            return theta.pow(2).sum().reshape(1) + 1e-3
+        return super().base_loss(theta, batch)
 
     def coordinate_losses(self, theta, coords, mu, batch):
         if self.mode == "coords":
@@ -98,7 +103,7 @@ class Broken(Oracle):
 
 @pytest.mark.parametrize("mode,failing", [
     ("shape", "shape"), ("random", "deterministic"), ("graph", "no autograd"), ("nan", "finite"),
-    ("coords", "coordinate_losses agrees with losses"),
+    ("coords", "coordinate_losses agrees with losses"), ("base", "base_loss agrees with losses"),
 ])
 def test_check_oracle_catches_broken_oracles(mode, failing):
     report = check_oracle(Broken(mode), None, torch.ones(4))

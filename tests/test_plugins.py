@@ -143,7 +143,7 @@ def test_the_guides_list_and_check_oracle_commands(plugin_on_path, capsys):
 
     assert main(checked) == 0
     out = capsys.readouterr().out
-    assert out.count("[PASS]") == 8 and "[FAIL]" not in out and out.rstrip().endswith("OK")
+    assert out.count("[PASS]") == 9 and "[FAIL]" not in out and out.rstrip().endswith("OK")
     assert "[PASS] loss changes at mu=0.005: 4 of 4 coordinates change the loss" in out
 
 

@@ -456,14 +456,13 @@ def test_sorted_pieces_group_like_any_order():
     assert torch.equal(fast.coordinate_losses(theta, repeated, MU, batch)[:2].diff(), torch.zeros(1))
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: a one-row query takes ModelLossOracle's base-query shortcut "
-                   "(the feature-reuse forward), an ulp away from the population forward of the same point")
 def test_a_perturbations_loss_does_not_depend_on_the_other_points_of_its_call():
     # The executor cuts a plan's perturbations into the oracle's chunks; when the chunk changes (a resumed
     # run, another memory cap) a perturbation may land in a call of its own. Its loss must then be the
     # same bitwise, or a run is not reproducible across chunkings. Calls of 2+ points agree (the population
-    # forward keeps members apart); a call of one point is taken for a step's base query and goes through
-    # FeatureReuse.base_loss, whose forward rounds differently (measured: 2.4e-7 on a loss of ~2.3).
+    # forward keeps members apart). A call of one point used to be taken for a step's base query and went
+    # through FeatureReuse.base_loss, whose forward rounds differently (2.4e-7 on a loss of ~2.3); the base
+    # query is now its own method (Oracle.base_loss), so `losses` treats every call alike.
     torch.manual_seed(0)
     oracle = ModelLossOracle(make_digits_cnn(2), F.cross_entropy)
     x, y, _, _ = load_digits_split(0)

@@ -48,15 +48,15 @@ def test_resume_equals_uninterrupted_run_when_the_oracle_chunk_changes(tmp_path,
     # (the resumed run) evaluates its first step in other chunks than the uninterrupted run did at that
     # step (measured on digits, RGE q = 300, batch 64: 256 at a process's first step, 252 after; the
     # resumed run then ended elsewhere). Seeded directions, and the sum of the estimate, must not depend
-    # on the chunk. Here it goes from 256 to 7 once a batch has been seen, so q = 16 is cut 7 + 7 + 2
-    # after the first step. (Not 5: a chunk of one leftover row takes ModelLossOracle's base-query
-    # shortcut, whose loss differs by an ulp: a known issue, the xfail test at the end of tests/test_reuse.py.)
+    # on the chunk. Here it goes from 256 to 5 once a batch has been seen, so q = 16 is cut 5 + 5 + 5 + 1
+    # after the first step: the last direction alone in a call (which used to take ModelLossOracle's
+    # base-query shortcut, an ulp off; tests/test_reuse.py's last test).
     from oracles.model_loss import ModelLossOracle
     from resume_helpers import stop_and_resume
 
     real = ModelLossOracle.chunk_size
     monkeypatch.setattr(ModelLossOracle, "chunk_size",
-                        lambda self, theta: min(7, real(self, theta)) if self._activation_bytes else real(self, theta))
+                        lambda self, theta: min(5, real(self, theta)) if self._activation_bytes else real(self, theta))
     full, resumed, _, _ = stop_and_resume(lambda *extra: digits_config("run.epochs=1", *extra), tmp_path, stop_at=5)
     assert full["steps"] == resumed["steps"] == 44
 
