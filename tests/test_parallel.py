@@ -278,9 +278,14 @@ class _NaNOnRank1:
 
     bad_step, step = 2, 0
 
-    def losses(self, thetas, batch):
-        out = super().losses(thetas, batch)
+    def _poisoned(self, out):
         return out * float("nan") if int(os.environ["RANK"]) == 1 and self.step == self.bad_step else out
+
+    def losses(self, thetas, batch):
+        return self._poisoned(super().losses(thetas, batch))
+
+    def base_loss(self, theta, batch):  # a step's base query (the rest of a CGE step goes to feature reuse)
+        return self._poisoned(super().base_loss(theta, batch))
 
 
 def _nan_cases(rank: int) -> dict:
@@ -313,13 +318,20 @@ class _SleepyOracle:
     mode = "dead"
     calls = 0
 
-    def losses(self, thetas, batch):
+    def _maybe_fail(self):
         type(self).calls += 1
         if int(os.environ["RANK"]) == 1 and type(self).calls == 3:
             if self.mode == "dead":
                 os._exit(17)
             time.sleep(120)
+
+    def losses(self, thetas, batch):
+        self._maybe_fail()
         return super().losses(thetas, batch)
+
+    def base_loss(self, theta, batch):  # a step's base query (the rest of a CGE step goes to feature reuse)
+        self._maybe_fail()
+        return super().base_loss(theta, batch)
 
 
 def _scenario_fail(rank: int, out: Path, options: dict) -> dict:
