@@ -363,11 +363,13 @@ def test_cli_trains_wake_flow(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "wake-flow").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zeroth_order"] and summary["test_mae"] > 0
-    # the default starts from NON's corrector: a one-step pair per recorded step of each training run
+    # the default starts from NON's corrector (a one-step pair per recorded step of each training run; QUICK
+    # makes the warm start as long as the run), then ES: 8 antithetic pairs a step, no ZO-GraSP
     w = summary["warm_start"]
-    assert w["method"] == "non" and w["pairs"] == 6 * 16 and w["steps"] == summary["steps"]
+    assert w["method"] == "non" and w["pairs"] == 6 * 16 and w["steps"] == summary["steps"] == 2 * 3
+    assert summary["queries"]["train"] == summary["steps"] * 2 * 8 and summary["queries"].get("prune", 0) == 0
     assert (run_dir / "vorticity.png").is_file() and (run_dir / "test_mae.md").is_file()
-    assert "NON+ZO-SOL" in (run_dir / "test_mae.md").read_text()
+    assert "NON+ES" in (run_dir / "test_mae.md").read_text()
 
 
 def test_the_registered_wake_flow_simulator_passes_check_simulator_with_its_gradient():
