@@ -10,9 +10,10 @@ FO-SOL (eq. (A3) backpropagated through it). These run on the problem's defaults
 `problem.experiment_settings` (the wake flow pins DeepZero's Sparse-CGE there, its default
 method being another). On request: NON+ZO-SOL (ZO-SOL from NON's corrector) and, for a preset
 whose default method is NON+ES (the wake flow), NON+ES: the problem's own default run
-(`blackbox-zo train NAME`, with --paper-scale, --quick and --set on top). Asking for FO-SOL with a non-differentiable
-simulator is refused in one line before anything runs. FO-SOL and ZO-SOL share the config,
-the initial corrector, the batches, the optimizer and the number of steps.
+(`blackbox-zo train NAME`, with --paper-scale, --quick and --set on top). Asking for FO-SOL
+with a non-differentiable simulator is refused in one line before anything runs. FO-SOL and
+ZO-SOL share the config, the initial corrector, the batches, the optimizer and the number of
+steps.
 
 `--seeds 0,1,2` repeats the trained methods for each seed (SRC has no seed) and reports each
 seed's mean test MAE and the mean and spread over the seeds. Every finished (method, seed)
