@@ -314,14 +314,17 @@ def test_window_batches_pick_consecutive_frames():
 
 
 def test_settings_paper_scale_and_bad_values():
-    from blackbox_zo.config import ConfigError, resolve_config
+    from blackbox_zo.config import ConfigError, deep_merge, resolve_config
     from problems.wake_flow import PAPER_SCALE, WakeFlowProblem
+    from problems.wake_flow.problem import ZO_SOL
 
     problem = WakeFlowProblem()
-    paper = resolve_config(problem.config_model, problem.default_config(), None,
+    # the paper's settings are ZO-SOL's (the experiment's); the default method (ES) has no sparsity to set
+    paper = resolve_config(problem.config_model, deep_merge(problem.default_config(), ZO_SOL), None,
                            [f"{k}={json.dumps(v)}" for k, v in PAPER_SCALE.items()])
     assert (paper.wake.corrector, paper.wake.unroll, paper.wake.record_steps) == ("paper", 16, 500)
     assert paper.optimizer.lr == 1e-4 and paper.sparsity.sparsity == 0.95 and paper.wake.batches_per_epoch is None
+    assert paper.wake.warm_start_steps is None  # a warm start (NON+ZO-SOL) as long as the paper's run
     for item, field in (("wake.unroll=0", "wake.unroll"), ("wake.corrector=huge", "wake.corrector"),
                         ("wake.test_re=[100, -1]", "wake.test_re")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
