@@ -384,3 +384,29 @@ def test_the_registered_wake_flow_simulator_passes_check_simulator_with_its_grad
     assert report.ok, str(report)
     (grad,) = [r for r in report.results if r.name == "differentiable"]
     assert grad.passed and not grad.skipped and "by backprop" in grad.reason
+
+
+@pytest.mark.slow
+def test_the_experiments_non_plus_es_is_the_default_train_run_bitwise(tmp_path):
+    """`experiment wake-flow --methods ...,NON+ES` runs `train wake-flow` (the default: NON, then ES): the
+    same --quick settings give the same weights and test MAE, bit for bit."""
+    from blackbox_zo.cli import main
+    from problems.wake_flow.experiment import QUICK
+
+    cache = f"wake.cache_dir={tmp_path / 'cache'}"
+    sets = [a for item in [*QUICK, cache, f"run.out_dir={tmp_path / 'runs'}", "run.progress=false"]
+            for a in ("--set", item)]
+    assert main(["train", "wake-flow", *sets]) == 0
+    (run_dir,) = (tmp_path / "runs" / "wake-flow").iterdir()
+    trained = json.loads((run_dir / "summary.json").read_text())
+    out = tmp_path / "exp"
+    assert main(["experiment", "wake-flow", "--quick", "--no-progress", "--methods", "SRC,NON+ES", "--out", str(out),
+                 "--set", cache]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = [r for r in summary["table"] if r["method"] == "NON+ES"]
+    assert row["mae_mean"] == trained["test_mae"]  # JSON keeps every bit of a float
+    assert summary["summaries"]["NON+ES/seed0"]["queries"] == trained["queries"]
+    assert summary["summaries"]["NON+ES/seed0"]["warm_start"]["steps"] == trained["warm_start"]["steps"] == 6
+    mine = torch.load(out / "seed0" / "non-es.pt", map_location="cpu", weights_only=True)
+    theirs = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["module"]
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
