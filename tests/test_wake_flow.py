@@ -314,14 +314,17 @@ def test_window_batches_pick_consecutive_frames():
 
 
 def test_settings_paper_scale_and_bad_values():
-    from blackbox_zo.config import ConfigError, resolve_config
+    from blackbox_zo.config import ConfigError, deep_merge, resolve_config
     from problems.wake_flow import PAPER_SCALE, WakeFlowProblem
+    from problems.wake_flow.problem import ZO_SOL
 
     problem = WakeFlowProblem()
-    paper = resolve_config(problem.config_model, problem.default_config(), None,
+    # the paper's settings are ZO-SOL's (the experiment's); the default method (ES) has no sparsity to set
+    paper = resolve_config(problem.config_model, deep_merge(problem.default_config(), ZO_SOL), None,
                            [f"{k}={json.dumps(v)}" for k, v in PAPER_SCALE.items()])
     assert (paper.wake.corrector, paper.wake.unroll, paper.wake.record_steps) == ("paper", 16, 500)
     assert paper.optimizer.lr == 1e-4 and paper.sparsity.sparsity == 0.95 and paper.wake.batches_per_epoch is None
+    assert paper.wake.warm_start_steps is None  # a warm start (NON+ZO-SOL) as long as the paper's run
     for item, field in (("wake.unroll=0", "wake.unroll"), ("wake.corrector=huge", "wake.corrector"),
                         ("wake.test_re=[100, -1]", "wake.test_re")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -363,11 +366,13 @@ def test_cli_trains_wake_flow(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "wake-flow").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zeroth_order"] and summary["test_mae"] > 0
-    # the default starts from NON's corrector: a one-step pair per recorded step of each training run
+    # the default starts from NON's corrector (a one-step pair per recorded step of each training run; QUICK
+    # makes the warm start as long as the run), then ES: 8 antithetic pairs a step, no ZO-GraSP
     w = summary["warm_start"]
-    assert w["method"] == "non" and w["pairs"] == 6 * 16 and w["steps"] == summary["steps"]
+    assert w["method"] == "non" and w["pairs"] == 6 * 16 and w["steps"] == summary["steps"] == 2 * 3
+    assert summary["queries"]["train"] == summary["steps"] * 2 * 8 and summary["queries"].get("prune", 0) == 0
     assert (run_dir / "vorticity.png").is_file() and (run_dir / "test_mae.md").is_file()
-    assert "NON+ZO-SOL" in (run_dir / "test_mae.md").read_text()
+    assert "NON+ES" in (run_dir / "test_mae.md").read_text()
 
 
 def test_the_registered_wake_flow_simulator_passes_check_simulator_with_its_gradient():
@@ -379,3 +384,29 @@ def test_the_registered_wake_flow_simulator_passes_check_simulator_with_its_grad
     assert report.ok, str(report)
     (grad,) = [r for r in report.results if r.name == "differentiable"]
     assert grad.passed and not grad.skipped and "by backprop" in grad.reason
+
+
+@pytest.mark.slow
+def test_the_experiments_non_plus_es_is_the_default_train_run_bitwise(tmp_path):
+    """`experiment wake-flow --methods ...,NON+ES` runs `train wake-flow` (the default: NON, then ES): the
+    same --quick settings give the same weights and test MAE, bit for bit."""
+    from blackbox_zo.cli import main
+    from problems.wake_flow.experiment import QUICK
+
+    cache = f"wake.cache_dir={tmp_path / 'cache'}"
+    sets = [a for item in [*QUICK, cache, f"run.out_dir={tmp_path / 'runs'}", "run.progress=false"]
+            for a in ("--set", item)]
+    assert main(["train", "wake-flow", *sets]) == 0
+    (run_dir,) = (tmp_path / "runs" / "wake-flow").iterdir()
+    trained = json.loads((run_dir / "summary.json").read_text())
+    out = tmp_path / "exp"
+    assert main(["experiment", "wake-flow", "--quick", "--no-progress", "--methods", "SRC,NON+ES", "--out", str(out),
+                 "--set", cache]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = [r for r in summary["table"] if r["method"] == "NON+ES"]
+    assert row["mae_mean"] == trained["test_mae"]  # JSON keeps every bit of a float
+    assert summary["summaries"]["NON+ES/seed0"]["queries"] == trained["queries"]
+    assert summary["summaries"]["NON+ES/seed0"]["warm_start"]["steps"] == trained["warm_start"]["steps"] == 6
+    mine = torch.load(out / "seed0" / "non-es.pt", map_location="cpu", weights_only=True)
+    theirs = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["module"]
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)

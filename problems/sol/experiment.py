@@ -6,9 +6,14 @@ Also `blackbox-zo experiment wake-flow`: the same experiment on a preset of the 
 For the simulator of `sol.simulator` and its reference trajectories: SRC (the solver alone),
 NON (first-order on pre-generated one-step pairs, outside the loop), ZO-SOL (eq. (A3) by loss
 values only, through the trainer) and, when the simulator declares itself differentiable,
-FO-SOL (eq. (A3) backpropagated through it). Asking for FO-SOL with a non-differentiable
-simulator is refused in one line before anything runs. FO-SOL and ZO-SOL share the config,
-the initial corrector, the batches, the optimizer and the number of steps.
+FO-SOL (eq. (A3) backpropagated through it). These run on the problem's defaults <-
+`problem.experiment_settings` (the wake flow pins DeepZero's Sparse-CGE there, its default
+method being another). On request: NON+ZO-SOL (ZO-SOL from NON's corrector) and, for a preset
+whose default method is NON+ES (the wake flow), NON+ES: the problem's own default run
+(`blackbox-zo train NAME`, with --paper-scale, --quick and --set on top). Asking for FO-SOL
+with a non-differentiable simulator is refused in one line before anything runs. FO-SOL and
+ZO-SOL share the config, the initial corrector, the batches, the optimizer and the number of
+steps.
 
 `--seeds 0,1,2` repeats the trained methods for each seed (SRC has no seed) and reports each
 seed's mean test MAE and the mean and spread over the seeds. Every finished (method, seed)
@@ -33,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from blackbox_zo.config import ConfigError, resolve_config
+from blackbox_zo.config import ConfigError, deep_merge, parse_overrides, resolve_config
 from blackbox_zo.problem import ProblemSetupError
 from blackbox_zo.rng import seed_everything
 from blackbox_zo.rundir import atomic_write_text, make_run_dir
@@ -45,11 +50,18 @@ from .methods import evaluate_mae, mae_per_step, one_step_pairs, train_non
 from .problem import SolProblem
 from .report import COLORS, mae_table, plot_mae_over_time, pyplot, run_labels, seed_table, write_table
 
-METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL", "NON+ZO-SOL")
-DEFAULT_METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")  # the paper's four (DeepZero Fig. 6); NON+ZO-SOL on request
+METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL", "NON+ZO-SOL", "NON+ES")
+DEFAULT_METHODS = ("SRC", "NON", "FO-SOL", "ZO-SOL")  # the paper's four (DeepZero Fig. 6); the others on request
 # What each trained-in-the-loop method sets `warm_start` to, whatever the config says: the paper's FO-SOL and
-# ZO-SOL start from the initial corrector, NON+ZO-SOL from NON's (`sol.warm_start=non`, docs/sol.md).
-WARM_START = {"FO-SOL": "none", "ZO-SOL": "none", "NON+ZO-SOL": "non"}
+# ZO-SOL start from the initial corrector, NON+ZO-SOL and NON+ES from NON's (`sol.warm_start=non`, docs/sol.md).
+WARM_START = {"FO-SOL": "none", "ZO-SOL": "none", "NON+ZO-SOL": "non", "NON+ES": "non"}
+# A problem's own default run, when it is not ZO-SOL (`SolProblem.default_method`: the wake flow's NON+ES)
+OWN_DEFAULT = ("NON+ES",)
+
+
+def allowed_methods(problem: SolProblem) -> list[str]:
+    """METHODS, NON+ES only for a problem whose default run it is."""
+    return [m for m in METHODS if m not in OWN_DEFAULT or m == problem.default_method]
 
 
 def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
@@ -63,8 +75,11 @@ def build_parser(problem: SolProblem) -> argparse.ArgumentParser:
                    help=f"override a setting, e.g. --set {section}.unroll=4 --set optimizer.lr=3e-4")
     p.add_argument("--config", help="TOML or JSON file with settings")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}, "
-                        "FO-SOL only for a differentiable simulator); NON+ZO-SOL is ZO-SOL started from NON's corrector")
+                   help=f"comma-separated subset of {', '.join(allowed_methods(problem))} "
+                        f"(default: {', '.join(DEFAULT_METHODS)}, FO-SOL only for a differentiable simulator); NON+ZO-SOL "
+                        "is ZO-SOL started from NON's corrector" + (
+                            f"; {problem.default_method} is `blackbox-zo train {name}`'s default run"
+                            if problem.default_method else ""))
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: run.seed)")
     p.add_argument("--non-steps", type=int, default=None,
                    help="NON: Adam steps on one-step pairs (default: the SOL runs' steps)")
@@ -101,17 +116,25 @@ def _train_sol(problem, config, run_dir: Path, label: str):
     return setup.module, summary
 
 
-def resolve(args: argparse.Namespace, problem: SolProblem):
-    """The config and the method list, checked before anything runs (FO-SOL refused here)."""
-    base = problem.resolve_config(args.config, args.set)
-    overrides = list(args.set)
+def _paper_scale(args: argparse.Namespace, problem: SolProblem) -> list[str]:
     if getattr(args, "paper_scale", False):
-        overrides = [f"{k}={json.dumps(v)}" for k, v in problem.paper_scale.items()] + overrides
+        return [f"{k}={json.dumps(v)}" for k, v in problem.paper_scale.items()]
+    return []
+
+
+def resolve(args: argparse.Namespace, problem: SolProblem):
+    """The config and the method list, checked before anything runs (FO-SOL refused here).
+
+    The config is ZO-SOL's (and NON's, FO-SOL's, NON+ZO-SOL's): the problem's defaults <-
+    `problem.experiment_settings` <- --config <- --paper-scale, --quick, --set."""
+    defaults = deep_merge(problem.default_config(), problem.experiment_settings)
+    base = problem.resolve_config(args.config, args.set, base=defaults)
+    overrides = _paper_scale(args, problem) + list(args.set)
     if args.quick:
         overrides = problem.quick_overrides(base) + overrides
     if args.no_progress:
         overrides.append("run.progress=false")
-    config = problem.resolve_config(args.config, overrides)
+    config = problem.resolve_config(args.config, overrides, base=defaults)
     differentiable = problem.differentiable(config)
     if args.methods is None:
         methods = [m for m in DEFAULT_METHODS if m != "FO-SOL" or differentiable]
@@ -125,9 +148,39 @@ def resolve(args: argparse.Namespace, problem: SolProblem):
     return config, methods, seeds
 
 
+def default_run_config(args: argparse.Namespace, problem: SolProblem):
+    """NON+ES: the problem's own default run (`blackbox-zo train NAME`) <- --config <- --set, with
+    --paper-scale and --quick applied under the user's settings as defaults (a setting the default
+    method does not use, such as ZO-GraSP's q with sparsity off, is dropped rather than refused)."""
+    defaults = problem.default_config()
+    under = _paper_scale(args, problem)
+    if args.quick:
+        under = problem.quick_overrides(problem.resolve_config(args.config, args.set)) + under
+    overrides = list(args.set) + (["run.progress=false"] if args.no_progress else [])
+    config = problem.resolve_config(args.config, overrides, base=deep_merge(defaults, parse_overrides(under)))
+    problem.settings(config).warm_start = WARM_START["NON+ES"]
+    return config
+
+
+def method_config(config, name: str, problem: SolProblem, own_default=None):
+    """The config one trained method runs on: `config` (ZO-SOL's) with the method's warm start (a --set
+    warm_start does not apply), FO-SOL's estimator, or NON+ES's own default run (`own_default`)."""
+    if name in OWN_DEFAULT:
+        return own_default
+    method = config
+    if name in WARM_START:  # the method decides where it starts
+        method = config.model_copy(deep=True)
+        problem.settings(method).warm_start = WARM_START[name]
+    if name == "FO-SOL":  # the first-order reference takes no mu, scheme or sparsity
+        method = resolve_config(problem.config_model, method.model_dump(), None, ["estimator=autograd"],
+                                name=problem.name)
+    return method
+
+
 def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str, Any]:
     problem = problem or SolProblem()
     config, methods, seeds = resolve(args, problem)
+    own_default = default_run_config(args, problem) if any(m in OWN_DEFAULT for m in methods) else None
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     out = Path(args.out) if args.out else make_run_dir(config.run.out_dir, f"{problem.name}-experiment")
@@ -175,12 +228,9 @@ def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str
     for seed in seeds:
         seed_dir = out / f"seed{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        for name in [m for m in ("NON", "FO-SOL", "ZO-SOL", "NON+ZO-SOL") if m in methods]:
-            method_config = config
-            if name in WARM_START:  # the method decides where it starts (a --set warm_start does not apply)
-                method_config = config.model_copy(deep=True)
-                problem.settings(method_config).warm_start = WARM_START[name]
-            key = _config_key(method_config, name, seed, {"non_steps": non_steps, "non_batch": non_batch}
+        for name in [m for m in METHODS[1:] if m in methods]:
+            trained = method_config(config, name, problem, own_default)
+            key = _config_key(trained, name, seed, {"non_steps": non_steps, "non_batch": non_batch}
                               if name == "NON" else {})
             slug = name.lower().replace("+", "-")
             record_path, weights_path = seed_dir / f"{slug}.json", seed_dir / f"{slug}.pt"
@@ -206,17 +256,15 @@ def run(args: argparse.Namespace, problem: SolProblem | None = None) -> dict[str
                         summary = {"steps": non_steps, "batch": non_batch,
                                    "final_loss": non_log[-1]["loss"] if non_log else None}
                     else:
-                        cfg = method_config.model_copy(deep=True)
+                        cfg = trained.model_copy(deep=True)
                         cfg.run.seed = seed
-                        if name == "FO-SOL":  # the first-order reference takes no mu, scheme or sparsity
-                            cfg = resolve_config(problem.config_model, cfg.model_dump(), None, ["estimator=autograd"],
-                                                 name=problem.name)
                         corrector, summary = _train_sol(problem, cfg, seed_dir / slug, name)
                 summaries[f"{name}/seed{seed}"] = summary
                 timing[f"{name}/seed{seed}"] = {"train_wall_s": c.wall_s, "train_cpu_s": c.cpu_s}
             values = evaluate(name, corrector, seed)
             mae[seed][name] = values
-            queries = summaries[f"{name}/seed{seed}"].get("queries", {}).get("total") if name.endswith("ZO-SOL") else None
+            by_queries = name.endswith("ZO-SOL") or name in OWN_DEFAULT
+            queries = summaries[f"{name}/seed{seed}"].get("queries", {}).get("total") if by_queries else None
             t = timing[f"{name}/seed{seed}"]
             extra[seed][name] = {"train_wall_s": round(t.get("train_wall_s", 0.0), 1),
                                  "train_cpu_s": round(t.get("train_cpu_s", 0.0), 1),
@@ -290,9 +338,10 @@ def main(argv: Sequence[str] | None = None, problem: SolProblem | None = None) -
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
+        allowed = allowed_methods(problem)
+        unknown = [m for m in methods if m not in allowed]
         if unknown or not methods:
-            parser.error(f"--methods: unknown {unknown or '(none)'}; allowed: {', '.join(METHODS)}")
+            parser.error(f"--methods: unknown {unknown or '(none)'} for {problem.name}; allowed: {', '.join(allowed)}")
     if args.seeds is not None:
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

@@ -202,6 +202,10 @@ class SolProblem(Problem):
     condition_label = "cond"  # how a test run's condition is labelled in tables ("Re" for the wake flow)
     test_run_plot = "test_run.png"
     paper_scale: Optional[dict[str, Any]] = None  # a preset's `experiment --paper-scale` settings
+    # The experiment's SRC / NON / FO-SOL / ZO-SOL / NON+ZO-SOL run on the defaults <- these (a preset whose
+    # default method is not DeepZero's ZO-SOL pins ZO-SOL here; `sol`'s default is ZO-SOL itself)
+    experiment_settings: dict[str, Any] = {}
+    default_method: Optional[str] = None  # the experiment's name for the default run when it is not ZO-SOL
     # `experiment --quick`: few steps of everything, on the simulator's own `quick_options` (`quick_overrides`)
     quick: tuple[str, ...] = ("sol.unroll=2", "sol.windows=2", "sol.batches_per_epoch=3", "sol.prune_windows=2",
                               "sol.width=4", "sol.depth=1", "run.epochs=2", "run.eval_every_epochs=2")

@@ -23,7 +23,8 @@ from .methods import evaluate_mae
 __all__ = ["COLORS", "pyplot", "run_labels", "mae_table", "seed_table", "write_table", "plot_mae_bars", "plot_mae_over_time",
            "plot_test_run", "report_single_run"]
 
-COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c", "NON+ZO-SOL": "#d62728"}
+COLORS = {"SRC": "#7f7f7f", "NON": "#ff7f0e", "FO-SOL": "#1f77b4", "ZO-SOL": "#2ca02c", "NON+ZO-SOL": "#d62728",
+          "NON+ES": "#8c564b"}
 
 
 def run_labels(conditions: Tensor, label: str = "Re") -> list[str]:
@@ -208,7 +209,8 @@ def report_single_run(problem, run_dir: Path) -> None:
     sim, mask = setup.extras["simulator"], setup.extras["mask"]
     test, test_cond = setup.extras["test"]
     steps = problem.settings(config).eval_steps
-    label = ("NON+" if warm == "non" else "") + ("FO-SOL" if config.estimator.kind == "autograd" else "ZO-SOL")
+    kind = config.estimator.kind  # the experiment's method names: ZO-SOL is (Sparse-)CGE, NON+ES the wake default
+    label = ("NON+" if warm == "non" else "") + {"autograd": "FO-SOL", "cge": "ZO-SOL"}.get(kind, kind.upper())
     mae_src, traj_src = evaluate_mae(sim, None, test, test_cond, mask, steps)
     mae_run, traj_run = evaluate_mae(sim, setup.module, test, test_cond, mask, steps)
     markdown, rows = mae_table({"SRC": mae_src, label: mae_run}, test_cond, label=problem.condition_label)

@@ -5,7 +5,8 @@ The generic solver-in-the-loop experiment (`problems.sol.experiment`) on the wak
 applies DeepZero Appx. H's settings, `--quick` a smoke run on tiny grids, `--seeds 0,1,2`
 repeats the trained methods per seed. FO-SOL and ZO-SOL share the config, the initial
 corrector, the batches, the optimizer and the number of steps: only where the gradient comes
-from differs.
+from differs. Those run on DeepZero's settings (`problems.wake_flow.problem.ZO_SOL`), not on
+the problem's default method; `--methods ...,NON+ES` adds the default run (NON, then ES).
 
 Writes to `runs/wake-flow-experiment/<timestamp>/` (or `--out`): results.md / results.csv,
 mae_bars.png, mae_over_time.png, vorticity.png (one test run: reference, SRC, NON, FO-SOL,

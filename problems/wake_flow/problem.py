@@ -11,8 +11,15 @@ CPU default vs paper scale (settings, see `PAPER_SCALE`): the defaults keep the 
 grids (32x64 low fidelity, 64x128 high fidelity) and Reynolds numbers, but record 200
 instead of 500 frames, use a 506-parameter corrector instead of 56,898, unroll n = 4
 instead of 16 steps, W = 2 windows per step, Adam lr 1e-3 with a cosine decay (paper:
-1e-4) and 800 steps (80 "epochs" of 10 steps, the sparse coordinates redrawn every epoch)
-instead of ten full epochs.
+1e-4).
+
+The default method is the one that won the wake-tiny row of the efficiency study per query
+(docs/efficiency.md): NON's warm start (800 steps, no queries), then an evolution strategy
+(antithetic Gaussian pairs, centered ranks; `DEFAULT_METHOD`) for 1,600 steps of 16 queries
+(160 "epochs" of 10 steps), 25,600 queries in all. DeepZero's ZO-SOL (95% random gradient
+sparsity, forward Sparse-CGE, 800 steps of 32 queries: the same 25,600) is `ZO_SOL`: the
+experiment's ZO-SOL, NON+ZO-SOL and FO-SOL run on it, and `--set` reaches it from `train`
+(docs/wake-flow.md).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from blackbox_zo.config import SparsityField, TrainConfig
+from blackbox_zo.config import SparsityField, TrainConfig, active_sparsity, deep_merge
 from oracles.wake_flow import WakeFlowGeometry, shared_simulator
 from problems.sol.problem import SolLoopSettings, SolProblem, step_cap
 
@@ -32,7 +39,8 @@ from .data import PAPER_TEST_RE, PAPER_TRAIN_RE, WakeData, WakeDataSpec, cache_p
 from .model import CORRECTOR_SIZES, WakeCorrector, make_corrector
 from .report import plot_vorticity_strip
 
-__all__ = ["WakeSettings", "WakeFlowConfig", "WakeFlowProblem", "PAPER_SCALE", "QUICK", "loss_weight", "data_spec"]
+__all__ = ["WakeSettings", "WakeFlowConfig", "WakeFlowProblem", "PAPER_SCALE", "QUICK", "DEFAULT_METHOD", "ZO_SOL",
+           "loss_weight", "data_spec"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -88,6 +96,34 @@ PAPER_SCALE: dict[str, Any] = {
     "run.eval_every_epochs": 1,
     "sparsity.sparsity": 0.95,
     "sparsity.resample_every_epochs": 1,
+    "wake.warm_start_steps": None,  # a NON warm start as long as the run (the default's 800 are the CPU run's)
+}
+
+# The default method (issue 16: the default is what wins its row of the efficiency study per query;
+# docs/efficiency.md, wake-tiny, method `non+es`): from NON's corrector, an ES estimate of q = 8 antithetic
+# Gaussian pairs (sigma = estimator.mu, centered-rank shaping) a step, 16 queries, every coordinate.
+DEFAULT_METHOD: dict[str, Any] = {
+    "estimator": {"kind": "es", "q": 8, "mu": 1e-3, "shaping": "centered-ranks"},
+    "optimizer": {"name": "adam", "lr": 1e-3},
+    "schedule": {"name": "cosine", "min_lr_ratio": 0.1},
+    # off; `--set sparsity.enabled=true` is DeepZero's 95% (uniform layer-wise ratios: ZO-GraSP's
+    # (method=zo-grasp) prune the near-zero-initialised output layer entirely, docs/wake-flow.md)
+    "sparsity": {"enabled": False, "sparsity": 0.95},
+    "run": {"epochs": 160, "eval_every_epochs": 160},  # 1,600 steps x 16 queries = 25,600
+    "wake": {"warm_start": "non", "warm_start_steps": 800},  # NON's own 800 steps, whatever the run's length
+}
+
+# DeepZero's ZO-SOL at the CPU scale (the default until the efficiency study): 95% random gradient sparsity
+# (Sec. 6.2), forward Sparse-CGE, Adam 1e-3 cosine, 800 steps of 32 queries (25,600), a warm start (NON+ZO-SOL)
+# as long as the run. Over the defaults, this is the old default exactly; the experiment's ZO-SOL,
+# NON+ZO-SOL, FO-SOL and NON run on it (`SolProblem.experiment_settings`).
+ZO_SOL: dict[str, Any] = {
+    "estimator": {"kind": "cge", "mu": 1e-3, "scheme": "forward"},
+    "optimizer": {"name": "adam", "lr": 1e-3},
+    "schedule": {"name": "cosine", "min_lr_ratio": 0.1},
+    "sparsity": {"enabled": True, "method": "random", "sparsity": 0.95},
+    "run": {"epochs": 80, "eval_every_epochs": 80},
+    "wake": {"warm_start_steps": None},
 }
 
 
@@ -111,12 +147,14 @@ def build_corrector(w: WakeSettings, data: WakeData, seed: int) -> WakeCorrector
     return corrector
 
 
-# A smoke run (tests, a first look): tiny grids, a few steps of everything.
+# A smoke run (tests, a first look): tiny grids, a few steps of everything, a warm start as long as the
+# run; with sparsity on (ZO-SOL), ZO-GraSP's q too (`quick_overrides`).
 QUICK: tuple[str, ...] = (
     "wake.lo_nx=16", "wake.hifi_factor=2", "wake.skip_steps=40", "wake.record_steps=16", "wake.corrector=tiny",
     "wake.unroll=2", "wake.windows=2", "wake.batches_per_epoch=3", "wake.prune_windows=2", "run.epochs=2",
-    "sparsity.q=4",
+    "wake.warm_start_steps=null",
 )
+QUICK_SPARSE: tuple[str, ...] = ("sparsity.q=4",)
 
 
 class WakeFlowProblem(SolProblem):
@@ -129,21 +167,20 @@ class WakeFlowProblem(SolProblem):
     paper_scale = PAPER_SCALE
     quick = QUICK
 
+    experiment_settings = ZO_SOL
+    default_method = "NON+ES"
+
     def default_config(self) -> dict[str, Any]:
-        config = super().default_config()  # the estimator, optimizer and schedule of `sol`
+        config = super().default_config()  # `sol`'s sections, then the wake flow's default method over them
         del config["sol"]
-        # 95% gradient sparsity (DeepZero Sec. 6.2) with uniform layer-wise ratios: ZO-GraSP's
-        # ratios (method=zo-grasp) prune the near-zero-initialised output layer entirely
-        # (keep 0 of 200 weights), so Sparse-CGE could never train it; see docs/wake-flow.md.
-        config["sparsity"].update(enabled=True, sparsity=0.95)
-        config["run"].update(epochs=80, threads=2, eval_every_epochs=80)
-        return {**config, "problem": "wake-flow", "wake": {}}
+        config["run"].update(threads=2)
+        return {**deep_merge(config, DEFAULT_METHOD), "problem": "wake-flow"}
 
     def simulator_name(self, config) -> str:
         return "wake-flow-v1"
 
     def quick_overrides(self, config) -> list[str]:
-        return list(self.quick)
+        return list(self.quick) + (list(QUICK_SPARSE) if active_sparsity(config) is not None else [])
 
     def differentiable(self, config) -> bool:
         return True  # PhiFlow's torch backend: FO-SOL backpropagates through it
