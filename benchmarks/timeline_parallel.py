@@ -69,7 +69,7 @@ def _worker(rank: int, port: int, mode: str, steps: int, warmup: int, cut: int |
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         parallel.init_from_env(None)
-        sharder = parallel.PlanSharder()
+        sharder = parallel.PlanSharder(refine=os.environ.get("_TIMELINE_FIXED_CUT") != "1")
         inner = torch.distributed.all_reduce
 
         def all_reduce(*args, **kwargs):
@@ -186,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the four modes, interleaved")
     ap.add_argument("--pin", action="store_true", help="pin process r to CPU r in every mode (an experiment)")
     ap.add_argument("--trace", action="store_true", help="print every timed step of the ranks and the ceiling")
+    ap.add_argument("--fixed-cut", action="store_true",
+                    help="ranks keep the calibrated cut (no per-step refinement), as bench_parallel's 'calibrated'")
     ap.add_argument("--cut", type=int, default=None,
                     help="first coordinate of the second half in 'halves' mode (default: the ranks' last cut)")
     args = ap.parse_args(argv)
+    if args.fixed_cut:  # read by the spawned ranks
+        os.environ["_TIMELINE_FIXED_CUT"] = "1"
     if args.steps < 1 or args.warmup < 4 or args.rounds < 1:
         ap.error("--steps >= 1, --warmup >= 4, --rounds >= 1")
     print(f"timeline_parallel: digits CNN dense CGE, batch 64, 3,818 coordinates, 1 thread each; "

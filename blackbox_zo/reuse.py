@@ -265,6 +265,8 @@ class FeatureReuse:
         except Exception as exc:
             raise NotStageableError(f"cannot trace {type(module).__name__} into stages: {type(exc).__name__}: {exc}") from exc
         self.opaque = opaque
+        if granularity == "layer" and _COMMUTE_RELU_POOL:
+            _pool_before_relu(self.graph, dict(module.named_modules()))
         self.nodes = [n for n in self.graph.nodes]
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.modules = dict(module.named_modules())
@@ -893,20 +895,26 @@ class FeatureReuse:
             # the features of channel c are columns c*K..(c+1)*K: base + delta @ W[:, block].T
             nb, p, k = x.values.shape
             wk = w.view(w.shape[0], x.nch, k)
-            delta = x.delta()
             chans, counts = torch.unique_consecutive(x.channel, return_counts=True)
             if nb * p >= _LINEAR_RUN_ROWS * chans.numel():
                 # long runs of equal channels (large batch, dense CGE): one matrix product per run on all
-                # its rows, 2x faster than a product per perturbation there; the same dot products over K
-                # in the same order, so the same bits (tests/test_reuse.py)
-                d = torch.empty((nb, p, w.shape[0]), dtype=delta.dtype, device=delta.device)
+                # its rows. The delta is written perturbation-major ([P, N, K]) so that a run is one
+                # contiguous [run * N, K] matrix: a single mm (a [N, run, K] slice went through matmul's
+                # batched fallback, an mm per sample: 2x slower). The same dot products over K in the
+                # same order, so the same bits (tests/test_reuse.py)
+                delta = torch.empty((p, nb, k), dtype=x.values.dtype, device=x.values.device)
+                torch.sub(x.values.transpose(0, 1), x.base_channel().transpose(0, 1), out=delta)
+                d = torch.empty((p, nb, w.shape[0]), dtype=delta.dtype, device=delta.device)
                 start = 0
                 for c, run in zip(chans.tolist(), counts.tolist()):
-                    torch.matmul(delta[:, start:start + run], wk[:, c].t(), out=d[:, start:start + run])
+                    torch.mm(delta[start:start + run].view(run * nb, k), wk[:, c].t(),
+                             out=d[start:start + run].view(run * nb, w.shape[0]))
                     start += run
-            else:
-                wc = wk.index_select(1, x.channel).permute(1, 2, 0)  # [P, K, out]
-                d = torch.bmm(delta.transpose(0, 1), wc).transpose(0, 1)  # [N, P, out]
+                out = torch.empty((nb, p, w.shape[0]), dtype=d.dtype, device=d.device)
+                return _Dense(torch.add(d.transpose(0, 1), base_out.unsqueeze(1), out=out), owned=True)
+            delta = x.delta()
+            wc = wk.index_select(1, x.channel).permute(1, 2, 0)  # [P, K, out]
+            d = torch.bmm(delta.transpose(0, 1), wc).transpose(0, 1)  # [N, P, out]
             return _Dense(d + base_out.unsqueeze(1), owned=True)
         x = _as_dense(x)
         b = st.params.get(n.target + ".bias") if self.modules[n.target].bias is not None else None
@@ -1005,6 +1013,8 @@ def _is_relu(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
 # Mean rows (batch x perturbations) per channel run from which a linear layer takes one matrix product
 # per run instead of one per perturbation (measured: 64 x 73 rows per run 2x faster; 16 x 13 3x slower).
 _LINEAR_RUN_ROWS = 1024
+# Whether the traced graph runs max-pooling before the ReLU that feeds it (`_pool_before_relu`).
+_COMMUTE_RELU_POOL = True
 
 _ONE_CHANNEL_ENTRIES = {"conv_weight", "conv_bias", "linear_weight", "linear_bias", "bn_weight", "bn_bias"}
 
@@ -1153,6 +1163,48 @@ def _log_softmax_dim0_is_exact(c: int, dtype: torch.dtype, device: torch.device)
             ok = torch.equal(torch.log_softmax(x, 1), torch.log_softmax(x.t().contiguous(), 0).t())
         _DIM0_EXACT[key] = ok
     return _DIM0_EXACT[key]
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+
+
+def _is_max_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) in (nn.MaxPool1d, nn.MaxPool2d) and not m.return_indices
+    return (node.op == "call_function" and node.target in (F.max_pool1d, F.max_pool2d)
+            and not node.kwargs.get("return_indices", False) and len(node.args) <= 6)
+
+
+def _pool_before_relu(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Rewrite max_pool(relu(x)) as relu(max_pool(x)) where the ReLU feeds only the pool.
+
+    Exact, value for value: max-pooling selects one element of each window (NaN propagates in
+    both), and ReLU is a clamp, monotone, so the clamp of the selected element is the largest
+    clamped element (a signed zero may come out as +0 in one order and -0 in the other; no sum
+    or product that follows can tell them apart). The ReLU then runs on the pooled values, a
+    quarter of them for a 2x2 pool: the digits CNN's ReLU after its second convolution, on every
+    perturbation (docs/performance.md, sixth pass)."""
+    for relu in list(graph.nodes):
+        if not _is_relu(relu, modules) or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if not _is_max_pool(pool, modules) or pool.args[0] is not relu or relu in pool.args[1:]:
+            continue
+        if relu in tuple(pool.kwargs.values()):
+            continue
+        x = relu.args[0]
+        pool.args = (x, *pool.args[1:])
+        for user in list(pool.users):
+            user.replace_input_with(pool, relu)
+        relu.args = (pool,)
+        relu.prepend(pool)
+    graph.lint()
 
 
 def _direct_kind(m: nn.Module) -> str:

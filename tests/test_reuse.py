@@ -398,6 +398,61 @@ def test_linear_product_per_channel_run_gives_the_same_bits_as_per_perturbation(
     assert_rel_close(results[1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)
 
 
+class _FunctionalReluPool(nn.Module):
+    """F.relu into F.max_pool2d with padding and ceil_mode, a ReLU with a second user (not rewritten),
+    and a method-call relu into nn.MaxPool2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 3 * 3 + 3 * 5 * 5, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 3, stride=2, padding=1, ceil_mode=True)  # [N, 3, 5, 5]
+        shared = torch.relu(self.conv2(h))  # two users: must stay where it is
+        side = shared.sum(dim=1, keepdim=True)
+        k = self.pool((self.conv2(h) + side).relu())  # [N, 4, 2, 2] from 5x5
+        k = F.pad(k, (0, 1, 0, 1))
+        return self.fc(torch.cat([k.flatten(1), h.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("model", ["digits", "functional"])
+def test_max_pool_before_relu_gives_the_same_bits(monkeypatch, model):
+    """`_pool_before_relu` runs max-pooling before the ReLU that feeds only it: the traced graph is
+    rewritten where (and only where) that holds, and every loss is bitwise the one of the graph as
+    traced, with exact zeros and negative pre-activations present."""
+    import blackbox_zo.reuse as reuse_mod
+
+    torch.manual_seed(0)
+    if model == "digits":
+        module, batch = make_digits_cnn(), digits_batch(16)
+    else:
+        module = _FunctionalReluPool()
+        batch = (torch.randn(8, 1, 9, 9).round(), torch.randint(0, 10, (8,)))  # ties and zeros
+    results, orders = [], []
+    for commute in (False, True):
+        monkeypatch.setattr(reuse_mod, "_COMMUTE_RELU_POOL", commute)
+        oracle = ModelLossOracle(module, feature_reuse=True)
+        theta = oracle.initial_theta()
+        coords = torch.arange(theta.numel())
+        results.append((oracle.losses(theta[None], batch), oracle.coordinate_losses(theta, coords, MU, batch)))
+        orders.append([n.name for n in oracle.reuse.graph.nodes if n.op != "placeholder"])
+    if model == "digits":  # conv, ReLU, conv, ReLU, max-pool -> conv, ReLU, conv, max-pool, ReLU
+        assert orders == [["_0", "_1", "_2", "_3", "_4", "_5", "_6", "output"],
+                          ["_0", "_1", "_2", "_4", "_3", "_5", "_6", "output"]]
+    else:  # both pools move before their ReLU; relu_1 (two users) stays
+        assert orders[0][:10] == ["conv1", "relu", "max_pool2d", "conv2", "relu_1", "sum_1", "conv2_1", "add",
+                                  "relu_2", "pool"]
+        assert orders[1][:10] == ["conv1", "max_pool2d", "relu", "conv2", "relu_1", "sum_1", "conv2_1", "add",
+                                  "pool", "relu_2"]
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    oracle = ModelLossOracle(module, feature_reuse=True)
+    assert_rel_close(results[1][1], reference(oracle, oracle.initial_theta(), coords, MU, batch), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_im2col_by_strided_view_equals_unfold_bitwise(dtype):
     """`_im2col` (one copy of a strided view of the padded input) against F.unfold itself: only data
