@@ -418,7 +418,7 @@ class _FunctionalReluPool(nn.Module):
         return self.fc(torch.cat([k.flatten(1), h.flatten(1)], 1))
 
 
-@pytest.mark.parametrize("model", ["digits", "functional"])
+@pytest.mark.parametrize("model", ["digits", "functional", "inplace-bn"])
 def test_max_pool_before_relu_gives_the_same_bits(monkeypatch, model):
     """`_pool_before_relu` runs max-pooling before the ReLU that feeds only it: the traced graph is
     rewritten where (and only where) that holds, and every loss is bitwise the one of the graph as
@@ -428,6 +428,11 @@ def test_max_pool_before_relu_gives_the_same_bits(monkeypatch, model):
     torch.manual_seed(0)
     if model == "digits":
         module, batch = make_digits_cnn(), digits_batch(16)
+    elif model == "inplace-bn":  # in-place ReLUs (one after a training-mode batch norm) must not overwrite a cached value
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+        batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
     else:
         module = _FunctionalReluPool()
         batch = (torch.randn(8, 1, 9, 9).round(), torch.randint(0, 10, (8,)))  # ties and zeros
@@ -442,6 +447,8 @@ def test_max_pool_before_relu_gives_the_same_bits(monkeypatch, model):
     if model == "digits":  # conv, ReLU, conv, ReLU, max-pool -> conv, ReLU, conv, max-pool, ReLU
         assert orders == [["_0", "_1", "_2", "_3", "_4", "_5", "_6", "output"],
                           ["_0", "_1", "_2", "_4", "_3", "_5", "_6", "output"]]
+    elif model == "inplace-bn":
+        assert orders[1] == ["_0", "_2", "_1", "_3", "_4", "_6", "_5", "_7", "_8", "output"]
     else:  # both pools move before their ReLU; relu_1 (two users) stays
         assert orders[0][:10] == ["conv1", "relu", "max_pool2d", "conv2", "relu_1", "sum_1", "conv2_1", "add",
                                   "relu_2", "pool"]
