@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="digits,cifar-cnn", help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--estimators", default="cge,rge", help="comma-separated: cge, rge (the methods torchrun runs)")
     ap.add_argument("--q", type=int, default=192, help="RGE directions per step")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=6,
+    # 20 timed steps after 12: with 4 after 4 (the former default) one step's jitter on this kind of VM
+    # (20 to 30 ms for the same digits half-step) decided the ranking of the cuts (docs/performance.md)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=12,
                     help="untimed first steps (>= 4: the first 3 measure block costs, the rest refine the cut)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all modes; the median round is reported")
     ap.add_argument("--out", default="runs/bench_parallel")
